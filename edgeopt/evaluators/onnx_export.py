@@ -1,0 +1,241 @@
+"""Export a (compressed) model to ONNX that onnxruntime runs as the PyTorch model computes.
+
+The model is exported in float with its effective weights, then each compressed layer is
+rewritten in QDQ form with the exact scales the PyTorch layer used:
+
+- integer weights are stored as int8 (6- and 8-bit) or int4 (4- and 2-bit, ONNX opset 21)
+  with a per-channel DequantizeLinear; nothing smaller than int4 exists in ONNX, so 2-bit
+  weights take int4 storage holding values in [-2, 1];
+- 16-bit weights are stored as float16 with a Cast;
+- an 8-bit activation gets QuantizeLinear/DequantizeLinear; an integer layer also gets an int32
+  bias and a requantized output, which is the pattern onnxruntime fuses into QLinearConv /
+  QLinearMatMul, i.e. real int8 kernels;
+- N:M layers are stored dense with their zeros: onnxruntime has no N:M kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.plan import FLOAT_BITS
+from edgeopt.spaces.fold import set_submodule
+from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
+
+OPSET = 21  # int4 QuantizeLinear/DequantizeLinear
+
+
+@dataclass(frozen=True)
+class _LayerQuant:
+    fqn: str
+    w_bits: int
+    a_bits: int
+    integer: bool
+    weight: np.ndarray  # effective weight, [out, ...]
+    weight_scale: np.ndarray | None
+    bias: np.ndarray | None
+    input_qparams: tuple[float, int] | None
+    output_qparams: tuple[float, int] | None
+
+
+def _plain(layer: CompressedMixin) -> nn.Module:
+    """A plain Conv2d/Linear holding the layer's effective (masked, on-grid) weight and bias."""
+    with torch.no_grad():
+        if isinstance(layer, nn.Conv2d):
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                              stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                              groups=layer.groups, bias=layer.bias is not None,
+                              padding_mode=layer.padding_mode)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        plain.weight.copy_(layer.effective_weight())
+        if layer.bias is not None:
+            plain.bias.copy_(layer.effective_bias())
+    return plain
+
+
+def _quant_info(fqn: str, layer: CompressedMixin) -> _LayerQuant:
+    with torch.no_grad():
+        weight = layer.effective_weight()
+        integer_w = layer.w_bits not in FLOAT_BITS
+        qparams = lambda r: (float(r.scale), int(r.zero_point)) if r is not None else None  # noqa: E731
+        return _LayerQuant(
+            fqn=fqn, w_bits=layer.w_bits, a_bits=layer.a_bits, integer=layer.integer,
+            weight=weight.cpu().numpy(),
+            weight_scale=layer.weight_scale().cpu().numpy() if integer_w else None,
+            bias=layer.effective_bias().cpu().numpy() if layer.bias is not None else None,
+            input_qparams=qparams(layer.input_range), output_qparams=qparams(layer.output_range),
+        )
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+    """Write `model` to `path` as ONNX (batch dimension dynamic) and return the path."""
+    import onnx  # heavy: only when exporting
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    twin = copy.deepcopy(model).eval().cpu()
+    infos = []
+    for fqn, layer in compressed_layers(twin).items():
+        infos.append(_quant_info(fqn, layer))
+        set_submodule(twin, fqn, _plain(layer))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            # The TorchScript exporter keeps parameter names and exports in about a second;
+            # the dynamo one takes several and is not needed for plain conv/linear graphs.
+            torch.onnx.export(
+                twin, (example_input[:1].cpu(),), str(path), dynamo=False, opset_version=17,
+                input_names=["input"], output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+    except Exception as exc:
+        raise EdgeoptError(f"ONNX export failed ({type(exc).__name__}: {exc}). The model must be "
+                           "traceable by torch.onnx.export.") from None
+    proto = onnx.load(str(path))
+    proto = onnx.version_converter.convert_version(proto, OPSET)
+    _QDQWriter(proto).write(infos)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+class _QDQWriter:
+    """Rewrites a float ONNX graph so that each compressed layer runs in QDQ form."""
+
+    def __init__(self, proto) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        self.onnx, self.numpy_helper = onnx, numpy_helper
+        self.graph = proto.graph
+        self.inits = {init.name: init for init in self.graph.initializer}
+        self.new_nodes: dict[int, list] = {}  # index of a node -> nodes to insert before it
+
+    # -- small builders ------------------------------------------------------------------
+    def _const(self, name: str, array: np.ndarray, elem_type: int | None = None) -> str:
+        if elem_type is None:
+            tensor = self.numpy_helper.from_array(array, name)
+        else:  # int4 is not a numpy dtype: let onnx pack it
+            tensor = self.onnx.helper.make_tensor(name, elem_type, array.shape, array.flatten().tolist())
+        self.graph.initializer.append(tensor)
+        return name
+
+    def _node(self, before: int, op: str, inputs: list[str], output: str, **attrs) -> str:
+        node = self.onnx.helper.make_node(op, inputs, [output], name=f"{output}_{op}", **attrs)
+        self.new_nodes.setdefault(before, []).append(node)
+        return output
+
+    def _qdq(self, before: int, tensor: str, qparams: tuple[float, int], prefix: str) -> str:
+        scale = self._const(f"{prefix}_scale", np.array(qparams[0], dtype=np.float32))
+        zero = self._const(f"{prefix}_zero_point", np.array(qparams[1], dtype=np.int8))
+        quantized = self._node(before, "QuantizeLinear", [tensor, scale, zero], f"{prefix}_q")
+        return self._node(before, "DequantizeLinear", [quantized, scale, zero], f"{prefix}_dq")
+
+    # -- finding each layer ----------------------------------------------------------------
+    def _consumers(self, tensor: str) -> list[tuple[int, object]]:
+        return [(i, n) for i, n in enumerate(self.graph.node) if tensor in n.input]
+
+    def _find(self, info: _LayerQuant) -> tuple[int, object, int, bool]:
+        """(node index, node, weight input position, transposed) of the layer's Conv/Gemm/MatMul."""
+        name = f"{info.fqn}.weight"
+        for i, node in self._consumers(name) if name in self.inits else []:
+            if node.op_type in ("Conv", "Gemm"):
+                transposed = node.op_type == "Gemm" and not any(
+                    a.name == "transB" and a.i == 1 for a in node.attribute)
+                return i, node, list(node.input).index(name), transposed
+        # A linear layer on a >2-D input becomes MatMul with a transposed copy of the weight.
+        target = info.weight.reshape(info.weight.shape[0], -1).T
+        for i, node in enumerate(self.graph.node):
+            if node.op_type == "MatMul" and node.input[1] in self.inits:
+                array = self.numpy_helper.to_array(self.inits[node.input[1]])
+                if array.shape == target.shape and np.array_equal(array, target):
+                    return i, node, 1, True
+        raise EdgeoptError(f"ONNX export: layer {info.fqn!r} was not found in the exported graph.")
+
+    # -- rewriting -------------------------------------------------------------------------
+    def write(self, infos: list[_LayerQuant]) -> None:
+        for info in infos:
+            self._rewrite(info)
+        nodes = list(self.graph.node)
+        del self.graph.node[:]
+        for i, node in enumerate(nodes):
+            self.graph.node.extend(self.new_nodes.get(i, []))
+            self.graph.node.append(node)
+        self.graph.node.extend(self.new_nodes.get(len(nodes), []))
+        used = {name for node in self.graph.node for name in node.input}
+        keep = [init for init in self.graph.initializer if init.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+    def _rewrite(self, info: _LayerQuant) -> None:
+        onnx = self.onnx
+        index, node, w_pos, transposed = self._find(info)
+        prefix = info.fqn
+        axis = 1 if transposed else 0
+        weight = info.weight.reshape(info.weight.shape[0], -1).T if transposed else info.weight
+        weight = weight.reshape(self.numpy_helper.to_array(self.inits[node.input[w_pos]]).shape)
+
+        if info.weight_scale is not None:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            ints = np.rint(weight / info.weight_scale.reshape(shape)).astype(np.int8)
+            int4 = info.w_bits <= 4
+            elem = onnx.TensorProto.INT4 if int4 else None
+            q = self._const(f"{prefix}.weight_quantized", ints, elem)
+            scale = self._const(f"{prefix}.weight_scale", info.weight_scale.astype(np.float32))
+            zeros = np.zeros(info.weight_scale.shape, dtype=np.int8)
+            zero = self._const(f"{prefix}.weight_zero_point", zeros, elem)
+            w_name = self._node(index, "DequantizeLinear", [q, scale, zero], f"{prefix}.weight_dq", axis=axis)
+        elif info.w_bits == 16:
+            half = self._const(f"{prefix}.weight_fp16", weight.astype(np.float16))
+            w_name = self._node(index, "Cast", [half], f"{prefix}.weight_fp32", to=onnx.TensorProto.FLOAT)
+        else:
+            w_name = self._const(f"{prefix}.weight_fp32", weight.astype(np.float32))
+        node.input[w_pos] = w_name
+
+        x_pos = 0
+        if info.input_qparams is not None:
+            node.input[x_pos] = self._qdq(index, node.input[x_pos], info.input_qparams, f"{prefix}.input")
+        elif info.a_bits == 16:
+            half = self._node(index, "Cast", [node.input[x_pos]], f"{prefix}.input_fp16", to=onnx.TensorProto.FLOAT16)
+            node.input[x_pos] = self._node(index, "Cast", [half], f"{prefix}.input_fp32", to=onnx.TensorProto.FLOAT)
+
+        if not info.integer:
+            return
+        # Integer layer: int32 bias at scale_x * scale_w, and the output requantized.
+        out_node, out_index = node, index
+        bias_holder, bias_pos = (node, 2) if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else (None, None)
+        if node.op_type == "MatMul" and info.bias is not None:
+            for j, nxt in self._consumers(node.output[0]):
+                if nxt.op_type == "Add":
+                    out_node, out_index = nxt, j
+                    bias_holder, bias_pos = nxt, 1 - list(nxt.input).index(node.output[0])
+                    break
+        if info.bias is not None and bias_holder is not None:
+            bias_scale = (info.input_qparams[0] * info.weight_scale).astype(np.float32)
+            ints = np.rint(info.bias / bias_scale).astype(np.int32)
+            q = self._const(f"{prefix}.bias_quantized", ints)
+            s = self._const(f"{prefix}.bias_scale", bias_scale)
+            z = self._const(f"{prefix}.bias_zero_point", np.zeros_like(ints))
+            bias_holder.input[bias_pos] = self._node(out_index, "DequantizeLinear", [q, s, z], f"{prefix}.bias_dq", axis=0)
+        if info.output_qparams is None:
+            return  # a model output stays float
+        original = out_node.output[0]
+        raw = f"{prefix}.output_raw"
+        out_node.output[0] = raw
+        scale = self._const(f"{prefix}.output_scale", np.array(info.output_qparams[0], dtype=np.float32))
+        zero = self._const(f"{prefix}.output_zero_point", np.array(info.output_qparams[1], dtype=np.int8))
+        # Inserted before the next node: the graph stays topologically sorted.
+        quantized = self._node(out_index + 1, "QuantizeLinear", [raw, scale, zero], f"{prefix}.output_q")
+        self.new_nodes[out_index + 1].append(self.onnx.helper.make_node(
+            "DequantizeLinear", [quantized, scale, zero], [original], name=f"{prefix}.output_dq"))

@@ -1,0 +1,177 @@
+"""The compression plan: what to do to each layer, as frozen data with a JSON round trip.
+
+A plan says nothing about a particular model's graph; `SearchSpace.validate` checks a plan
+against one model (unknown layers, coupled keep ratios, N:M eligibility).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from edgeopt.errors import EdgeoptError
+
+PLAN_VERSION = 1
+
+# Bit widths 32 and 16 mean float storage/compute; the rest are integer, per-channel symmetric.
+W_BITS: tuple[int, ...] = (32, 16, 8, 6, 4, 2)
+A_BITS: tuple[int, ...] = (32, 16, 8)
+FLOAT_BITS: frozenset[int] = frozenset({32, 16})
+# Channel keep ratios in steps of 1/8, from dense (1.0) down to a quarter.
+KEEP_RATIOS: tuple[float, ...] = tuple(k / 8 for k in range(8, 1, -1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class NM:
+    """N:M structured sparsity: at most `n` non-zeros in every block of `m` weights."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int)) or isinstance(self.n, bool):
+            raise EdgeoptError(f"N:M needs whole numbers, got n={self.n!r}, m={self.m!r}.")
+        if not 0 < self.n < self.m:
+            raise EdgeoptError(f"N:M needs 0 < n < m, got {self.n}:{self.m}.")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+
+NM_PATTERNS: tuple[NM | None, ...] = (None, NM(n=1, m=4), NM(n=2, m=4), NM(n=4, m=8))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise EdgeoptError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerPlan:
+    """What happens to one conv/linear layer. The defaults leave it untouched."""
+
+    w_bits: int = 32
+    a_bits: int = 32
+    keep_ratio: float = 1.0
+    nm: NM | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("w_bits", self.w_bits, W_BITS)
+        _check_choice("a_bits", self.a_bits, A_BITS)
+        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+            raise EdgeoptError(f"keep_ratio must be a number, got {self.keep_ratio!r}.")
+        snapped = next((k for k in KEEP_RATIOS if math.isclose(k, self.keep_ratio, abs_tol=1e-9)), None)
+        if snapped is None:
+            raise EdgeoptError(
+                f"keep_ratio={self.keep_ratio!r} is not allowed; use a multiple of 1/8 "
+                f"from 0.25 to 1.0 ({list(KEEP_RATIOS)})."
+            )
+        object.__setattr__(self, "keep_ratio", snapped)
+        if self.nm is not None and not isinstance(self.nm, NM):
+            raise EdgeoptError(f"nm must be an NM(n=..., m=...) or None, got {self.nm!r}.")
+        _check_choice("nm", self.nm, NM_PATTERNS)
+
+    @property
+    def is_identity(self) -> bool:
+        return self == LayerPlan()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "keep_ratio": self.keep_ratio,
+            "nm": None if self.nm is None else [self.nm.n, self.nm.m],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerPlan:
+        if not isinstance(data, Mapping):
+            raise EdgeoptError(f"A layer plan must be a JSON object, got {data!r}.")
+        unknown = set(data) - {"w_bits", "a_bits", "keep_ratio", "nm"}
+        if unknown:
+            raise EdgeoptError(f"Unknown layer plan fields {sorted(map(str, unknown))}; "
+                               "allowed: w_bits, a_bits, keep_ratio, nm.")
+        nm = data.get("nm")
+        if nm is not None:
+            if not (isinstance(nm, (list, tuple)) and len(nm) == 2):
+                raise EdgeoptError(f"nm must be [n, m] or null, got {nm!r}.")
+            nm = NM(n=nm[0], m=nm[1])
+        return cls(
+            w_bits=data.get("w_bits", 32),
+            a_bits=data.get("a_bits", 32),
+            keep_ratio=data.get("keep_ratio", 1.0),
+            nm=nm,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPlan:
+    """A `LayerPlan` per layer, keyed by the module's exact fully qualified name."""
+
+    layers: Mapping[str, LayerPlan] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != PLAN_VERSION:
+            raise EdgeoptError(f"Plan version {self.version!r} is not supported; this edgeopt "
+                               f"reads version {PLAN_VERSION}.")
+        if not isinstance(self.layers, Mapping):
+            raise EdgeoptError("ModelPlan.layers must map layer names to LayerPlan objects.")
+        for name, layer in self.layers.items():
+            if not isinstance(name, str) or not name:
+                raise EdgeoptError(f"Layer names must be non-empty strings, got {name!r}.")
+            if not isinstance(layer, LayerPlan):
+                raise EdgeoptError(f"Layer {name!r} must have a LayerPlan, got {layer!r}.")
+        # A read-only copy, so that a frozen plan really cannot change under a cache key.
+        object.__setattr__(self, "layers", MappingProxyType(dict(sorted(self.layers.items()))))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ModelPlan):
+            return NotImplemented
+        return self.version == other.version and dict(self.layers) == dict(other.layers)
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def __getitem__(self, fqn: str) -> LayerPlan:
+        return self.layers[fqn]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "layers": {k: v.to_dict() for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelPlan:
+        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
+            raise EdgeoptError('A plan must be a JSON object like {"version": 1, "layers": {...}}.')
+        unknown = set(data) - {"version", "layers"}
+        if unknown:
+            raise EdgeoptError(f"Unknown plan fields {sorted(map(str, unknown))}; allowed: version, layers.")
+        return cls(
+            version=data.get("version", PLAN_VERSION),
+            layers={name: LayerPlan.from_dict(layer) for name, layer in data["layers"].items()},
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EdgeoptError(f"The plan is not valid JSON ({exc}).") from None
+        return cls.from_dict(data)
+
+    def key(self) -> str:
+        """A stable digest of the plan: equal plans share it across processes (cache keys)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,90 @@
+"""Turn a model and a plan into a compressed model: pruned, BN-folded, N:M masked, quantized."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.layers import run_model, trace_layers
+from edgeopt.plan import ModelPlan
+from edgeopt.spaces.fold import fold_batchnorm, set_submodule
+from edgeopt.spaces.prune import build_graph, find_groups, output_layers, prune_groups
+from edgeopt.spaces.quantize import calibrate, compress_module
+from edgeopt.spaces.space import SearchSpace
+
+
+def _inputs(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: list) -> None:
+    """Re-estimate BatchNorm statistics after pruning changed what flows into each layer."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the calibration batches
+        m.train()
+    try:
+        for batch in batches:
+            model(_inputs(batch))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            m.eval()
+
+
+def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *,
+               calib_data: Iterable | None = None, round_to: int = 1,
+               reduce_range: bool = False) -> nn.Module:
+    """A new, compressed model; `model` is left untouched.
+
+    Channels are physically removed (Torch-Pruning), BatchNorm statistics re-estimated on
+    `calib_data` when channels were removed, BatchNorm folded into the preceding conv, and each
+    layer then masked to its N:M pattern and quantized; 8-bit activations are calibrated on
+    `calib_data` (an iterable of input batches or (input, label) pairs). `round_to` rounds kept
+    channels to a multiple the target prefers; `reduce_range` gives 8-bit weights 7 bits of range,
+    which x86 CPUs without VNNI need (see `edgeopt.evaluators.cpu`).
+    """
+    batches = list(calib_data) if calib_data is not None else []
+    if any(lp.a_bits == 8 for lp in plan.layers.values()) and not batches:
+        raise EdgeoptError("The plan has 8-bit activations, which need calib_data: pass a few "
+                           "batches of real inputs (for example 4 batches of 32).")
+    compressed = copy.deepcopy(model).eval()
+    graph = build_graph(compressed, example_input)
+    groups, layer_group = find_groups(graph)
+    layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in trace_layers(compressed, example_input)]
+    space = SearchSpace(layers, groups)
+    space.validate(plan)
+
+    keep = space.group_keep(plan)
+    if keep:
+        prune_groups(graph, keep, round_to=round_to)
+        try:
+            run_model(compressed, example_input)
+        except EdgeoptError as exc:
+            raise EdgeoptError(f"Pruning broke this model ({exc}). Build the plan from "
+                               "SearchSpace.from_model, which leaves unsafe groups dense.") from None
+        if batches:
+            recalibrate_batchnorm(compressed, batches)
+    fold_batchnorm(compressed, graph)
+
+    names = {module: name for name, module in compressed.named_modules()}
+    outputs = {names[module] for module in output_layers(graph)}
+    for fqn, layer_plan in plan.layers.items():
+        if layer_plan.w_bits == 32 and layer_plan.a_bits == 32 and layer_plan.nm is None:
+            continue  # pruning (already done) is all this layer gets
+        module = compress_module(compressed.get_submodule(fqn), layer_plan,
+                                 float_output=fqn in outputs, reduce_range=reduce_range)
+        set_submodule(compressed, fqn, module)
+    if batches:
+        calibrate(compressed, batches)
+    return compressed.eval()

@@ -1,0 +1,234 @@
+"""Compressed conv/linear layers: N:M masked, fake-quantized weights and activations.
+
+Our own few dozen lines on stable ops (torch.ao.quantization is being removed upstream). The
+arithmetic mirrors what an int8 QDQ runtime such as onnxruntime does, so the PyTorch model
+predicts the exported one:
+
+- integer weights: per-output-channel symmetric, scale = max|w| / (2^(b-1) - 1), zero point 0;
+- 8-bit activations: per-tensor asymmetric int8 from calibrated min/max (0 always inside);
+- an integer layer (w_bits <= 8 and a_bits == 8) also rounds its bias to int32 at
+  scale_x * scale_w and requantizes its output to int8, which is what lets the runtime run it
+  as one integer kernel (QLinearConv);
+- 16 bits means a round trip through float16.
+
+Rounding is round-half-even, straight-through in the backward pass (QAT).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.plan import FLOAT_BITS, NM, LayerPlan
+from edgeopt.spaces.nm import nm_mask
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def weight_scale(weight: torch.Tensor, bits: int, *, reduce_range: bool = False) -> torch.Tensor:
+    """Per-output-channel symmetric scale for `bits`-bit integer weights.
+
+    `reduce_range` gives 8-bit weights 7 bits of range: x86 CPUs without VNNI multiply u8 x s8
+    pairs into int16, which saturates on full-range weights (onnxruntime's quantization docs
+    advise the same).
+    """
+    qmax = 63 if reduce_range and bits == 8 else 2 ** (bits - 1) - 1
+    amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
+    return (amax / qmax).clamp_min(1e-12).float()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | int,
+                  qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize and dequantize exactly as ONNX QuantizeLinear/DequantizeLinear do (x / scale,
+    round half to even), with a straight-through gradient while training."""
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    dq = (q - zero_point) * scale
+    return x + (dq - x).detach() if x.requires_grad else dq
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, *, reduce_range: bool = False) -> torch.Tensor:
+    """The weight on its `bits`-bit grid (straight-through gradient)."""
+    if bits == 32:
+        return weight
+    if bits == 16:
+        return weight.to(torch.float16).to(weight.dtype)
+    scale = weight_scale(weight, bits, reduce_range=reduce_range)
+    # |w| / scale <= qmax, so the int8 range never clamps and the grid is the b-bit one.
+    return fake_quantize(weight, scale.reshape((-1,) + (1,) * (weight.dim() - 1)), 0, INT8_MIN, INT8_MAX)
+
+
+def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Asymmetric int8 scale and zero point covering [lo, hi] and 0."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / (INT8_MAX - INT8_MIN), 1e-8)
+    zero_point = int(round(INT8_MIN - lo / scale))
+    return scale, max(INT8_MIN, min(INT8_MAX, zero_point))
+
+
+class _Range(nn.Module):
+    """Observed min/max of a tensor over calibration, then its int8 quantization parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.lo.fill_(min(float(self.lo), float(x.detach().min())))
+        self.hi.fill_(max(float(self.hi), float(x.detach().max())))
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(torch.isfinite(self.lo))
+
+    def finish(self) -> None:
+        scale, zero_point = activation_qparams(float(self.lo), float(self.hi))
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.scale, self.zero_point, INT8_MIN, INT8_MAX)
+
+
+class CompressedMixin:
+    """What CompressedConv2d and CompressedLinear share; the subclass supplies `_op`."""
+
+    w_bits: int
+    a_bits: int
+    nm: NM | None
+
+    def _setup(self, plan: LayerPlan, *, float_output: bool, reduce_range: bool) -> None:
+        self.w_bits, self.a_bits, self.nm = plan.w_bits, plan.a_bits, plan.nm
+        self.reduce_range = reduce_range
+        self.calibrating = False
+        mask = nm_mask(self.weight, plan.nm) if plan.nm is not None else None
+        self.register_buffer("nm_mask", mask)
+        self.input_range = _Range() if plan.a_bits == 8 else None
+        # A model output (class scores) stays float: int8 logits tie and flip the top-1.
+        self.output_range = _Range() if self.integer and not float_output else None
+        self.snap()
+
+    @property
+    def integer(self) -> bool:
+        """Runs as an integer kernel: int weights and int8 activations."""
+        return self.w_bits not in FLOAT_BITS and self.a_bits == 8
+
+    def effective_weight(self) -> torch.Tensor:
+        weight = self.weight if self.nm_mask is None else self.weight * self.nm_mask
+        return quantize_weight(weight, self.w_bits, reduce_range=self.reduce_range)
+
+    def weight_scale(self) -> torch.Tensor:
+        return weight_scale(self.effective_weight(), self.w_bits, reduce_range=self.reduce_range)
+
+    def effective_bias(self) -> torch.Tensor | None:
+        if self.bias is None or not self.integer or self.calibrating:
+            return self.bias
+        # The runtime adds an int32 bias at the accumulator's scale, scale_x * scale_w.
+        scale = self.input_range.scale * self.weight_scale()
+        return fake_quantize(self.bias, scale, 0, -(2**31), 2**31 - 1)
+
+    @torch.no_grad()
+    def snap(self) -> None:
+        """Store the effective (masked, on-grid) weight, so the stored tensor is what runs."""
+        self.weight.copy_(self.effective_weight())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            self.snap()  # after fine-tuning, the stored weights are the deployed ones again
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            if self.input_range is not None:
+                self.input_range.observe(x)
+            y = self._op(x, self.effective_weight(), self.bias)
+            if self.output_range is not None:
+                self.output_range.observe(y)
+            return y
+        if self.a_bits == 16:
+            x = x.to(torch.float16).to(x.dtype)
+        elif self.input_range is not None:
+            x = self.input_range(x)
+        y = self._op(x, self.effective_weight(), self.effective_bias())
+        if self.output_range is not None:
+            y = self.output_range(y)
+        return y
+
+    def extra_repr(self) -> str:
+        nm = f", nm={self.nm}" if self.nm is not None else ""
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}{nm}"
+
+
+class CompressedConv2d(CompressedMixin, nn.Conv2d):
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
+
+
+class CompressedLinear(CompressedMixin, nn.Linear):
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
+def compress_module(module: nn.Module, plan: LayerPlan, *, float_output: bool = False,
+                    reduce_range: bool = False) -> nn.Module:
+    """A compressed copy of a Conv2d/Linear that shares nothing with the original.
+
+    `float_output` keeps the output unquantized (for layers whose output is a model output);
+    `reduce_range` is explained at `weight_scale`.
+    """
+    if isinstance(module, nn.Conv2d):
+        new = CompressedConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=module.groups,
+            bias=module.bias is not None, padding_mode=module.padding_mode,
+        )
+    elif isinstance(module, nn.Linear):
+        new = CompressedLinear(module.in_features, module.out_features, bias=module.bias is not None)
+    else:
+        raise EdgeoptError(f"Only Conv2d and Linear layers can be compressed, not {type(module).__name__}.")
+    new = new.to(device=module.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(module.weight)
+        if module.bias is not None:
+            new.bias.copy_(module.bias)
+    new._setup(plan, float_output=float_output, reduce_range=reduce_range)
+    new.train(module.training)
+    return new
+
+
+def compressed_layers(model: nn.Module) -> dict[str, CompressedMixin]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, CompressedMixin)}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> int:
+    """Observe activation ranges over `batches`; returns how many batches were seen."""
+    layers = [m for m in compressed_layers(model).values() if m.input_range is not None]
+    if not layers:
+        return 0
+    for layer in layers:
+        layer.calibrating = True
+    seen = 0
+    try:
+        was_training = model.training
+        model.eval()
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+            seen += 1
+        model.train(was_training)
+    finally:
+        for layer in layers:
+            layer.calibrating = False
+    if seen == 0:
+        raise EdgeoptError("calib_data held no batches; 8-bit activations need a few to calibrate.")
+    for layer in layers:
+        layer.input_range.finish()
+        if layer.output_range is not None:
+            layer.output_range.finish()
+    return seen

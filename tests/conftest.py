@@ -1,0 +1,70 @@
+"""Tiny models with the structures users bring: residual, depthwise, concat, squeeze-excite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // 4, 1)
+        self.fc2 = nn.Conv2d(channels // 4, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class TinyNet(nn.Module):
+    """Stem, a residual block, an inverted-residual depthwise block with SE, a concat, a head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.res1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False),
+                                nn.BatchNorm2d(32), nn.ReLU())
+        self.se = SqueezeExcite(32)
+        self.project = nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.branch_a = nn.Conv2d(24, 16, 1)
+        self.branch_b = nn.Conv2d(24, 16, 3, padding=1)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.res1(x))
+        x = self.project(self.se(self.dw(self.expand(x))))
+        x = torch.cat([torch.relu(self.branch_a(x)), torch.relu(self.branch_b(x))], dim=1)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    # Non-trivial BatchNorm statistics, so folding is tested for real.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture
+def example() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 16, 16)
+
+
+@pytest.fixture
+def calib() -> list[torch.Tensor]:
+    torch.manual_seed(2)
+    return [torch.randn(8, 3, 16, 16) for _ in range(3)]

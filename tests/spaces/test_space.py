@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeopt import NM, EdgeoptError, Knobs, LayerPlan, ModelPlan, SearchSpace
+
+
+def test_inventory_lists_every_conv_and_linear_with_shapes(tiny, example):
+    space = SearchSpace.from_model(tiny, example)
+    names = [layer.fqn for layer in space.layers]
+    expected = [n for n, m in tiny.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert sorted(names) == sorted(expected)
+    dw = space.layer("dw.0")
+    assert dw.kind == "depthwise" and dw.groups == 32 and dw.input_hw == (16, 16) and dw.stride == (2, 2)
+    assert dw.macs == 8 * 8 * 32 * 9
+    stem = space.layer("stem.0")
+    assert stem.kind == "conv" and stem.macs == 16 * 16 * 16 * 3 * 9 and stem.params == 16 * 27
+    assert space.layer("head").kind == "linear" and space.layer("head").macs == 32 * 10
+
+
+def test_coupled_layers_share_one_group(tiny, example):
+    space = SearchSpace.from_model(tiny, example)
+    group_of = {layer.fqn: layer.group for layer in space.layers}
+    # Residual add: the stem and the block's last conv feed the same sum.
+    assert group_of["stem.0"] == group_of["res1.3"] is not None
+    # Depthwise chain and SE multiply: expand, depthwise and the SE's expanding conv are coupled.
+    assert group_of["expand.0"] == group_of["dw.0"] == group_of["se.fc2"]
+    # The concat's two branches are separate groups, and the classifier's outputs are never pruned.
+    assert group_of["branch_a"] != group_of["branch_b"]
+    assert group_of["head"] is None
+
+
+def test_random_plans_are_valid_and_differ(tiny, example):
+    space = SearchSpace.from_model(tiny, example)
+    plans = [space.sample(seed=s) for s in range(5)]
+    for plan in plans:
+        space.validate(plan)
+        for group in space.groups:
+            assert len({plan[f].keep_ratio for f in group.layers}) == 1
+        assert plan["dw.0"].nm is None  # depthwise never gets N:M
+    assert len({p.key() for p in plans}) == 5
+    assert space.sample(seed=3) == plans[3]
+
+
+def test_uniform_applies_choices_where_they_apply(tiny, example):
+    space = SearchSpace.from_model(tiny, example)
+    plan = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.5, nm=NM(n=2, m=4))
+    assert plan["stem.0"] == LayerPlan(w_bits=8, a_bits=8, keep_ratio=0.5, nm=NM(n=2, m=4))
+    assert plan["dw.0"].nm is None and plan["dw.0"].keep_ratio == 0.5
+    assert plan["head"].keep_ratio == 1.0 and plan["head"].nm == NM(n=2, m=4)
+
+
+def test_validate_names_each_problem(tiny, example):
+    space = SearchSpace.from_model(tiny, example)
+    plan = space.uniform()
+    layers = dict(plan.layers)
+    layers["nope"] = LayerPlan()
+    layers["stem.0"] = LayerPlan(keep_ratio=0.5)  # coupled with res1.3 which stays at 1.0
+    layers["dw.0"] = LayerPlan(nm=NM(n=2, m=4))
+    layers["head"] = LayerPlan(keep_ratio=0.5)
+    with pytest.raises(EdgeoptError) as err:
+        space.validate(ModelPlan(layers=layers))
+    text = str(err.value)
+    assert "nope" in text and "stem.0" in text and "dw.0" in text and "head" in text
+
+
+def test_restrict_narrows_choices_and_plans_follow(tiny, example):
+    space = SearchSpace.from_model(tiny, example).restrict(Knobs(w_bits=(32, 8), a_bits=(32, 8), nm=(None,)))
+    assert space.knobs.w_bits == (32, 8) and space.knobs.nm == (None,)
+    for seed in range(10):
+        plan = space.sample(seed=seed)
+        assert {lp.w_bits for lp in plan.layers.values()} <= {32, 8}
+        assert all(lp.nm is None for lp in plan.layers.values())
+    with pytest.raises(EdgeoptError):
+        space.uniform(w_bits=4)
+    with pytest.raises(EdgeoptError):
+        Knobs(w_bits=(8,))  # the float option must stay available
+
+
+def test_untraceable_model_gets_a_clear_error():
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(EdgeoptError, match="input"):
+        SearchSpace.from_model(Bad(), torch.randn(1, 3, 8, 8))

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeopt import NM, EdgeoptError, LayerPlan, ModelPlan
+
+
+def test_round_trip_through_json_is_equal():
+    plan = ModelPlan(layers={
+        "a.conv": LayerPlan(w_bits=4, a_bits=8, keep_ratio=0.625, nm=NM(n=2, m=4)),
+        "b": LayerPlan(w_bits=16, a_bits=16),
+        "fc": LayerPlan(),
+    })
+    text = json.dumps(plan.to_dict())
+    again = ModelPlan.from_dict(json.loads(text))
+    assert again == plan
+    assert again.layers["a.conv"].nm == NM(n=2, m=4)
+    assert ModelPlan.from_json(plan.to_json()) == plan
+    assert again.key() == plan.key()
+
+
+def test_key_differs_when_any_choice_differs():
+    base = ModelPlan(layers={"x": LayerPlan(w_bits=8)})
+    other = ModelPlan(layers={"x": LayerPlan(w_bits=6)})
+    assert base.key() != other.key()
+    assert len({base, other, ModelPlan(layers={"x": LayerPlan(w_bits=8)})}) == 2
+
+
+def test_keep_ratio_snaps_to_eighths_and_rejects_others():
+    assert LayerPlan(keep_ratio=0.7500000001).keep_ratio == 0.75
+    for bad in (0.7, 0.125, 1.5, "1", True):
+        with pytest.raises(EdgeoptError):
+            LayerPlan(keep_ratio=bad)
+
+
+@pytest.mark.parametrize("field,value", [("w_bits", 7), ("w_bits", 1), ("a_bits", 4), ("a_bits", True)])
+def test_invalid_bits_are_rejected(field, value):
+    with pytest.raises(EdgeoptError, match=field):
+        LayerPlan(**{field: value})
+
+
+def test_nm_must_be_a_supported_pattern_object():
+    with pytest.raises(EdgeoptError):
+        NM(n=4, m=4)
+    with pytest.raises(EdgeoptError):
+        LayerPlan(nm=NM(n=3, m=8))
+    with pytest.raises(EdgeoptError):
+        LayerPlan(nm="2:4")
+    assert str(NM(n=2, m=4)) == "2:4" and NM(n=1, m=4).density == 0.25
+
+
+@pytest.mark.parametrize("data", [
+    [], {"layers": []}, {"layers": {"a": {"w_bits": 3}}}, {"layers": {"a": {"nm": [2]}}},
+    {"layers": {"a": {"colour": 1}}}, {"version": 99, "layers": {}}, {"layers": {"": {}}},
+    {"layers": {}, "extra": 1},
+])
+def test_from_dict_rejects_malformed_input_with_edgeopt_error(data):
+    with pytest.raises(EdgeoptError):
+        ModelPlan.from_dict(data)
+
+
+def test_plan_is_frozen():
+    plan = ModelPlan(layers={"a": LayerPlan()})
+    with pytest.raises(Exception):
+        plan.layers["b"] = LayerPlan()
+    with pytest.raises(Exception):
+        plan.version = 2
