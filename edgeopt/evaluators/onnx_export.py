@@ -7,7 +7,7 @@ rewritten in QDQ form with the exact scales the PyTorch layer used:
   with a per-channel DequantizeLinear; nothing smaller than int4 exists in ONNX, so 2-bit
   weights take int4 storage holding values in [-2, 1];
 - 16-bit weights are stored as float16 with a Cast;
-- an 8-bit activation gets QuantizeLinear/DequantizeLinear; an integer layer also gets an int32
+- an 8-bit activation gets uint8 QuantizeLinear/DequantizeLinear; an integer layer also gets an int32
   bias and a requantized output, which is the pattern onnxruntime fuses into QLinearConv /
   QLinearMatMul, i.e. real int8 kernels;
 - N:M layers are stored dense with their zeros: onnxruntime has no N:M kernels on CPU.
@@ -137,7 +137,7 @@ class _QDQWriter:
 
     def _qdq(self, before: int, tensor: str, qparams: tuple[float, int], prefix: str) -> str:
         scale = self._const(f"{prefix}_scale", np.array(qparams[0], dtype=np.float32))
-        zero = self._const(f"{prefix}_zero_point", np.array(qparams[1], dtype=np.int8))
+        zero = self._const(f"{prefix}_zero_point", np.array(qparams[1], dtype=np.uint8))
         quantized = self._node(before, "QuantizeLinear", [tensor, scale, zero], f"{prefix}_q")
         return self._node(before, "DequantizeLinear", [quantized, scale, zero], f"{prefix}_dq")
 
@@ -234,7 +234,7 @@ class _QDQWriter:
         raw = f"{prefix}.output_raw"
         out_node.output[0] = raw
         scale = self._const(f"{prefix}.output_scale", np.array(info.output_qparams[0], dtype=np.float32))
-        zero = self._const(f"{prefix}.output_zero_point", np.array(info.output_qparams[1], dtype=np.int8))
+        zero = self._const(f"{prefix}.output_zero_point", np.array(info.output_qparams[1], dtype=np.uint8))
         # Inserted before the next node: the graph stays topologically sorted.
         quantized = self._node(out_index + 1, "QuantizeLinear", [raw, scale, zero], f"{prefix}.output_q")
         self.new_nodes[out_index + 1].append(self.onnx.helper.make_node(

@@ -44,7 +44,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: list) -> None:
 
 def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *,
                calib_data: Iterable | None = None, round_to: int = 1,
-               reduce_range: bool = False) -> nn.Module:
+               reduce_range: bool = False, space: SearchSpace | None = None) -> nn.Module:
     """A new, compressed model; `model` is left untouched.
 
     Channels are physically removed (Torch-Pruning), BatchNorm statistics re-estimated on
@@ -52,7 +52,9 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     layer then masked to its N:M pattern and quantized; 8-bit activations are calibrated on
     `calib_data` (an iterable of input batches or (input, label) pairs). `round_to` rounds kept
     channels to a multiple the target prefers; `reduce_range` gives 8-bit weights 7 bits of range,
-    which x86 CPUs without VNNI need (see `edgeopt.evaluators.cpu`).
+    which x86 CPUs without VNNI need (see `edgeopt.evaluators.cpu`). Passing the model's
+    `space` (from `SearchSpace.from_model`) skips re-deriving its prune groups, which a search
+    applying many plans to one model should do.
     """
     batches = list(calib_data) if calib_data is not None else []
     if any(lp.a_bits == 8 for lp in plan.layers.values()) and not batches:
@@ -60,9 +62,10 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
                            "batches of real inputs (for example 4 batches of 32).")
     compressed = copy.deepcopy(model).eval()
     graph = build_graph(compressed, example_input)
-    groups, layer_group = find_groups(graph)
-    layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in trace_layers(compressed, example_input)]
-    space = SearchSpace(layers, groups)
+    if space is None:
+        groups, layer_group = find_groups(graph)
+        traced = trace_layers(compressed, example_input)
+        space = SearchSpace([replace(layer, group=layer_group.get(layer.fqn)) for layer in traced], groups)
     space.validate(plan)
 
     keep = space.group_keep(plan)

@@ -5,9 +5,10 @@ arithmetic mirrors what an int8 QDQ runtime such as onnxruntime does, so the PyT
 predicts the exported one:
 
 - integer weights: per-output-channel symmetric, scale = max|w| / (2^(b-1) - 1), zero point 0;
-- 8-bit activations: per-tensor asymmetric int8 from calibrated min/max (0 always inside);
+- 8-bit activations: per-tensor asymmetric uint8 from calibrated min/max (0 always inside),
+  onnxruntime's recommended u8 x s8 layout;
 - an integer layer (w_bits <= 8 and a_bits == 8) also rounds its bias to int32 at
-  scale_x * scale_w and requantizes its output to int8, which is what lets the runtime run it
+  scale_x * scale_w and requantizes its output to uint8, which is what lets the runtime run it
   as one integer kernel (QLinearConv);
 - 16 bits means a round trip through float16.
 
@@ -24,7 +25,8 @@ from edgeopt.errors import EdgeoptError
 from edgeopt.plan import FLOAT_BITS, NM, LayerPlan
 from edgeopt.spaces.nm import nm_mask
 
-INT8_MIN, INT8_MAX = -128, 127
+INT8_MIN, INT8_MAX = -128, 127  # weights
+UINT8_MIN, UINT8_MAX = 0, 255  # activations
 
 
 def weight_scale(weight: torch.Tensor, bits: int, *, reduce_range: bool = False) -> torch.Tensor:
@@ -60,15 +62,15 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, reduce_range: bool = Fal
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """Asymmetric int8 scale and zero point covering [lo, hi] and 0."""
+    """Asymmetric uint8 scale and zero point covering [lo, hi] and 0."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / (INT8_MAX - INT8_MIN), 1e-8)
-    zero_point = int(round(INT8_MIN - lo / scale))
-    return scale, max(INT8_MIN, min(INT8_MAX, zero_point))
+    scale = max((hi - lo) / (UINT8_MAX - UINT8_MIN), 1e-8)
+    zero_point = int(round(UINT8_MIN - lo / scale))
+    return scale, max(UINT8_MIN, min(UINT8_MAX, zero_point))
 
 
 class _Range(nn.Module):
-    """Observed min/max of a tensor over calibration, then its int8 quantization parameters."""
+    """Observed min/max of a tensor over calibration, then its uint8 quantization parameters."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,7 +93,7 @@ class _Range(nn.Module):
         self.zero_point.fill_(zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.scale, self.zero_point, INT8_MIN, INT8_MAX)
+        return fake_quantize(x, self.scale, self.zero_point, UINT8_MIN, UINT8_MAX)
 
 
 class CompressedMixin:
@@ -108,13 +110,13 @@ class CompressedMixin:
         mask = nm_mask(self.weight, plan.nm) if plan.nm is not None else None
         self.register_buffer("nm_mask", mask)
         self.input_range = _Range() if plan.a_bits == 8 else None
-        # A model output (class scores) stays float: int8 logits tie and flip the top-1.
+        # A model output (class scores) stays float: 8-bit logits tie and flip the top-1.
         self.output_range = _Range() if self.integer and not float_output else None
         self.snap()
 
     @property
     def integer(self) -> bool:
-        """Runs as an integer kernel: int weights and int8 activations."""
+        """Runs as an integer kernel: int weights and 8-bit activations."""
         return self.w_bits not in FLOAT_BITS and self.a_bits == 8
 
     def effective_weight(self) -> torch.Tensor:
