@@ -1,0 +1,279 @@
+"""The one training loop: the default model's first training and every candidate's fine-tuning.
+
+AdamW with a short linear warm-up and a cosine decay to zero. Why AdamW rather than SGD: the
+same loop must serve a network trained from scratch in a couple of minutes and compressed
+candidates fine-tuned for one or two epochs, across whatever architectures users bring; Adam's
+per-parameter step sizes make one learning rate work across them and across the gradient scales
+that pruning and straight-through fake quantization produce, where SGD needs a rate tuned per
+model. Weight decay is decoupled and spares biases and normalization parameters, as usual. The
+warm-up keeps Adam's first, poorly estimated steps from knocking quantized weights off their grid.
+
+With a `teacher` (the uncompressed model), the loss mixes cross-entropy on the labels with the
+KL divergence to the teacher's softened outputs (Hinton et al., 2015), scaled by T^2 so that its
+gradient does not shrink as the temperature grows.
+
+On CUDA the forward pass runs under torch.autocast (bfloat16 where supported, else float16 with
+a gradient scaler); evaluation always runs in float32, since that accuracy is what is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.search.data import batches
+
+
+class NonFiniteLoss(EdgeoptError):
+    """The loss became NaN or infinite; raised at once, with the step, so a caller can drop the
+    candidate (a diverging fine-tune) and go on with the others."""
+
+    def __init__(self, *, step: int, total_steps: int, value: float, lr: float) -> None:
+        self.step = step
+        self.total_steps = total_steps
+        self.value = value
+        self.lr = lr
+        super().__init__(
+            f"The training loss became {value} at step {step} of {total_steps} (learning rate "
+            f"{lr:.3g}). Lower the learning rate, or check the data for NaN or infinite values.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainStats:
+    """What a training run did, for reports and for choosing between runs."""
+
+    steps: int
+    epochs: float  # steps / steps per epoch
+    seconds: float
+    images_per_second: float
+    first_loss: float  # the first step's loss
+    final_loss: float  # mean over the last epoch's steps (or all, if less than one epoch)
+    train_accuracy: float  # top-1 in percent over the same steps, on augmented inputs
+    epoch_losses: tuple[float, ...]  # mean loss of each epoch begun
+    device: str
+    amp: str | None  # "bfloat16", "float16" or None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _logits(output: object) -> torch.Tensor:
+    # Some torchvision models (GoogLeNet, Inception v3) return (logits, aux logits) when training.
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise EdgeoptError(f"The model returned {type(output).__name__}; it must return a tensor of "
+                       f"class scores (logits).")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            # Biases and normalization scales are vectors; decaying them only hurts.
+            (decay if param.dim() > 1 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise EdgeoptError("The model has no trainable parameters, so it cannot be trained or "
+                           "fine-tuned; unfreeze its parameters (requires_grad=True).")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(total_steps: int) -> Callable[[int], float]:
+    warmup = max(1, min(100, total_steps // 20))
+
+    def factor(step: int) -> float:  # multiplies lr before step `step` (0-based)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _check(epochs: float, lr: float, batch_size: int, distill_weight: float, temperature: float) -> None:
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
+        raise EdgeoptError(f"The number of epochs must be a positive number, got {epochs!r}.")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise EdgeoptError(f"The learning rate must be a positive number, got {lr!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EdgeoptError(f"The batch size must be a positive whole number, got {batch_size!r}.")
+    if not 0.0 <= distill_weight <= 1.0:
+        raise EdgeoptError(f"The distillation weight must be between 0 and 1, got {distill_weight!r}.")
+    if not temperature > 0:
+        raise EdgeoptError(f"The distillation temperature must be positive, got {temperature!r}.")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) between temperature-softened outputs, times T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch_size: int = 64,
+          teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 2.0,
+          weight_decay: float = 0.01, seed: int = 0, device: torch.device | str | None = None,
+          augment: Callable[[torch.Tensor], torch.Tensor] | None = None, amp: bool | None = None,
+          progress: str | None = None) -> TrainStats:
+    """Train `model` in place on (image, label) pairs; it ends in eval mode on its own device.
+
+    `epochs` may be fractional (0.5 = half a pass). With `teacher`, the loss is
+    (1 - distill_weight) * cross-entropy + distill_weight * T^2 * KL at `temperature`.
+    `augment` maps an input batch to an augmented one (see `random_affine`). `device` defaults to
+    CUDA when present; `amp` (default: on for CUDA) runs the forward pass under autocast.
+    `progress` is the label of a progress bar on stderr (None: no bar). A NaN or infinite loss
+    raises `NonFiniteLoss` at that step. The global random state is left as it was.
+    """
+    _check(epochs, lr, batch_size, distill_weight, temperature)
+    n = len(dataset)
+    if n == 0:
+        raise EdgeoptError("There are no training images; check --data.")
+    batch_size = min(batch_size, n)
+    steps_per_epoch = n // batch_size  # whole batches only: a batch of one breaks BatchNorm
+    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    device = torch.device(device) if device is not None else default_device()
+    use_amp = (device.type == "cuda") if amp is None else bool(amp)
+    amp_dtype = None
+    if use_amp:
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        amp_dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    home = _device_of(model)
+    teacher_home = _device_of(teacher) if teacher is not None else None
+    teacher_was_training = teacher.training if teacher is not None else False
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, desc=progress, file=sys.stderr, disable=progress is None,
+               leave=False, mininterval=0.5, unit="step")
+    epoch_losses: list[float] = []
+    recent: deque[tuple[float, int, int]] = deque(maxlen=steps_per_epoch)  # (loss, correct, seen)
+    first_loss = math.nan
+    step = 0
+    started = time.perf_counter()
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            model.to(device).train()
+            if teacher is not None:
+                teacher.to(device).eval()
+            epoch = 0
+            while step < total_steps:
+                epoch_sum, epoch_steps = 0.0, 0
+                for x, y in batches(dataset, batch_size, shuffle=True, seed=seed * 100_003 + epoch,
+                                    drop_last=True):
+                    if step >= total_steps:
+                        break
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True)
+                    if augment is not None:
+                        x = augment(x)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = _logits(model(x)).float()
+                        loss = F.cross_entropy(logits, y)
+                        if teacher is not None and distill_weight > 0:
+                            with torch.no_grad():
+                                target = _logits(teacher(x)).float()
+                            loss = ((1 - distill_weight) * loss
+                                    + distill_weight * distillation_loss(logits, target, temperature))
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise NonFiniteLoss(step=step + 1, total_steps=total_steps, value=value,
+                                            lr=optimizer.param_groups[0]["lr"])
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    step += 1
+                    if step == 1:
+                        first_loss = value
+                    epoch_sum += value
+                    epoch_steps += 1
+                    recent.append((value, int((logits.detach().argmax(1) == y).sum()), len(y)))
+                    bar.update()
+                    if bar.n % 10 == 0:
+                        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+                epoch_losses.append(epoch_sum / max(1, epoch_steps))
+                epoch += 1
+    finally:
+        bar.close()
+        model.eval()  # also re-snaps fake-quantized weights onto their grid
+        model.to(home)
+        if teacher is not None:
+            teacher.to(teacher_home).train(teacher_was_training)
+    seconds = time.perf_counter() - started
+    return TrainStats(
+        steps=step,
+        epochs=step / steps_per_epoch,
+        seconds=seconds,
+        images_per_second=step * batch_size / seconds if seconds > 0 else math.inf,
+        first_loss=first_loss,
+        final_loss=sum(r[0] for r in recent) / max(1, len(recent)),
+        train_accuracy=100.0 * sum(r[1] for r in recent) / max(1, sum(r[2] for r in recent)),
+        epoch_losses=tuple(epoch_losses),
+        device=str(device),
+        amp=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
+             device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent, in float32. The model is left in eval mode on its own device."""
+    if len(dataset) == 0:
+        raise EdgeoptError("There are no images to evaluate on; check --data.")
+    device = torch.device(device) if device is not None else default_device()
+    home = _device_of(model)
+    model.eval().to(device)
+    correct = 0
+    try:
+        for x, y in batches(dataset, batch_size):
+            logits = _logits(model(x.to(device)))
+            correct += int((logits.argmax(1).cpu() == y).sum())
+    finally:
+        model.to(home)
+    return 100.0 * correct / len(dataset)
+
+
+def random_affine(x: torch.Tensor, *, degrees: float = 10.0, scale: float = 0.1,
+                  pixels: float = 2.0) -> torch.Tensor:
+    """Rotate each image by up to `degrees`, scale it by up to 1 +- `scale` and move it by up to
+    `pixels` (edges repeated). Cheap augmentation that suits digits and small natural images
+    alike, unlike flips (a flipped 2 is not a 2); it is what gets the default model above 97%
+    from 3,200 MNIST images."""
+    n, _, h, w = x.shape
+    angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(n, device=x.device) * 2 - 1) * scale
+    shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * pixels
+    theta = torch.empty(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = torch.cos(angle) / zoom
+    theta[:, 0, 1] = -torch.sin(angle) / zoom
+    theta[:, 1, 0] = torch.sin(angle) / zoom
+    theta[:, 1, 1] = torch.cos(angle) / zoom
+    theta[:, 0, 2] = shift[:, 0] * 2 / w  # affine_grid works in [-1, 1] coordinates
+    theta[:, 1, 2] = shift[:, 1] * 2 / h
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
