@@ -200,7 +200,7 @@ def test_factory_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         resolve_model("user_models_b:broken", data=_bundle())
     with pytest.raises(EdgeoptError, match=r"returns shape \(2, 7\).*3 classes"):
         resolve_model("user_models_b:wrong_classes", data=_bundle())
-    with pytest.raises(EdgeoptError, match=r"input size 16x16 is too small.*--input-size"):
+    with pytest.raises(EdgeoptError, match=r"input size 16x16 is too small.*--input-size 48 is the smallest"):
         resolve_model("user_models_b:big_kernel", data=_bundle())
     with pytest.raises(EdgeoptError, match="returns dict"):
         resolve_model("user_models_b:Dicts", data=_bundle())

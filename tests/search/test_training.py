@@ -28,7 +28,7 @@ def test_learns_a_separable_problem() -> None:
     data, held_out = _blobs(), _blobs(seed=1)
     model = _mlp()
     before = evaluate(model, held_out)
-    stats = train(model, data, epochs=5, lr=0.01, batch_size=32)
+    stats = train(model, data, epochs=5, lr=0.01, batch_size=32, device="cpu")
     after = evaluate(model, held_out)
     assert before < 80 and after > 97
     assert not model.training
