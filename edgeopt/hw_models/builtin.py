@@ -1,0 +1,58 @@
+"""The targets edgeopt ships: pi4, host, jetson-orin-nano.
+
+Jetson Orin Nano 8 GB figures are NVIDIA's published peaks (Jetson Orin Nano Series data sheet
+and the Jetson Orin Nano developer kit page, original 15 W configuration, not the later "Super"
+clocks): a 1024-core Ampere GPU with 32 third-generation Tensor Cores at 625 MHz, 40 INT8 TOPS
+with 2:4 structured sparsity, 68 GB/s LPDDR5 (128-bit). From these, with Ampere's ratios:
+dense INT8 = 40 / 2 = 20 TOPS = 10 T MAC/s; dense FP16 tensor math = half the INT8 rate =
+5 T MAC/s; FP32 is taken as TF32 on the tensor cores (TensorRT's default on Ampere), half the
+FP16 rate = 2.5 T MAC/s. Orin Nano has no DLA, so everything runs on the GPU.
+"""
+
+from __future__ import annotations
+
+from edgeopt.evaluators.cpu import cpu_flags
+from edgeopt.hw_models.accelerator import RooflineLatency
+from edgeopt.hw_models.estimate import TableLatency
+from edgeopt.hw_models.profiler import OnDemandProfile
+from edgeopt.hw_models.targets import Accelerates, HardwareTarget, register_target
+from edgeopt.plan import NM
+
+PI4 = HardwareTarget(
+    name="pi4",
+    description="Raspberry Pi 4 Model B: 4x Cortex-A72 @ 1.5 GHz (ARMv8.0, no SDOT), 4 threads, "
+                "ncnn/XNNPACK-class CPU runtime; int8 pays, fp16, bits below 8 and N:M do not",
+    accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), channel_multiple=8),
+    latency=TableLatency.shipped("pi4.csv"),
+    threads=4,
+)
+
+HOST = HardwareTarget(
+    name="host",
+    description="this machine, onnxruntime CPU execution provider (int8 through QLinearConv), 1 thread",
+    # onnxruntime's CPU kernels: int8 (QLinear*) pays; int4 weights and N:M have no fast path.
+    accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,),
+                            channel_multiple=16 if "avx512f" in cpu_flags() else 8),
+    latency=OnDemandProfile(threads=1),
+    threads=1,
+    measurable=True,
+)
+
+JETSON_ORIN_NANO = HardwareTarget(
+    name="jetson-orin-nano",
+    description="NVIDIA Jetson Orin Nano 8 GB (Ampere GPU, 32 Tensor Cores @ 625 MHz, 68 GB/s), "
+                "TensorRT-class runtime; fp16/int8 tensor math and 2:4 sparsity pay",
+    accelerates=Accelerates(w_bits=(32, 16, 8), a_bits=(32, 16, 8), nm=(None, NM(n=2, m=4)),
+                            channel_multiple=16),
+    latency=RooflineLatency(
+        peak_macs={"int8": 10e12, "fp16": 5e12, "fp32": 2.5e12},
+        dram_bytes_per_s=68e9,
+        sparse=(NM(n=2, m=4),),
+        tile=16,  # mma.sync m16n8k16: channel counts are padded to 16
+        source_note="analytic roofline from NVIDIA's published Orin Nano 8 GB peaks (40 sparse INT8 "
+                    "TOPS, 68 GB/s), 50% of peak reachable, 5 us per layer launch",
+    ),
+)
+
+for _target in (PI4, HOST, JETSON_ORIN_NANO):
+    register_target(_target)

@@ -1,0 +1,208 @@
+"""Estimated latency of a model on a target: per layer from a table, or from a fitted model.
+
+`estimate_latency` is called once per search trial, so it traces the model once and does dict
+lookups; the roofline fits are made once per table and cached.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.hw_models.lut import LatencyTable, LayerKey, storage_bits, weight_mb_of
+from edgeopt.hw_models.targets import HardwareTarget, LayerTimes, get_target
+from edgeopt.layers import LayerSpec, trace_layers
+
+SOURCES = ("lut", "model", "measured")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerLatency:
+    fqn: str
+    kind: str
+    ms: float
+    source: str  # "lut": read from the table; "model": from the fitted or analytic model
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatencyEstimate:
+    """A model's latency on one target. `source` is "lut" when every layer came from the table,
+    "model" when any layer was estimated, "measured" for a whole-model measurement."""
+
+    total_ms: float
+    layers: tuple[LayerLatency, ...]
+    source: str
+    target: str
+    overhead_ms: float = 0.0  # once per inference: runtime call, input/output
+    spread_ms: float | None = None  # measured only: interquartile range
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise EdgeoptError(f"latency source must be one of {SOURCES}, got {self.source!r}.")
+
+    def breakdown(self) -> dict[str, float]:
+        """ms per layer, by module name."""
+        return {layer.fqn: layer.ms for layer in self.layers}
+
+
+# -- table-based latency --------------------------------------------------------------------------
+_TABLE_CACHE: dict[tuple[str, float], LatencyTable] = {}
+_LOCK = threading.Lock()
+
+
+class TableLatency:
+    """Latency from a lookup table (a file, a shipped resource, or a LatencyTable)."""
+
+    def __init__(self, table: LatencyTable | str | Path, *, resource: str | None = None) -> None:
+        self._table = table if isinstance(table, LatencyTable) else None
+        self._path = None if isinstance(table, LatencyTable) else table
+        self._resource = resource
+
+    @classmethod
+    def shipped(cls, filename: str) -> TableLatency:
+        """A table shipped in edgeopt/hw_models/data/, read on first use."""
+        return cls("", resource=filename)
+
+    @staticmethod
+    def load(path: str | Path) -> LatencyTable:
+        """Read a CSV table once per file version (a search reads it every trial)."""
+        path = Path(path)
+        try:
+            stamp = path.stat().st_mtime
+        except OSError:
+            raise EdgeoptError(f"No latency table at {path}. Make one with "
+                               "`optimize profile --model MODEL --out table.csv`.") from None
+        with _LOCK:
+            key = (str(path.resolve()), stamp)
+            if key not in _TABLE_CACHE:
+                _TABLE_CACHE[key] = LatencyTable.from_csv(path)
+            return _TABLE_CACHE[key]
+
+    @property
+    def table(self) -> LatencyTable:
+        if self._table is None:
+            if self._resource is not None:
+                ref = resources.files("edgeopt.hw_models") / "data" / self._resource
+                with resources.as_file(ref) as path:
+                    self._table = LatencyTable.from_csv(path)
+                self._table.name = f"shipped {self._resource}"
+            else:
+                self._table = self.load(self._path)
+        return self._table
+
+    def describe(self) -> str:
+        origin = self.table.meta.get("origin", "a latency table")
+        return f"lookup table ({len(self.table)} rows; {origin})"
+
+    def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes:
+        table = self.table
+        fitted = None
+        ms: list[float] = []
+        sources: list[str] = []
+        for key in keys:
+            exact = key.with_precision(storage_bits(key.w_bits), key.a_bits, key.nm)
+            runs = key.with_precision(*target.runs_as(key.w_bits, key.a_bits, key.nm))
+            value = table.lookup(exact)
+            used = exact
+            if value is None and runs != exact:
+                value, used = table.lookup(runs), runs
+            if value is not None:
+                ms.append(value)
+                sources.append("lut")
+                continue
+            fitted = fitted or table.fitted(target.channel_multiple)
+            precisions = table.precisions
+            used = exact if exact.precision in precisions else runs
+            if used.precision not in precisions:
+                # The table never measured this precision: estimate it as dense float, which
+                # claims no speed-up that nothing measured.
+                used = key.with_precision(32, 32, None)
+                if used.precision not in precisions:
+                    used = key.with_precision(*sorted(precisions, key=str)[0])
+            substituted = table.lookup(used)  # the same shape at the precision we fell back to
+            ms.append(substituted if substituted is not None else (fitted.predict(used) or 0.0))
+            sources.append("model")
+        calibration = table.calibration
+        if calibration is not None:
+            ms = calibration.apply(keys, ms)
+        return LayerTimes(ms=ms, sources=sources, overhead_ms=table.overhead_ms)
+
+
+def calibrate_table(table: LatencyTable, samples: Sequence[tuple[Sequence[LayerSpec], float]], *,
+                    target: HardwareTarget) -> LatencyTable:
+    """Fit the table's `Calibration` on whole-model measurements made on the same device:
+    `samples` holds (traced layers of a model, its measured ms) pairs. Returns a new table whose
+    metadata carries the correction and how well it fits its samples."""
+    import numpy as np
+    from scipy.optimize import lsq_linear
+
+    from edgeopt.hw_models.lut import Calibration, calibration_terms
+
+    if len(samples) < 3:
+        raise EdgeoptError("Calibration needs at least 3 whole-model measurements.")
+    plain = LatencyTable(rows=dict(table.rows), meta={k: v for k, v in table.meta.items() if k != "calibration"},
+                         spread=dict(table.spread), name=table.name)
+    raw = TableLatency(plain)
+    rows, targets = [], []
+    for layers, measured in samples:
+        keys = [LayerKey.from_spec(spec) for spec in layers]
+        times = raw.layer_ms(keys, target)
+        rows.append(np.sum(calibration_terms(keys, times.ms), axis=0))
+        targets.append(measured - times.overhead_ms)
+    a, y = np.array(rows), np.array(targets)
+    # Relative least squares within physical bounds; a term no sample exercises stays neutral.
+    neutral = (1.0, 1.0, 0.0, 0.0, 0.0)
+    lower, upper = (0.5, 0.5, 0.0, -0.05, 0.0), (3.0, 3.0, 0.5, 0.2, 5.0)
+    used = [j for j in range(a.shape[1]) if a[:, j].any()]
+    fit = lsq_linear(a[:, used] / y[:, None], np.ones(len(y)),
+                     bounds=([lower[j] for j in used], [upper[j] for j in used]))
+    coef = list(neutral)
+    for j, value in zip(used, fit.x):
+        coef[j] = float(value)
+    measured = np.array([ms for _, ms in samples])
+    error = float(np.median(np.abs(a @ np.array(coef) - y) / measured * 100))
+    calibration = Calibration(float_scale=coef[0], int_scale=coef[1], weight_ms_per_mb=coef[2],
+                              layer_ms=coef[3], switch_ms_per_mb=coef[4], points=len(y), error_pct=error)
+    return LatencyTable(rows=dict(table.rows), meta=plain.meta | {"calibration": calibration.to_text()},
+                        spread=dict(table.spread), name=table.name)
+
+
+# -- the entry points -------------------------------------------------------------------------------
+def _resolve(target: str | HardwareTarget, lut: str | Path | LatencyTable | None) -> HardwareTarget:
+    resolved = get_target(target)
+    return resolved.with_lut(lut) if lut is not None else resolved
+
+
+def estimate_layers(layers: Sequence[LayerSpec], *, target: str | HardwareTarget = "pi4",
+                    lut: str | Path | LatencyTable | None = None) -> LatencyEstimate:
+    """Latency of already traced layers (`edgeopt.layers.trace_layers`) on `target`."""
+    resolved = _resolve(target, lut)
+    keys = [LayerKey.from_spec(spec) for spec in layers]
+    times = resolved.latency.layer_ms(keys, resolved)
+    per_layer = tuple(LayerLatency(fqn=spec.fqn, kind=spec.kind, ms=t, source=s)
+                      for spec, t, s in zip(layers, times.ms, times.sources))
+    total = sum(times.ms) + times.overhead_ms
+    source = "lut" if all(s == "lut" for s in times.sources) else "model"
+    return LatencyEstimate(total_ms=total, layers=per_layer, source=source, target=resolved.name,
+                           overhead_ms=times.overhead_ms)
+
+
+def estimate_latency(model: nn.Module, example_input: torch.Tensor, *,
+                     target: str | HardwareTarget = "pi4",
+                     lut: str | Path | LatencyTable | None = None) -> LatencyEstimate:
+    """Estimated latency of one inference of `model` (plain or made by `apply_plan`) on `target`:
+    the total in ms, the per-layer breakdown, and where the numbers came from.
+
+    Layers are looked up in the target's table (or `lut`, a CSV written by `optimize profile`);
+    shapes the table lacks get the table's fitted roofline model, never an error. Bit widths and
+    N:M patterns count only where the target's runtime accelerates them (`target.runs_as`).
+    """
+    layers = trace_layers(model, example_input[:1])
+    return estimate_layers(layers, target=target, lut=lut)

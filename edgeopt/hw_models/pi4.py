@@ -1,0 +1,259 @@
+"""The Raspberry Pi 4 latency model, calibrated on published whole-model measurements.
+
+Nobody here owns a Pi 4, so its table is estimated, not measured, and says so. The estimate is
+a per-layer roofline whose handful of constants are fitted to the published ncnn benchncnn
+figures for a Raspberry Pi 4 Model B at its stock 1.5 GHz with 4 threads (FP32 and INT8), for
+the models torchvision also has (../shared/data/pi4_published_latencies.csv in the development
+tree; the source of every figure is in that file):
+
+    layer ms = overhead + MACs / throughput(op class, precision)
+               + weight bytes / weight bandwidth + activation bytes / activation bandwidth
+               (+ a requantization cost per int8 output element)
+
+MACs count channels rounded up to the NEON width. Each constant has a prior from the hardware
+(4x Cortex-A72 at 1.5 GHz: 8 fp32 MACs per cycle per core at peak, LPDDR4 at a few GB/s; no
+SDOT, so int8 gains 1.5-2x, not 4x) and the fit moves it only as far as the published figures
+demand (a ridge penalty in log space). The fitted model then writes `data/pi4.csv`, one row per
+distinct layer shape of common torchvision models at common input sizes and keep ratios, fp32
+and int8; shapes outside it get the table's roofline fit like any other table.
+
+On this runtime class N:M patterns and bits below 8 have no kernels (`pi4` does not list them as
+accelerated), so a 4-bit or 2:4 layer costs what its int8 or dense version costs.
+
+Regenerate the shipped table with
+
+    python -m edgeopt.hw_models.pi4 ../shared/data/pi4_published_latencies.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.hw_models.lut import LatencyTable, LayerKey, round_up, storage_bits
+
+CHANNEL_MULTIPLE = 8  # NEON: 4 fp32 lanes, ncnn packs int8 by 8
+PRECISIONS = ((32, 32), (8, 8))
+
+# Published model names -> torchvision names. The ncnn "squeezenet" is v1.1, "mobilenet_v3" the
+# large variant (its latency sits between v2 and v3-small, as large does); mobilenet v1,
+# shufflenet v1, proxylessnas and efficientnetv2-b0 are not in torchvision.
+TORCHVISION_NAMES = {
+    "squeezenet": "squeezenet1_1", "mobilenet_v2": "mobilenet_v2", "mobilenet_v3": "mobilenet_v3_large",
+    "shufflenet_v2": "shufflenet_v2_x1_0", "mnasnet": "mnasnet1_0", "efficientnet_b0": "efficientnet_b0",
+    "regnety_400m": "regnet_y_400mf", "googlenet": "googlenet", "resnet18": "resnet18",
+    "alexnet": "alexnet", "vgg16": "vgg16", "resnet50": "resnet50",
+    "mobilenet_v2_1.0": "mobilenet_v2", "mobilenet_v3_large": "mobilenet_v3_large",
+    "mobilenet_v3_small": "mobilenet_v3_small",
+}
+
+
+def pi4_class(key: LayerKey) -> str:
+    """ncnn picks kernels by shape: 3x3 stride-1 convolutions run Winograd, 1x1 ones run GEMM."""
+    if key.kind == "depthwise":
+        return "depthwise"
+    if key.kind == "grouped":
+        return "pointwise" if key.kernel == (1, 1) else "grouped"
+    if key.kind == "linear" or key.kernel == (1, 1):
+        return "pointwise"
+    if key.kernel == (3, 3) and key.stride == (1, 1):
+        return "conv3x3"
+    return "conv"
+
+
+CLASSES = ("conv3x3", "conv", "pointwise", "grouped", "depthwise")
+
+# Priors: (value, spread in natural-log units). Throughputs in GMAC/s for 4 threads.
+PRIORS: dict[str, tuple[float, float]] = {
+    "gmacs_conv3x3": (20.0, 1.0), "gmacs_conv": (10.0, 1.0), "gmacs_pointwise": (12.0, 1.0),
+    "gmacs_grouped": (4.0, 1.0), "gmacs_depthwise": (2.0, 1.0),
+    "int8_conv3x3": (1.8, 0.4), "int8_conv": (1.5, 0.4), "int8_pointwise": (1.5, 0.4),
+    "int8_grouped": (1.2, 0.4), "int8_depthwise": (1.2, 0.4),
+    "weight_gbps": (3.0, 1.0), "act_gbps": (6.0, 1.0), "layer_us": (40.0, 1.0),
+    "requant_gelems": (2.0, 1.0), "short_reduction": (64.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Pi4Model:
+    """Fitted constants (see PRIORS for their meaning and units)."""
+
+    params: dict[str, float]
+
+    def layer_ms(self, key: LayerKey) -> float:
+        p = self.params
+        cls = pi4_class(key)
+        integer = key.w_bits not in (32, 16) and key.a_bits == 8
+        m = CHANNEL_MULTIPLE
+        if key.kind == "depthwise":
+            macs = key.positions * round_up(key.out_channels, m) * key.kernel[0] * key.kernel[1]
+        else:
+            macs = (key.positions * round_up(key.out_channels, m)
+                    * round_up(key.in_channels // key.groups, m if key.groups == 1 else 1)
+                    * key.kernel[0] * key.kernel[1])
+        gmacs = p[f"gmacs_{cls}"] * (p[f"int8_{cls}"] if integer else 1.0)
+        w_bytes = key.weight_elements * (1 if integer else 4)
+        in_elems = key.in_channels * key.input_hw[0] * key.input_hw[1]
+        out_elems = key.out_channels * key.positions
+        act_bytes = (in_elems + out_elems) * (1 if integer else 4)
+        compute = macs / (gmacs * 1e6)
+        if key.kind != "depthwise":
+            # GEMM kernels amortize loads over the dot product: short ones run below peak.
+            compute *= 1 + p["short_reduction"] / key.reduction
+        memory = w_bytes / (p["weight_gbps"] * 1e6) + act_bytes / (p["act_gbps"] * 1e6)
+        ms = p["layer_us"] / 1e3 + compute + memory
+        if integer:
+            ms += out_elems / (p["requant_gelems"] * 1e6)
+        return ms
+
+    def model_ms(self, keys: Iterable[LayerKey]) -> float:
+        return sum(self.layer_ms(k) for k in keys)
+
+
+def runs_as_pi4(key: LayerKey) -> LayerKey:
+    """fp32 or int8: what ncnn-class runtimes on the A72 execute (see module docstring)."""
+    integer = key.w_bits not in (32, 16) and key.a_bits == 8
+    return key.with_precision(8, 8, None) if integer else key.with_precision(32, 32, None)
+
+
+# -- published data ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Published:
+    model: str  # as published
+    torchvision: str
+    precision: str  # "FP32" or "INT8"
+    latency_ms: float
+    runtime: str
+    threads: str
+    clock: str
+
+
+def read_published(path: str | Path) -> list[Published]:
+    """Rows of the published CSV whose model torchvision has."""
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    except OSError as exc:
+        raise EdgeoptError(f"Cannot read the published latencies {path}: {exc}.") from None
+    need = {"model", "precision", "runtime", "threads", "cpu_clock", "latency_ms"}
+    if not rows or not need <= set(rows[0]):
+        raise EdgeoptError(f"{path} needs the columns {sorted(need)}.")
+    out = []
+    for row in rows:
+        name = TORCHVISION_NAMES.get(row["model"])
+        if name is None:
+            continue
+        out.append(Published(row["model"], name, row["precision"].upper(), float(row["latency_ms"]),
+                             row["runtime"], row["threads"], row["cpu_clock"]))
+    return out
+
+
+def calibration_rows(rows: Iterable[Published]) -> list[Published]:
+    """The rows the pi4 target stands for: ncnn, 4 threads, stock 1.5 GHz."""
+    return [r for r in rows if r.threads.strip() == "4" and r.clock.startswith("1.5 GHz")
+            and r.runtime.startswith("ncnn")]
+
+
+# benchncnn's default inputs (ncnn benchmark/benchncnn.cpp): 227x227 for these, 224x224 for the rest.
+INPUT_SIZES = {"squeezenet1_1": 227, "alexnet": 227}
+
+
+def model_keys_224(name: str, precision: str, *, size: int | None = None) -> list[LayerKey]:
+    """A torchvision model's layers at its benchmark input size, all fp32 or all int8."""
+    import torch
+    import torchvision
+
+    from edgeopt.layers import trace_layers
+
+    size = size or INPUT_SIZES.get(name, 224)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    layers = trace_layers(model, torch.zeros(1, 3, size, size))
+    w, a = (8, 8) if precision == "INT8" else (32, 32)
+    return [LayerKey.from_spec(spec, w_bits=w, a_bits=a, nm=None) for spec in layers]
+
+
+def fit(points: Sequence[tuple[list[LayerKey], float]], *, prior_weight: float = 1.0) -> Pi4Model:
+    """Fit the constants to (layers, published ms) points: log-error least squares plus the
+    priors' ridge penalty."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    names = list(PRIORS)
+    prior = np.array([math.log(PRIORS[n][0]) for n in names])
+    spread = np.array([PRIORS[n][1] for n in names])
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        model = Pi4Model(dict(zip(names, np.exp(theta))))
+        fit_res = [math.log(model.model_ms(keys) / ms) for keys, ms in points]
+        return np.concatenate([fit_res, prior_weight * (theta - prior) / spread / math.sqrt(len(names))])
+
+    result = least_squares(residuals, prior.copy(), method="trf")
+    return Pi4Model(dict(zip(names, (float(v) for v in np.exp(result.x)))))
+
+
+# -- the shipped table --------------------------------------------------------------------------
+REFERENCE_MODELS = ("squeezenet1_1", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
+                    "shufflenet_v2_x1_0", "mnasnet1_0", "efficientnet_b0", "regnet_y_400mf",
+                    "googlenet", "resnet18", "resnet34", "resnet50", "alexnet", "vgg16")
+REFERENCE_SIZES = (227, 224, 160, 128, 96, 64, 32)
+REFERENCE_KEEPS = (1.0, 0.5)
+
+
+def build_table(model: Pi4Model, *, models: Sequence[str] = REFERENCE_MODELS,
+                sizes: Sequence[int] = REFERENCE_SIZES, keep_ratios: Sequence[float] = REFERENCE_KEEPS,
+                meta: dict[str, str] | None = None) -> LatencyTable:
+    """Estimated rows for every distinct layer shape of `models` at `sizes` and keep ratios."""
+    import torch
+    import torchvision
+
+    from edgeopt.hw_models.profiler import model_keys
+    from edgeopt.layers import trace_layers
+
+    keys: dict[LayerKey, None] = {}
+    for name in models:
+        net = torchvision.models.get_model(name, weights=None).eval()
+        for size in sizes:
+            try:
+                layers = trace_layers(net, torch.zeros(1, 3, size, size))
+            except EdgeoptError:
+                continue  # too small an input for this architecture
+            for key in model_keys(layers, keep_ratios=keep_ratios, precisions=PRECISIONS):
+                keys[key] = None
+    rows = {key: model.layer_ms(key) for key in keys}
+    return LatencyTable(rows=rows, meta=dict(meta or {}), name="pi4")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m edgeopt.hw_models.pi4 PUBLISHED_CSV", file=sys.stderr)
+        return 2
+    published = calibration_rows(read_published(argv[0]))
+    points = [(model_keys_224(r.torchvision, r.precision), r.latency_ms) for r in published]
+    model = fit(points)
+    errors = [abs(model.model_ms(keys) / ms - 1) * 100 for keys, ms in points]
+    meta = {
+        "origin": ("ESTIMATED, not measured: a per-layer roofline calibrated on published whole-model "
+                   "latencies (ncnn benchncnn, Raspberry Pi 4 Model B, 1.5 GHz, 4 threads, FP32/INT8; "
+                   "Tencent/ncnn benchmark/README.md). Replace it with `optimize profile` run on a Pi."),
+        "device": "Raspberry Pi 4 Model B (4x Cortex-A72 @ 1.5 GHz, no SDOT)",
+        "runtime": "ncnn/XNNPACK class CPU runtime, 4 threads",
+        "threads": "4",
+        "calibrated_on": f"{len(points)} published figures; in-sample median abs error "
+                         f"{sorted(errors)[len(errors) // 2]:.1f}%",
+        "constants": " ".join(f"{k}={v:.4g}" for k, v in model.params.items()),
+    }
+    table = build_table(model, meta=meta)
+    out = Path(__file__).parent / "data" / "pi4.csv"
+    table.to_csv(out)
+    print(f"wrote {len(table)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

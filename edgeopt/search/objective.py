@@ -1,0 +1,137 @@
+"""What one search trial does: apply the plan, score accuracy, estimate latency, check budgets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import optuna
+import torch
+from torch import nn
+
+from edgeopt.budget import Budget
+from edgeopt.evaluators.cost import Cost, model_cost
+from edgeopt.hw_models.estimate import estimate_latency
+from edgeopt.plan import ModelPlan
+from edgeopt.search.study import CONSTRAINTS, METRICS, PLAN, PLAN_KEY, suggest_plan, worker_id
+from edgeopt.search.training import evaluate
+from edgeopt.spaces.apply import apply_plan
+from edgeopt.spaces.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+class AccuracyProxy(Protocol):
+    """Scores a compressed candidate; higher is better (top-1 percent on held-out data)."""
+
+    def __call__(self, compressed: nn.Module, plan: ModelPlan) -> float: ...
+
+
+@dataclass(frozen=True)
+class HeldOutAccuracy:
+    """Top-1 on the proxy split (held out from training, never the validation split), measured
+    after apply_plan's BatchNorm re-estimation and activation calibration."""
+
+    dataset: torch.utils.data.Dataset
+
+    def __call__(self, compressed: nn.Module, plan: ModelPlan) -> float:
+        return evaluate(compressed, self.dataset)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Context:
+    """Everything a trial needs, built once per search."""
+
+    model: nn.Module
+    space: SearchSpace
+    example_input: torch.Tensor
+    calib: list
+    target: object  # a HardwareTarget
+    budgets: tuple[Budget, ...]
+    base: Cost
+    proxy: AccuracyProxy
+    reduce_range: bool = False
+
+    @property
+    def size_objective(self) -> bool:
+        return any(b.metric == "bytes" for b in self.budgets)
+
+    def compress(self, plan: ModelPlan) -> nn.Module:
+        return apply_plan(self.model, plan, self.example_input, calib_data=self.calib,
+                          round_to=self.target.accelerates.channel_multiple, reduce_range=self.reduce_range,
+                          space=self.space)
+
+    def budget_macs(self, cost: Cost) -> int:
+        # N:M only lowers the work on a target whose runtime has N:M kernels.
+        return cost.effective_macs if any(self.target.accelerates.nm) else cost.macs
+
+    def violations(self, cost: Cost, latency_ms: float) -> list[float]:
+        measured = {"macs": self.budget_macs(cost), "latency_ms": latency_ms, "bytes": cost.bytes}
+        return [b.violation(measured[b.metric], self.base.macs) for b in self.budgets]
+
+    def measure(self, plan: ModelPlan) -> dict:
+        """Apply and score one plan: the metrics a trial records."""
+        compressed = self.compress(plan)
+        cost = model_cost(compressed, self.example_input)
+        estimate = estimate_latency(compressed, self.example_input, target=self.target)
+        accuracy = float(self.proxy(compressed, plan))
+        return {
+            "proxy_accuracy": accuracy, "latency_ms": float(estimate.total_ms),
+            "latency_source": estimate.source, "macs": cost.macs, "effective_macs": cost.effective_macs,
+            "budget_macs": self.budget_macs(cost), "bytes": cost.bytes, "params": cost.params,
+            "violations": self.violations(cost, float(estimate.total_ms)),
+        }
+
+    def values(self, metrics: dict) -> list[float]:
+        values = [metrics["proxy_accuracy"], metrics["latency_ms"]]
+        if self.size_objective:
+            values.append(float(metrics["bytes"]))
+        return values
+
+
+class Objective:
+    """The Optuna objective: a plan per trial, each plan evaluated once.
+
+    A plan already in the study (finished, or being measured by another worker) is pruned as a
+    duplicate: it costs nothing and is not counted. A trial numbered after `trials` others that
+    are finished or under way is pruned too, so parallel workers end with exactly `trials`.
+    """
+
+    def __init__(self, context: Context, *, trials: int) -> None:
+        self.context = context
+        self.trials = trials
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        plan = suggest_plan(trial, self.context.space)
+        key = plan.key()
+        trial.set_user_attr("worker", worker_id())
+        twin = self._twin(trial, key)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin)
+            raise optuna.TrialPruned(f"plan {key} is trial {twin}'s")
+        trial.set_user_attr(PLAN_KEY, key)  # visible to other workers while this one measures
+        if self._ahead(trial) >= self.trials:
+            raise optuna.TrialPruned(f"the study already has {self.trials} trials")
+        metrics = self.context.measure(plan)
+        if not all(math.isfinite(v) for v in self.context.values(metrics)):
+            raise optuna.TrialPruned(f"non-finite score for plan {key}")
+        trial.set_user_attr(PLAN, json.dumps(plan.to_dict()))
+        trial.set_user_attr(METRICS, {k: v for k, v in metrics.items() if k != "violations"})
+        trial.set_user_attr(CONSTRAINTS, metrics["violations"])
+        return self.context.values(metrics)
+
+    @staticmethod
+    def _counted(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        return [t for t in trial.study.get_trials(deepcopy=False, states=states)
+                if t.number != trial.number and PLAN_KEY in t.user_attrs]
+
+    def _twin(self, trial: optuna.Trial, key: str) -> int | None:
+        return next((t.number for t in self._counted(trial) if t.user_attrs[PLAN_KEY] == key), None)
+
+    def _ahead(self, trial: optuna.Trial) -> int:
+        """Finished or running trials numbered before this one."""
+        return sum(1 for t in self._counted(trial) if t.number < trial.number)

@@ -1,0 +1,291 @@
+"""`edgeopt.optimize`: search, fine-tune, select and export, end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgeopt.budget import Budget, parse_budget
+from edgeopt.errors import EdgeoptError
+from edgeopt.evaluators.cost import model_cost
+from edgeopt.evaluators.cpu import int8_needs_reduce_range
+from edgeopt.evaluators.onnx_export import export_onnx
+from edgeopt.hw_models.estimate import estimate_latency
+from edgeopt.hw_models.targets import get_target
+from edgeopt.plan import ModelPlan
+from edgeopt.search.finetune import FinetuneConfig, Finetuned, finetune
+from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
+from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
+from edgeopt.search.select import Candidate, closest, finetune_order, pareto_front, select
+from edgeopt.search.study import (CONSTRAINTS, METRICS, finished, make_sampler, make_storage, open_study,
+                                  plan_params, trial_plan)
+from edgeopt.search.training import evaluate
+from edgeopt.spaces.space import Knobs, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """How the Optuna search runs."""
+
+    trials: int = 40
+    sampler: str = "nsga2"  # nsga2, tpe or random
+    seed: int = 0
+    storage: str | None = None  # any Optuna storage URL; default: a journal file in the output folder
+    study_name: str = "edgeopt"
+    calib_batches: int = 4
+    calib_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    trials: pd.DataFrame
+    pareto: list[Candidate]
+    selected: Candidate | None  # None when no candidate met every budget
+    model: nn.Module | None  # the selected compressed model
+    plan: ModelPlan | None
+    out_dir: Path
+    summary: dict
+
+    @property
+    def met_budget(self) -> bool:
+        return self.selected is not None
+
+
+def target_knobs(target, *, size_matters: bool) -> Knobs:
+    """A knob counts only where the target's runtime turns it into speed; with a size budget,
+    everything that shrinks the stored model counts too."""
+    if size_matters:
+        return Knobs()
+    fast = target.accelerates
+    return Knobs(w_bits=(32, *[b for b in fast.w_bits if b != 32]),
+                 a_bits=(32, *[b for b in fast.a_bits if b != 32]),
+                 nm=(None, *[p for p in fast.nm if p is not None]))
+
+
+def _calibration_batches(dataset, *, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator)[: batches * batch_size]
+    images = torch.stack([dataset[int(i)][0] for i in order])
+    return list(images.split(batch_size))
+
+
+def _candidates(study: optuna.Study) -> list[Candidate]:
+    out = []
+    for trial in finished(study):
+        m = trial.user_attrs[METRICS]
+        out.append(Candidate(
+            trial=trial.number, plan=trial_plan(trial), proxy_accuracy=m["proxy_accuracy"],
+            latency_ms=m["latency_ms"], macs=m["macs"], effective_macs=m["effective_macs"],
+            bytes=m["bytes"], violations=tuple(trial.user_attrs[CONSTRAINTS]),
+        ))
+    return out
+
+
+def _run_trials(study: optuna.Study, objective: Objective, trials: int, *, progress: bool) -> None:
+    done = len(finished(study))
+    if done >= trials:
+        return
+    bar = tqdm(total=trials, initial=done, desc="search", unit="trial", disable=not progress, file=sys.stderr)
+    if done:
+        bar.write(f"Resuming: {done} trials already in the study.")
+
+    def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        count = len(finished(study))
+        bar.n = min(count, trials)
+        if trial.state == optuna.trial.TrialState.COMPLETE and CONSTRAINTS in trial.user_attrs:
+            m = trial.user_attrs[METRICS]
+            bar.set_postfix(acc=f"{m['proxy_accuracy']:.1f}", ms=f"{m['latency_ms']:.2f}")
+        bar.refresh()
+        if count >= trials:
+            study.stop()
+
+    # Duplicates are pruned and not counted; the cap only guards against a space too small to
+    # hold `trials` distinct plans.
+    try:
+        study.optimize(objective, n_trials=(trials - done) * 10, callbacks=[stop_when_done],
+                       gc_after_trial=False, catch=())
+    finally:
+        bar.close()
+
+
+def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], search: SearchConfig,
+            out_dir: Path, seed: int) -> tuple[Context, optuna.Study]:
+    """The search's context and its study (opened or resumed); the same in every worker."""
+    example = data.example_input()
+    base = model_cost(model, example)
+    size_matters = any(b.metric == "bytes" for b in budgets)
+    space = SearchSpace.from_model(model, example).restrict(target_knobs(target, size_matters=size_matters))
+    calib = _calibration_batches(data.train, batches=search.calib_batches, batch_size=search.calib_batch_size,
+                                 seed=search.seed)
+    context = Context(model=model, space=space, example_input=example, calib=calib, target=target,
+                      budgets=budgets, base=base, proxy=HeldOutAccuracy(data.proxy),
+                      reduce_range=target.measurable and int8_needs_reduce_range())
+    directions = ["maximize", "minimize"] + (["minimize"] if size_matters else [])
+    study = open_study(storage=make_storage(search.storage, out_dir), study_name=search.study_name,
+                       directions=directions, sampler=make_sampler(search.sampler, seed=seed, trials=search.trials))
+    return context, study
+
+
+def run_search(context: Context, study: optuna.Study, trials: int, *, progress: bool) -> None:
+    _run_trials(study, Objective(context, trials=trials), trials, progress=progress)
+
+
+def _spawn_workers(count: int, spec: dict, out_dir: Path) -> list[subprocess.Popen]:
+    """Extra local worker processes on the same study (each a fresh Python: no fork of torch)."""
+    path = out_dir / "worker_spec.pt"
+    torch.save(spec, path)
+    return [subprocess.Popen([sys.executable, "-m", "edgeopt.search.worker", str(path), str(i)],
+                             stdout=subprocess.DEVNULL) for i in range(1, count)]
+
+
+def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Sequence[str | Budget] = "50%",
+             search: SearchConfig | None = None, finetune_config: FinetuneConfig | None = None,
+             out: str | Path = "edgeopt-out", model_name: str | None = None, workers: int = 1,
+             search_only: bool = False, progress: bool = True) -> OptimizeResult | None:
+    """Search compressed versions of `model` for `target` under `budget`, fine-tune the best,
+    select one and export it to `out`. `data` is an `edgeopt.search.data.DataBundle`.
+
+    `workers` local processes search one study; with `search_only` this process only adds
+    trials (a worker on another machine) and returns None.
+    """
+    search = search or SearchConfig()
+    finetune_config = finetune_config or FinetuneConfig()
+    target = get_target(target)
+    texts = [budget] if isinstance(budget, (str, Budget)) else list(budget)
+    if not texts:
+        raise EdgeoptError("Give at least one budget, for example --budget 50% or --budget 30ms.")
+    budgets = tuple(b if isinstance(b, Budget) else parse_budget(b) for b in texts)
+    if workers < 1:
+        raise EdgeoptError(f"--workers must be at least 1, got {workers}.")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    context, study = prepare(model, data, target=target, budgets=budgets, search=search, out_dir=out_dir,
+                             seed=search.seed)
+    example, base_cost = context.example_input, context.base
+    base_latency = estimate_latency(model, example, target=target)
+    base_violations = [b.violation({"macs": base_cost.macs, "latency_ms": base_latency.total_ms,
+                                    "bytes": base_cost.bytes}[b.metric], base_cost.macs) for b in budgets]
+    binds = any(v > 0 for v in base_violations)
+    if not study.trials:
+        # Start from what a user would try by hand, so the search is never worse than that.
+        for plan in _starting_plans(context.space):
+            study.enqueue_trial(plan_params(plan, context.space), skip_if_exists=True)
+    if progress:
+        print(f"edgeopt: model {model_name or type(model).__name__}; data {data.description}; "
+              f"target {target.name}; budget {', '.join(map(str, budgets))} "
+              f"({'binds' if binds else 'does not bind'} on the base model: "
+              f"{base_cost.macs / 1e6:.1f} MMACs, {base_latency.total_ms:.2f} ms, {base_cost.bytes / 1e6:.2f} MB)",
+              file=sys.stderr)
+    procs = []
+    if workers > 1:
+        procs = _spawn_workers(workers, {"model": model, "data": data, "target": target, "budgets": budgets,
+                                         "search": search}, out_dir)
+    try:
+        run_search(context, study, search.trials, progress=progress)
+    finally:
+        for proc in procs:
+            if proc.wait() != 0:
+                log.warning("A worker process exited with status %s.", proc.returncode)
+    if search_only:
+        return None
+
+    candidates = _candidates(study)
+    if not candidates:
+        raise EdgeoptError("No trial finished; nothing to select. See the log above for why trials failed.")
+    base_accuracy = evaluate(model, data.val)
+    chosen = finetune_order(candidates, finetune_config.top)
+    tuned: list[Finetuned] = finetune(chosen, context, data=data, config=finetune_config, seed=search.seed)
+    by_trial = {t.candidate.trial: t for t in tuned}
+    candidates = [by_trial[c.trial].candidate if c.trial in by_trial else c for c in candidates]
+    pool = [t.candidate for t in tuned] or candidates
+    selected = select(pool, max_drop=finetune_config.max_drop)
+    shown = selected or (closest(pool, 1) or closest(candidates, 1) or [None])[0]
+
+    model_out = by_trial[shown.trial].model if shown and shown.trial in by_trial else (
+        context.compress(shown.plan) if shown else None)
+    summary = _write_outputs(
+        out_dir, candidates=candidates, budgets=budgets, selected=selected, shown=shown, model_out=model_out,
+        context=context, tuned=tuned,
+        base={"accuracy": base_accuracy, "macs": base_cost.macs, "bytes": base_cost.bytes,
+              "latency_ms": base_latency.total_ms, "latency_source": base_latency.source},
+        header={"model": model_name or type(model).__name__, "data": data.description,
+                "target": f"{target.name}: {target.description}", "budgets": [str(b) for b in budgets],
+                "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
+                "finetuned": len(tuned), "max_drop": finetune_config.max_drop},
+        base_model=model,
+    )
+    return OptimizeResult(trials=trials_frame(candidates, budgets), pareto=pareto_front(candidates),
+                          selected=selected, model=model_out if selected else None,
+                          plan=selected.plan if selected else None, out_dir=out_dir, summary=summary)
+
+
+def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
+    plans = []
+    if 8 in space.knobs.w_bits and 8 in space.knobs.a_bits:
+        plans.append(space.uniform(w_bits=8, a_bits=8))
+        for keep in (0.75, 0.5):
+            if keep in space.knobs.keep_ratios:
+                plans.append(space.uniform(w_bits=8, a_bits=8, keep_ratio=keep))
+    return plans
+
+
+def _host_latency(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[float, float]:
+    from edgeopt.evaluators.latency import measure_latency
+
+    m = measure_latency(path, threads=1)
+    return m.median_ms, m.spread_ms
+
+
+def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model_out, context, tuned,
+                   base: dict, header: dict, base_model: nn.Module) -> dict:
+    example = context.example_input
+    trials_frame(candidates, budgets).to_csv(out_dir / "trials.csv", index=False)
+    base_onnx = export_onnx(base_model, example, out_dir / "base.onnx")
+    base["host_ms"], base["host_spread_ms"] = _host_latency(base_model, example, base_onnx)
+    summary = {**header, "base": base, "selected": None, "closest": []}
+    if shown is not None and model_out is not None:
+        sel_dir = out_dir / "selected"
+        sel_dir.mkdir(exist_ok=True)
+        onnx_path = export_onnx(model_out, example, sel_dir / "model.onnx")
+        (sel_dir / "plan.json").write_text(shown.plan.to_json())
+        torch.save(model_out, sel_dir / "model.pt")
+        estimate = estimate_latency(model_out, example, target=context.target)
+        host_ms, host_spread = _host_latency(model_out, example, onnx_path)
+        row = {"accuracy": shown.best_accuracy, "macs": shown.macs, "bytes": shown.bytes,
+               "latency_ms": estimate.total_ms, "latency_source": estimate.source,
+               "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial}
+        if selected is not None:
+            summary["selected"] = row
+    if selected is None:
+        summary["closest"] = [
+            {"trial": c.trial, "accuracy": c.best_accuracy, "latency_ms": c.latency_ms, "macs": c.macs,
+             "bytes": c.bytes, "excess": ", ".join(f"{b.text}: +{max(v, 0) * 100:.0f}%"
+                                                   for b, v in zip(budgets, c.violations))}
+            for c in closest(candidates, 3)
+        ]
+    if len(tuned) >= 2:
+        from scipy.stats import kendalltau
+
+        tau = kendalltau([t.candidate.proxy_accuracy for t in tuned], [t.candidate.accuracy for t in tuned])
+        summary["kendall_tau"] = None if tau.statistic != tau.statistic else float(tau.statistic)
+    info = pareto_info(candidates, budgets=budgets, selected=selected,
+                       base=(base["latency_ms"], base["accuracy"]))
+    plot_pareto_png(info, out_dir / "pareto.png", target=context.target.name)
+    plot_pareto_html(info, out_dir / "pareto.html", target=context.target.name)
+    write_report(out_dir / "report.md", summary=summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,157 @@
+"""What a search leaves behind: trials.csv, the Pareto plots and report.md.
+
+Compute, then render: `pareto_info` returns plain data (tested); the plot functions only draw it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from edgeopt.budget import Budget
+from edgeopt.search.select import Candidate, pareto_front
+
+
+def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd.DataFrame:
+    rows = []
+    for c in candidates:
+        row = {
+            "trial": c.trial, "plan_key": c.plan.key(), "proxy_accuracy": c.proxy_accuracy,
+            "finetuned_accuracy": c.accuracy, "latency_ms": c.latency_ms, "macs": c.macs,
+            "effective_macs": c.effective_macs, "bytes": c.bytes, "feasible": c.feasible,
+        }
+        for budget, violation in zip(budgets, c.violations):
+            row[f"violation[{budget.text}]"] = violation
+        rows.append(row)
+    columns = ["trial", "plan_key", "proxy_accuracy", "finetuned_accuracy", "latency_ms", "macs",
+               "effective_macs", "bytes", "feasible"]
+    return pd.DataFrame(rows, columns=columns + [f"violation[{b.text}]" for b in budgets])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParetoInfo:
+    """Points to draw: every trial, the front before and after fine-tuning, budget, selection."""
+
+    all_points: list[tuple[float, float, bool]]  # (latency_ms, proxy accuracy, feasible)
+    front_before: list[tuple[float, float]]
+    front_after: list[tuple[float, float]]  # (latency_ms, validation accuracy after fine-tuning)
+    latency_budget_ms: float | None
+    selected: tuple[float, float] | None
+    base: tuple[float, float]  # (latency_ms, accuracy) of the uncompressed model
+
+
+def pareto_info(candidates: list[Candidate], *, budgets: tuple[Budget, ...], selected: Candidate | None,
+                base: tuple[float, float]) -> ParetoInfo:
+    tuned = [c for c in candidates if c.accuracy is not None]
+    latency = [b.value for b in budgets if b.metric == "latency_ms"]
+    return ParetoInfo(
+        all_points=[(c.latency_ms, c.proxy_accuracy, c.feasible) for c in candidates],
+        front_before=[(c.latency_ms, c.proxy_accuracy) for c in pareto_front(candidates)],
+        front_after=[(c.latency_ms, c.accuracy) for c in pareto_front(tuned, accuracy=lambda c: c.accuracy)],
+        latency_budget_ms=min(latency) if latency else None,
+        selected=(selected.latency_ms, selected.best_accuracy) if selected else None,
+        base=base,
+    )
+
+
+def plot_pareto_png(info: ParetoInfo, path: Path, *, target: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    feasible = [(x, y) for x, y, ok in info.all_points if ok]
+    infeasible = [(x, y) for x, y, ok in info.all_points if not ok]
+    if infeasible:
+        ax.scatter(*zip(*infeasible), s=12, c="#bbbbbb", label="trials over budget")
+    if feasible:
+        ax.scatter(*zip(*feasible), s=14, c="#4c72b0", alpha=0.6, label="trials within budget")
+    if info.front_before:
+        ax.plot(*zip(*info.front_before), "-o", c="#4c72b0", ms=4, label="Pareto front (proxy)")
+    if info.front_after:
+        ax.plot(*zip(*info.front_after), "-s", c="#dd8452", ms=5, label="after fine-tuning (val)")
+    if info.latency_budget_ms is not None:
+        ax.axvline(info.latency_budget_ms, ls="--", c="#c44e52", label="latency budget")
+    ax.scatter([info.base[0]], [info.base[1]], marker="D", c="black", s=40, label="base model")
+    if info.selected:
+        ax.scatter([info.selected[0]], [info.selected[1]], marker="*", c="#c44e52", s=220,
+                   zorder=5, label="selected")
+    ax.set_xlabel(f"latency on {target} (ms, estimated)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_pareto_html(info: ParetoInfo, path: Path, *, target: str) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for ok, name, color in ((True, "trials within budget", "#4c72b0"), (False, "trials over budget", "#bbbbbb")):
+        pts = [(x, y) for x, y, f in info.all_points if f == ok]
+        if pts:
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers",
+                                     name=name, marker={"color": color, "size": 6}))
+    for pts, name, color in ((info.front_before, "Pareto front (proxy)", "#4c72b0"),
+                             (info.front_after, "after fine-tuning (val)", "#dd8452")):
+        if pts:
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                     name=name, line={"color": color}))
+    fig.add_trace(go.Scatter(x=[info.base[0]], y=[info.base[1]], mode="markers", name="base model",
+                             marker={"symbol": "diamond", "color": "black", "size": 10}))
+    if info.selected:
+        fig.add_trace(go.Scatter(x=[info.selected[0]], y=[info.selected[1]], mode="markers", name="selected",
+                                 marker={"symbol": "star", "color": "#c44e52", "size": 18}))
+    if info.latency_budget_ms is not None:
+        fig.add_vline(x=info.latency_budget_ms, line_dash="dash", line_color="#c44e52")
+    fig.update_layout(xaxis_title=f"latency on {target} (ms, estimated)", yaxis_title="top-1 accuracy (%)",
+                      template="plotly_white")
+    fig.write_html(str(path), include_plotlyjs=True)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def write_report(path: Path, *, summary: dict) -> None:
+    """report.md: what was run, base vs selected, and how the selection was made."""
+    s = summary
+    lines = [
+        "# edgeopt report", "",
+        f"- model: {s['model']}", f"- data: {s['data']}", f"- target: {s['target']}",
+        f"- budget: {', '.join(s['budgets'])} ({'binds' if s['binds'] else 'does not bind'} on the base model)",
+        f"- trials: {s['trials']} ({s['sampler']}, seed {s['seed']}); fine-tuned: {s['finetuned']}",
+        "",
+        "| | accuracy (%) | MACs | size | latency on target (ms) | measured host latency (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in ("base", "selected"):
+        row = s.get(label)
+        if row is None:
+            lines.append(f"| {label} | no candidate met the budget | | | | |")
+            continue
+        host = f"{row['host_ms']:.2f} ± {row['host_spread_ms']:.2f}" if row.get("host_ms") is not None else "n/a"
+        lines.append(f"| {label} | {row['accuracy']:.2f} | {row['macs'] / 1e6:.1f} M | {_fmt_bytes(row['bytes'])} "
+                     f"| {row['latency_ms']:.2f} ({row['latency_source']}) | {host} |")
+    lines += ["", "Accuracy is validation top-1 on data the search never saw; the base model's "
+              "is measured the same way. Host latency: onnxruntime, median ± interquartile range.", ""]
+    if s.get("kendall_tau") is not None:
+        lines.append(f"Kendall tau between proxy and fine-tuned accuracy over the fine-tuned "
+                     f"candidates: {s['kendall_tau']:.2f}.")
+        lines.append("")
+    lines += ["## Selection rule", "",
+              f"Among candidates that meet every budget, the most accurate; among those within "
+              f"{s['max_drop']} points of it, the fastest on the target. Accuracy is the fine-tuned "
+              "validation accuracy where a candidate was fine-tuned, else its proxy accuracy.", ""]
+    if s.get("closest"):
+        lines += ["## No candidate met the budget", "", "Closest candidates (relative excess per budget):", ""]
+        for c in s["closest"]:
+            lines.append(f"- trial {c['trial']}: accuracy {c['accuracy']:.2f}, latency {c['latency_ms']:.2f} ms, "
+                         f"MACs {c['macs'] / 1e6:.1f} M, size {_fmt_bytes(c['bytes'])}, excess {c['excess']}")
+        lines.append("")
+    path.write_text("\n".join(lines))

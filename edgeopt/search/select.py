@@ -1,0 +1,84 @@
+"""Candidates of a finished search and the documented rule that selects one.
+
+The rule: among candidates that meet every budget, find the most accurate; among those within
+`max_drop` accuracy points of it, take the fastest on the target. Accuracy is the validation
+accuracy after fine-tuning where a candidate was fine-tuned, else its proxy accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from edgeopt.plan import ModelPlan
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One evaluated plan, with what the search measured and (maybe) what fine-tuning gave."""
+
+    trial: int
+    plan: ModelPlan
+    proxy_accuracy: float
+    latency_ms: float
+    macs: int
+    effective_macs: int
+    bytes: int
+    violations: tuple[float, ...] = ()  # one per budget; <= 0 means met
+    accuracy: float | None = None  # validation top-1 after fine-tuning
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.violations)
+
+    @property
+    def best_accuracy(self) -> float:
+        return self.accuracy if self.accuracy is not None else self.proxy_accuracy
+
+    @property
+    def total_violation(self) -> float:
+        return sum(max(v, 0.0) for v in self.violations)
+
+    def finetuned(self, accuracy: float) -> Candidate:
+        return replace(self, accuracy=accuracy)
+
+
+def pareto_front(candidates: list[Candidate], *, accuracy=lambda c: c.proxy_accuracy) -> list[Candidate]:
+    """Candidates no other beats on both accuracy (higher) and target latency (lower)."""
+    front = []
+    for c in candidates:
+        dominated = any(
+            accuracy(o) >= accuracy(c) and o.latency_ms <= c.latency_ms
+            and (accuracy(o) > accuracy(c) or o.latency_ms < c.latency_ms)
+            for o in candidates
+        )
+        if not dominated:
+            front.append(c)
+    return sorted(front, key=lambda c: c.latency_ms)
+
+
+def finetune_order(candidates: list[Candidate], top: int) -> list[Candidate]:
+    """Which candidates to fine-tune: the most accurate feasible ones on the Pareto front, then
+    the next most accurate feasible ones, then the infeasible closest to the budget."""
+    feasible = [c for c in candidates if c.feasible]
+    front = {c.trial for c in pareto_front(feasible)}
+    ranked = sorted(feasible, key=lambda c: (c.trial not in front, -c.proxy_accuracy, c.latency_ms))
+    if len(ranked) < top:
+        ranked += closest(candidates, top - len(ranked))
+    return ranked[:top]
+
+
+def select(candidates: list[Candidate], *, max_drop: float) -> Candidate | None:
+    """The selected candidate by the rule in this module's docstring, or None if none is feasible."""
+    feasible = [c for c in candidates if c.feasible]
+    if not feasible:
+        return None
+    best = max(c.best_accuracy for c in feasible)
+    near = [c for c in feasible if c.best_accuracy >= best - max_drop]
+    return min(near, key=lambda c: (c.latency_ms, -c.best_accuracy))
+
+
+def closest(candidates: list[Candidate], n: int = 3) -> list[Candidate]:
+    """The infeasible candidates that miss the budget by the least (relative violation)."""
+    infeasible = [c for c in candidates if not c.feasible]
+    return sorted(infeasible, key=lambda c: (c.total_violation, -c.best_accuracy))[:n]

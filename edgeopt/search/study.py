@@ -1,0 +1,178 @@
+"""The Optuna side of the search: storage, sampler, and how a trial turns into a plan.
+
+Each trial's plan and measured costs are stored as user attributes, so the study in its storage
+is the whole record: a restarted run, another worker or a report reads everything from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.plan import NM, LayerPlan, ModelPlan
+from edgeopt.spaces.space import SearchSpace
+
+PLAN = "plan"
+PLAN_KEY = "plan_key"
+CONSTRAINTS = "constraints"
+METRICS = "metrics"
+
+
+def _nm_label(nm: NM | None) -> str:
+    return "dense" if nm is None else str(nm)
+
+
+def _nm_from_label(label: str) -> NM | None:
+    if label == "dense":
+        return None
+    n, m = label.split(":")
+    return NM(n=int(n), m=int(m))
+
+
+def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
+    """One categorical parameter per prune group and per layer knob (fixed names, so every
+    sampler, NSGA-II included, sees the same space in every trial)."""
+    keep = {}
+    for group in space.groups:
+        choices = space.keep_choices(group)
+        ratio = trial.suggest_categorical(f"keep/{group.root}", choices) if len(choices) > 1 else 1.0
+        keep.update({fqn: ratio for fqn in group.layers})
+    layers = {}
+    for layer in space.layers:
+        w = space.knobs.w_bits
+        a = space.knobs.a_bits
+        nm = [_nm_label(p) for p in space.nm_choices(layer)]
+        layers[layer.fqn] = LayerPlan(
+            w_bits=trial.suggest_categorical(f"w/{layer.fqn}", w) if len(w) > 1 else w[0],
+            a_bits=trial.suggest_categorical(f"a/{layer.fqn}", a) if len(a) > 1 else a[0],
+            keep_ratio=keep.get(layer.fqn, 1.0),
+            nm=_nm_from_label(trial.suggest_categorical(f"nm/{layer.fqn}", nm)) if len(nm) > 1 else None,
+        )
+    return ModelPlan(layers=layers)
+
+
+def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
+    """The parameters `suggest_plan` would read for `plan` (to enqueue a known plan)."""
+    params: dict[str, object] = {}
+    for group in space.groups:
+        if len(space.keep_choices(group)) > 1:
+            params[f"keep/{group.root}"] = plan[group.layers[0]].keep_ratio
+    for layer in space.layers:
+        lp = plan[layer.fqn]
+        if len(space.knobs.w_bits) > 1:
+            params[f"w/{layer.fqn}"] = lp.w_bits
+        if len(space.knobs.a_bits) > 1:
+            params[f"a/{layer.fqn}"] = lp.a_bits
+        if len(space.nm_choices(layer)) > 1:
+            params[f"nm/{layer.fqn}"] = _nm_label(lp.nm)
+    return params
+
+
+def trial_plan(trial: optuna.trial.FrozenTrial) -> ModelPlan:
+    return ModelPlan.from_dict(json.loads(trial.user_attrs[PLAN]))
+
+
+def constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return list(trial.user_attrs.get(CONSTRAINTS, []))
+
+
+def _nsga2(seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    # A population of about a third of the trials gives NSGA-II a few generations to work with.
+    population = max(8, min(50, trials // 3))
+    return optuna.samplers.NSGAIISampler(population_size=population, seed=seed, constraints_func=constraints_of)
+
+
+def _tpe(seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=constraints_of,
+                                      n_startup_trials=max(5, min(20, trials // 4)))
+
+
+def _random(seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
+    "nsga2": _nsga2, "tpe": _tpe, "random": _random,
+}
+
+
+def make_sampler(name: str, *, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    if name not in SAMPLERS:
+        raise EdgeoptError(f"Unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}.")
+    return SAMPLERS[name](seed, trials)
+
+
+def make_storage(storage: str | None, out_dir: Path) -> optuna.storages.BaseStorage | str:
+    """An Optuna storage URL as given, or by default a journal file in the output folder (safe
+    for several processes, unlike SQLite under concurrent writers)."""
+    if storage:
+        if "://" in storage:
+            # A database: heartbeats let any worker fail the trials of one that died.
+            try:
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+            except Exception as exc:  # bad URL, unreachable server, driver not installed
+                raise EdgeoptError(f"Could not open the storage {storage!r}: {exc}. Give an Optuna "
+                                   "storage URL such as postgresql://user:pass@host/db.") from None
+        return storage
+    from optuna.storages.journal import JournalFileBackend
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(out_dir / "study.journal")))
+
+
+def open_study(*, storage, study_name: str, directions: list[str],
+               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                    sampler=sampler, load_if_exists=True)
+    except Exception as exc:  # bad URL, unreachable database, driver missing
+        raise EdgeoptError(f"Could not open the Optuna study {study_name!r} in storage "
+                           f"{storage!r}: {exc}. Check --storage (any Optuna storage URL).") from None
+    if list(study.directions) != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
+                                  else optuna.study.StudyDirection.MINIMIZE for d in directions]:
+        raise EdgeoptError(f"Study {study_name!r} exists with other objectives (a size budget "
+                           "adds one); use another --study name or --out folder.")
+    if isinstance(storage, optuna.storages.RDBStorage):
+        optuna.storages.fail_stale_trials(study)
+    fail_orphans(study)
+    return study
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if PLAN in t.user_attrs]
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Mark as failed the running trials whose worker process on this machine is gone (a run
+    killed mid-trial): their plans become free again and they stop counting. Workers on other
+    machines are left alone; an RDB storage's heartbeat covers those."""
+    host = socket.gethostname()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            failed += 1
+    return failed

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import edgeopt.search.finetune as finetune_module
+from edgeopt.search.finetune import FinetuneConfig, finetune
+from edgeopt.search.objective import Context, HeldOutAccuracy
+from edgeopt.search.select import Candidate
+from edgeopt.search.training import NonFiniteLoss
+from edgeopt import SearchSpace, model_cost
+from edgeopt.hw_models.targets import get_target
+
+
+@pytest.mark.slow
+def test_a_nan_loss_drops_that_candidate_and_the_others_go_on(bundle, trained, monkeypatch, caplog):
+    example = bundle.example_input()
+    space = SearchSpace.from_model(trained, example)
+    context = Context(model=trained, space=space, example_input=example, calib=[bundle.train.tensors[0][:32]],
+                      target=get_target("pi4"), budgets=(), base=model_cost(trained, example),
+                      proxy=HeldOutAccuracy(bundle.proxy))
+    plans = [space.uniform(w_bits=8, a_bits=8), space.uniform(keep_ratio=0.75), space.uniform(w_bits=16)]
+    candidates = [Candidate(trial=i, plan=p, proxy_accuracy=90.0, latency_ms=1.0, macs=1, effective_macs=1, bytes=1)
+                  for i, p in enumerate(plans)]
+    real_train = finetune_module.train
+    calls = []
+
+    def train_that_diverges_once(model, dataset, **kwargs):
+        calls.append(kwargs["progress"])
+        if len(calls) == 2:
+            raise NonFiniteLoss(step=3, total_steps=10, value=float("nan"), lr=0.005)
+        return real_train(model, dataset, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "train", train_that_diverges_once)
+    with caplog.at_level(logging.WARNING):
+        results = finetune(candidates, context, data=bundle, config=FinetuneConfig(epochs=0.25, batch_size=32))
+    assert [r.candidate.trial for r in results] == [0, 2]
+    accuracies = [r.candidate.accuracy for r in results]
+    assert all(a is not None and a > 50 for a in accuracies), accuracies
+    assert "trial 1" in caplog.text

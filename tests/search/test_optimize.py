@@ -1,0 +1,67 @@
+"""Whole searches on a tiny model and tiny synthetic data (slow: seconds each, not minutes)."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from edgeopt import ModelPlan
+from edgeopt.search.finetune import FinetuneConfig
+from edgeopt.search.optimize import SearchConfig, optimize
+
+
+FAST_FT = FinetuneConfig(top=2, epochs=0.5, batch_size=32)
+
+
+@pytest.mark.slow
+def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
+    out = tmp_path / "run"
+    result = optimize(trained, bundle, target="pi4", budget="60%", out=out, progress=False,
+                      search=SearchConfig(trials=10, seed=0, calib_batches=2), finetune_config=FAST_FT)
+    assert result.met_budget and result.plan is not None
+    frame = result.trials
+    assert len(frame) == 10 and frame["plan_key"].is_unique
+    for name in ("trials.csv", "pareto.png", "pareto.html", "report.md", "selected/model.onnx",
+                 "selected/plan.json", "selected/model.pt"):
+        assert (out / name).exists(), name
+    plan = ModelPlan.from_json((out / "selected" / "plan.json").read_text())
+    assert plan == result.plan
+    # The selected model meets the budget: at most 60% of the base MACs.
+    assert result.selected.macs <= 0.6 * result.summary["base"]["macs"]
+    # On pi4 without a size budget, only what the Pi accelerates is searched: no N:M, 8-bit or float.
+    assert all(lp.nm is None and lp.w_bits in (32, 8) for lp in plan.layers.values())
+    session = ort.InferenceSession(str(out / "selected" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = bundle.val.tensors[0][:8].numpy()
+    assert session.run(None, {"input": x})[0].shape == (8, 4)
+    report = (out / "report.md").read_text()
+    assert "Selection rule" in report and "pi4" in report
+    # Started again with more trials, it continues the stored study instead of starting over.
+    again = optimize(trained, bundle, target="pi4", budget="60%", out=out, progress=False,
+                     search=SearchConfig(trials=13, seed=0, calib_batches=2), finetune_config=FAST_FT)
+    assert len(again.trials) == 13
+    assert set(frame["plan_key"]) <= set(again.trials["plan_key"])
+
+
+@pytest.mark.slow
+def test_impossible_budget_lists_closest_and_still_writes_outputs(bundle, trained, tmp_path):
+    result = optimize(trained, bundle, target="pi4", budget="1KMACs", out=tmp_path, progress=False,
+                      search=SearchConfig(trials=6, seed=1, calib_batches=2), finetune_config=FAST_FT)
+    assert not result.met_budget and result.model is None
+    assert result.summary["closest"] and all("+" in c["excess"] for c in result.summary["closest"])
+    assert (tmp_path / "selected" / "model.onnx").exists() and (tmp_path / "trials.csv").exists()
+    assert "No candidate met the budget" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_targets_choose_differently_where_hardware_differs(bundle, trained, tmp_path):
+    plans = {}
+    for target in ("pi4", "jetson-orin-nano"):
+        result = optimize(trained, bundle, target=target, budget="60%", out=tmp_path / target, progress=False,
+                          search=SearchConfig(trials=16, seed=0, calib_batches=2),
+                          finetune_config=FinetuneConfig(top=1, epochs=0))
+        assert result.met_budget, target
+        plans[target] = result.plan
+    nm = {t: [f for f, lp in p.layers.items() if lp.nm is not None] for t, p in plans.items()}
+    assert nm["pi4"] == []  # N:M buys nothing on the Pi
+    assert nm["jetson-orin-nano"], "2:4 should appear where sparse tensor cores pay"
+    assert plans["pi4"] != plans["jetson-orin-nano"]

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from edgeopt import LayerPlan, ModelPlan
+from edgeopt.budget import parse_budget
+from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame
+from edgeopt.search.select import Candidate
+
+
+def _c(trial, acc, ms, violation, tuned=None):
+    return Candidate(trial=trial, plan=ModelPlan(layers={"x": LayerPlan(keep_ratio=1 - trial / 8)}),
+                     proxy_accuracy=acc, latency_ms=ms, macs=10, effective_macs=10, bytes=10,
+                     violations=(violation,), accuracy=tuned)
+
+
+def test_pareto_info_holds_fronts_budget_and_selection(tmp_path):
+    budgets = (parse_budget("8ms"),)
+    cands = [_c(0, 90, 10, 0.25), _c(1, 85, 6, -0.25, tuned=87), _c(2, 80, 7, -0.1), _c(3, 70, 4, -0.5, tuned=75)]
+    info = pareto_info(cands, budgets=budgets, selected=cands[1], base=(12.0, 91.0))
+    assert info.front_before == [(4, 70), (6, 85), (10, 90)]
+    assert info.front_after == [(4, 75), (6, 87)]
+    assert info.latency_budget_ms == 8.0
+    assert info.selected == (6, 87)
+    assert sum(1 for *_, ok in info.all_points if not ok) == 1
+    plot_pareto_png(info, tmp_path / "p.png", target="pi4")
+    plot_pareto_html(info, tmp_path / "p.html", target="pi4")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "plotly" in (tmp_path / "p.html").read_text()[:5000].lower()
+
+
+def test_trials_frame_has_one_row_per_candidate_with_violations():
+    budgets = (parse_budget("8ms"), parse_budget("50%"))
+    frame = trials_frame([_c(0, 90, 10, 0.25), _c(1, 85, 6, -0.25)], budgets)
+    assert list(frame["trial"]) == [0, 1]
+    assert list(frame["feasible"]) == [False, True]
+    assert "violation[8ms]" in frame.columns

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from edgeopt import LayerPlan, ModelPlan
+from edgeopt.search.select import Candidate, closest, finetune_order, pareto_front, select
+
+
+def _c(trial, acc, ms, violations=(-0.1,), tuned=None):
+    plan = ModelPlan(layers={"x": LayerPlan(w_bits=(32, 16, 8, 6, 4, 2)[trial % 6])})
+    return Candidate(trial=trial, plan=plan, proxy_accuracy=acc, latency_ms=ms, macs=1000 - trial,
+                     effective_macs=900, bytes=100, violations=tuple(violations), accuracy=tuned)
+
+
+def test_pareto_front_keeps_only_undominated_points_sorted_by_latency():
+    cands = [_c(0, 90, 10), _c(1, 85, 5), _c(2, 84, 6), _c(3, 91, 12), _c(4, 85, 5.5)]
+    assert [c.trial for c in pareto_front(cands)] == [1, 0, 3]
+
+
+def test_select_takes_fastest_within_max_drop_of_the_most_accurate_feasible():
+    cands = [_c(0, 90, 10), _c(1, 89.5, 6), _c(2, 88, 3), _c(3, 95, 2, violations=(0.2,))]
+    assert select(cands, max_drop=1.0).trial == 1  # trial 3 is faster and better but over budget
+    assert select(cands, max_drop=0.0).trial == 0
+    assert select(cands, max_drop=5.0).trial == 2
+
+
+def test_select_prefers_fine_tuned_accuracy():
+    cands = [_c(0, 90, 10, tuned=80.0), _c(1, 85, 8, tuned=88.0)]
+    assert select(cands, max_drop=0.5).trial == 1
+
+
+def test_no_feasible_candidate_gives_none_and_closest_by_violation():
+    cands = [_c(0, 90, 10, violations=(0.5,)), _c(1, 80, 5, violations=(0.1,)), _c(2, 70, 4, violations=(0.1, 0.3))]
+    assert select(cands, max_drop=1) is None
+    assert [c.trial for c in closest(cands, 2)] == [1, 2]
+
+
+def test_finetune_order_puts_feasible_front_first_then_fills_with_closest():
+    cands = [_c(0, 90, 10), _c(1, 85, 5), _c(2, 80, 9), _c(3, 99, 1, violations=(0.05,))]
+    assert [c.trial for c in finetune_order(cands, 2)] == [0, 1]
+    assert [c.trial for c in finetune_order(cands, 5)] == [0, 1, 2, 3]
