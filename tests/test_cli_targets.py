@@ -24,11 +24,11 @@ def test_targets_prints_one_line_per_target(capsys):
     assert all("Latency:" in line for line in lines)
 
 
-def test_anything_else_says_the_search_is_not_available_yet(capsys):
-    assert main(["--target", "pi4", "--budget", "1GMACs"]) == 2
-    err = capsys.readouterr().err
-    assert "search command is not available yet" in err and "optimize targets" in err
+def test_a_search_without_budget_is_a_usage_error_and_no_arguments_print_usage(capsys):
+    assert main(["--target", "pi4"]) == 2
+    assert "--budget" in capsys.readouterr().err
     assert main([]) == 2
+    assert "targets" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
