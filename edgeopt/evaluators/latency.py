@@ -170,16 +170,13 @@ def measure_model_latency(model: nn.Module, example_input: torch.Tensor, *, thre
                            spread_ms=m.spread_ms)
 
 
-def calibration_samples(model: nn.Module, example_input: torch.Tensor, *,
-                        precisions: Sequence[tuple[int, int]], keep_ratios: Sequence[float] = (1.0, 0.5),
-                        random_plans: int = 6, round_to: int = 1, threads: int = 1, passes: int = 2,
-                        seed: int = 10_000,
-                        progress: Callable[[int, int], None] | None = None) -> list[tuple[list, float]]:
-    """Whole-model latencies measured here for a few plans of `model`, to calibrate a profile
-    (`edgeopt.hw_models.estimate.calibrate_table`): each precision at each keep ratio, plus
-    `random_plans` random plans over the profiled precisions, pruned with `round_to` as the
-    target will prune. Each plan is measured in `passes` passes spread over the run and keeps its
-    lowest median, as the profile does."""
+def export_calibration_plans(model: nn.Module, example_input: torch.Tensor, directory: str | Path, *,
+                             precisions: Sequence[tuple[int, int]], keep_ratios: Sequence[float] = (1.0, 0.5),
+                             random_plans: int = 6, round_to: int = 1,
+                             seed: int = 10_000) -> list[tuple[list, Path]]:
+    """The plans a profile is calibrated on, applied and exported to `directory`: each profiled
+    precision at each keep ratio, plus `random_plans` random plans over those precisions, pruned
+    with `round_to` as the target will prune. Returns (traced layers, ONNX path) per plan."""
     import torch
 
     from edgeopt.evaluators.cpu import int8_needs_reduce_range
@@ -197,21 +194,33 @@ def calibration_samples(model: nn.Module, example_input: torch.Tensor, *,
     plans += [space.sample(seed + i) for i in range(random_plans)]
     generator = torch.Generator().manual_seed(seed)
     calib = [torch.randn((4, *x.shape[1:]), generator=generator) for _ in range(2)]
-    best: list[float] = []
-    layers: list[list] = []
+    out = []
+    for i, plan in enumerate(plans):
+        compressed = apply_plan(model, plan, x, calib_data=calib, round_to=round_to,
+                                reduce_range=int8_needs_reduce_range(), space=space)
+        out.append((trace_layers(compressed, x), export_onnx(compressed, x, Path(directory) / f"plan{i}.onnx")))
+    return out
+
+
+def calibration_samples(model: nn.Module, example_input: torch.Tensor, *,
+                        precisions: Sequence[tuple[int, int]], keep_ratios: Sequence[float] = (1.0, 0.5),
+                        random_plans: int = 6, round_to: int = 1, threads: int = 1, passes: int = 2,
+                        seed: int = 10_000,
+                        progress: Callable[[int, int], None] | None = None) -> list[tuple[list, float]]:
+    """Whole-model latencies measured here for the calibration plans of `model`
+    (`export_calibration_plans`), to calibrate a profile (`edgeopt.hw_models.calibrate_table`).
+    Each plan is measured in `passes` passes over all plans and keeps its lowest median, as the
+    profile does: a burst of load from another process then cannot bias one plan."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i, plan in enumerate(plans):
-            compressed = apply_plan(model, plan, x, calib_data=calib, round_to=round_to,
-                                    reduce_range=int8_needs_reduce_range(), space=space)
-            layers.append(trace_layers(compressed, x))
-            paths.append(export_onnx(compressed, x, Path(tmp) / f"plan{i}.onnx"))
-        total, done = len(paths) * passes, 0
-        best = [math.inf] * len(paths)
+        plans = export_calibration_plans(model, example_input, tmp, precisions=precisions,
+                                         keep_ratios=keep_ratios, random_plans=random_plans,
+                                         round_to=round_to, seed=seed)
+        total, done = len(plans) * passes, 0
+        best = [math.inf] * len(plans)
         for _ in range(passes):
-            for i, path in enumerate(paths):
+            for i, (_, path) in enumerate(plans):
                 best[i] = min(best[i], measure_latency(path, threads=threads, repeats=30, min_time_s=0.3).median_ms)
                 done += 1
                 if progress is not None:
                     progress(done, total)
-    return list(zip(layers, best))
+    return [(layers, ms) for (layers, _), ms in zip(plans, best)]

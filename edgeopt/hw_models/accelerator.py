@@ -31,6 +31,7 @@ class RooflineLatency:
     inference_ms: float = 0.05  # per inference (input/output copies, synchronization)
     sparse: tuple[NM, ...] = ()  # patterns with hardware kernels (2:4 on Ampere)
     sparse_min_reduction: int = 64  # sparse kernels need a long enough dot product to pay
+    sparse_overhead_ms: float = 0.002  # decoding the 2:4 metadata: small layers stay dense
     tile: int = 16
     source_note: str = "analytic roofline from vendor peak figures"
     extra: dict[str, str] = field(default_factory=dict)
@@ -59,15 +60,15 @@ class RooflineLatency:
         acts = (key.in_channels * key.input_hw[0] * key.input_hw[1] + key.out_channels * key.positions) * act_bytes
         bandwidth = self.dram_bytes_per_s * self.memory_efficiency
 
-        def time(density: float, index_bits: int) -> float:
+        def time(density: float, index_bits: int, extra_ms: float) -> float:
             weights = key.weight_elements * density * (w_bits + index_bits) / 8
             compute = macs * density / rate
-            return self.launch_ms + max(compute, (weights + acts) / bandwidth) * 1e3
+            return self.launch_ms + extra_ms + max(compute, (weights + acts) / bandwidth) * 1e3
 
-        dense = time(1.0, 0)
+        dense = time(1.0, 0, 0.0)
         if (key.nm in self.sparse and key.kind != "depthwise" and precision in ("int8", "fp16")
                 and key.reduction >= self.sparse_min_reduction):
-            return min(dense, time(key.nm.density, 2))
+            return min(dense, time(key.nm.density, 2, self.sparse_overhead_ms))
         return dense
 
     def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes:
