@@ -98,8 +98,8 @@ class TableLatency:
         return self._table
 
     def describe(self) -> str:
-        origin = self.table.meta.get("origin", "a latency table")
-        return f"lookup table ({len(self.table)} rows; {origin})"
+        origin = self.table.meta.get("origin", "origin not stated").split(":")[0]
+        return f"lookup table, {origin} ({len(self.table)} rows, {self.table.name})"
 
     def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes:
         table = self.table
