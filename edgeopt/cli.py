@@ -229,6 +229,9 @@ def _search(argv: list[str]) -> int:
     from edgeopt.search.models import resolve_model
     from edgeopt.search.optimize import SearchConfig, optimize
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says what each trial did
     target = get_target(args.target)  # an unknown target fails before any work
     if args.lut:
         target = target.with_lut(args.lut)

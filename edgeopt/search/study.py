@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,11 @@ SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
 def make_sampler(name: str, *, seed: int, trials: int) -> optuna.samplers.BaseSampler:
     if name not in SAMPLERS:
         raise EdgeoptError(f"Unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}.")
-    return SAMPLERS[name](seed, trials)
+    with warnings.catch_warnings():
+        # Optuna 5 deprecates constraints_func (removal planned for 7) in favour of
+        # Trial.set_constraint; it still works and we support Optuna 4 too.
+        warnings.simplefilter("ignore", FutureWarning)
+        return SAMPLERS[name](seed, trials)
 
 
 def make_storage(storage: str | None, out_dir: Path) -> optuna.storages.BaseStorage | str:
