@@ -67,3 +67,30 @@ def test_plan_is_frozen():
         plan.layers["b"] = LayerPlan()
     with pytest.raises(Exception):
         plan.version = 2
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70) | st.floats(allow_nan=True) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_layer = st.fixed_dictionaries({}, optional={
+    "w_bits": st.sampled_from([32, 16, 8, 6, 4, 2, 7, "8", None, 8.0]),
+    "a_bits": st.sampled_from([32, 16, 8, 4, True]),
+    "keep_ratio": st.sampled_from([1.0, 0.875, 0.25, 0.3, 0, -1, "x"]),
+    "nm": st.sampled_from([None, [2, 4], [1, 4], [4, 8], [3, 4], [2], "2:4", [4, 4]]),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_json, st.fixed_dictionaries({"version": st.sampled_from([1, 2, "1"]),
+                                               "layers": st.dictionaries(st.text(max_size=5), _layer, max_size=3)})))
+def test_from_dict_parses_or_raises_edgeopt_error_only(data):
+    try:
+        plan = ModelPlan.from_dict(data)
+    except EdgeoptError:
+        return
+    assert ModelPlan.from_dict(plan.to_dict()) == plan  # whatever parses is a valid, round-tripping plan
