@@ -231,7 +231,8 @@ def _search(argv: list[str]) -> int:
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says what each trial did
+    # The progress bar says what each trial did; a failing trial still raises (catch=()).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     target = get_target(args.target)  # an unknown target fails before any work
     if args.lut:
         target = target.with_lut(args.lut)
