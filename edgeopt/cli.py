@@ -133,15 +133,19 @@ def _profile(argv: Sequence[str]) -> int:
                         help="channel keep ratios to measure (default 1,0.75,0.5,0.25)")
     parser.add_argument("--precisions", default="fp32,int8",
                         help="fp32, int8, w8a32, w32a8, fp16, w4a8 or W/A bits (default fp32,int8)")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="round pruned channel counts to this multiple, as the target will "
+                             "(default: this CPU's SIMD width, 16 with AVX-512, else 8)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per shape and pass")
     parser.add_argument("--passes", type=int, default=2, help="interleaved passes; the lowest median wins")
-    parser.add_argument("--calibration-plans", type=int, default=4,
-                        help="random plans measured whole, on top of the uniform ones (default 4)")
+    parser.add_argument("--calibration-plans", type=int, default=12,
+                        help="random plans measured whole, on top of uniform fp32/int8 ones (default 12)")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="skip the whole-model calibration (faster, less faithful)")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.repeats < 1 or args.passes < 1 or args.num_classes < 1:
-        raise EdgeoptError("--threads, --repeats, --passes and --num-classes must be at least 1.")
+    if min(args.threads, args.repeats, args.passes, args.num_classes,
+           1 if args.round_to is None else args.round_to) < 1:
+        raise EdgeoptError("--threads, --repeats, --passes, --num-classes and --round-to must be at least 1.")
 
     import torch
 
@@ -155,18 +159,20 @@ def _profile(argv: Sequence[str]) -> int:
     keep = _parse_keep(args.keep_ratios)
     model = load_model(args.model, num_classes=args.num_classes)
     example = torch.randn(shape)
-    keys = model_keys(trace_layers(model, example), keep_ratios=keep, precisions=precisions)
+    round_to = args.round_to or get_target("host").channel_multiple
+    keys = model_keys(trace_layers(model, example), keep_ratios=keep, precisions=precisions, round_to=round_to)
     print(f"optimize profile: {args.model} at {'x'.join(map(str, shape))}: {len(keys)} layer shapes "
           f"x {args.passes} passes, {args.threads} thread(s)", file=sys.stderr, flush=True)
     table = profile_keys(keys, threads=args.threads, repeats=args.repeats, passes=args.passes,
                          progress=_progress("layers"))
-    table.meta |= {"model": args.model, "input_shape": "x".join(map(str, shape))}
+    table.meta |= {"model": args.model, "input_shape": "x".join(map(str, shape)), "round_to": str(round_to)}
     note = "not calibrated"
     if not args.no_calibrate:
         from edgeopt.evaluators.latency import calibration_samples
 
         samples = calibration_samples(model, example, precisions=precisions, keep_ratios=(1.0, 0.5),
-                                      random_plans=args.calibration_plans, threads=args.threads,
+                                      random_plans=args.calibration_plans, round_to=round_to,
+                                      threads=args.threads,
                                       progress=_progress("whole-model calibration runs"))
         table = calibrate_table(table, samples, target=get_target("host"))
         cal = table.calibration

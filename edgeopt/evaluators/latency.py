@@ -172,11 +172,14 @@ def measure_model_latency(model: nn.Module, example_input: torch.Tensor, *, thre
 
 def export_calibration_plans(model: nn.Module, example_input: torch.Tensor, directory: str | Path, *,
                              precisions: Sequence[tuple[int, int]], keep_ratios: Sequence[float] = (1.0, 0.5),
-                             random_plans: int = 6, round_to: int = 1,
+                             random_plans: int = 12, round_to: int = 1,
                              seed: int = 10_000) -> list[tuple[list, Path]]:
-    """The plans a profile is calibrated on, applied and exported to `directory`: each profiled
-    precision at each keep ratio, plus `random_plans` random plans over those precisions, pruned
-    with `round_to` as the target will prune. Returns (traced layers, ONNX path) per plan."""
+    """The plans a profile is calibrated on, applied and exported to `directory`: uniform fp32
+    and int8 plans at each keep ratio, plus `random_plans` random plans over the profiled
+    precisions (layers mixing them, as a search visits), pruned with `round_to` as the target will
+    prune. Uniform weight-only or activation-only int8 plans are left out: onnxruntime fuses them
+    unlike any mixed plan, and fitting them biased the mixed ones (BENCHMARKS.md). Returns
+    (traced layers, ONNX path) per plan."""
     import torch
 
     from edgeopt.evaluators.cpu import int8_needs_reduce_range
@@ -190,7 +193,8 @@ def export_calibration_plans(model: nn.Module, example_input: torch.Tensor, dire
     knobs = Knobs(w_bits=sorted({w for w, _ in precisions} | {32}), a_bits=sorted({a for _, a in precisions} | {32}),
                   keep_ratios=space.knobs.keep_ratios, nm=(None,))
     space = space.restrict(knobs)
-    plans = [space.uniform(w_bits=w, a_bits=a, keep_ratio=k) for w, a in precisions for k in keep_ratios]
+    uniform = [p for p in precisions if p in ((32, 32), (8, 8))] or list(precisions)[:1]
+    plans = [space.uniform(w_bits=w, a_bits=a, keep_ratio=k) for w, a in uniform for k in keep_ratios]
     plans += [space.sample(seed + i) for i in range(random_plans)]
     generator = torch.Generator().manual_seed(seed)
     calib = [torch.randn((4, *x.shape[1:]), generator=generator) for _ in range(2)]
@@ -204,7 +208,7 @@ def export_calibration_plans(model: nn.Module, example_input: torch.Tensor, dire
 
 def calibration_samples(model: nn.Module, example_input: torch.Tensor, *,
                         precisions: Sequence[tuple[int, int]], keep_ratios: Sequence[float] = (1.0, 0.5),
-                        random_plans: int = 6, round_to: int = 1, threads: int = 1, passes: int = 2,
+                        random_plans: int = 12, round_to: int = 1, threads: int = 1, passes: int = 2,
                         seed: int = 10_000,
                         progress: Callable[[int, int], None] | None = None) -> list[tuple[list, float]]:
     """Whole-model latencies measured here for the calibration plans of `model`

@@ -21,7 +21,7 @@ from edgeopt.plan import NM
 PI4 = HardwareTarget(
     name="pi4",
     description="Raspberry Pi 4 Model B: 4x Cortex-A72 @ 1.5 GHz (ARMv8.0, no SDOT), 4 threads, "
-                "ncnn/XNNPACK-class CPU runtime; int8 pays, fp16, bits below 8 and N:M do not; its "
+                "ncnn-class CPU runtime; int8 pays, fp16, bits below 8 and N:M do not; its "
                 "table is calibrated on published ncnn figures",
     accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), channel_multiple=8),
     latency=TableLatency.shipped("pi4.csv"),

@@ -11,7 +11,10 @@ Timing: a fixed thread count, warm-up, the median of repeats with interference d
 (`edgeopt.evaluators.latency`), and every shape measured in `passes` interleaved passes so that a
 burst of load from another process cannot bias one shape; the lowest pass median is kept. The
 cost of an empty inference is measured too and subtracted from each layer; it is stored once as
-the table's `overhead_ms`.
+the table's `overhead_ms`. A small layer is timed as up to 8 copies with their own weights (2 MB
+in all), run in turn, so that its weights do not sit in the core's cache from the previous run
+as they would not inside a model. What a layer alone still misses (weights further away, glue
+between float and int8 layers) is fitted from whole-model runs by `calibrate_table`.
 """
 
 from __future__ import annotations
@@ -196,14 +199,18 @@ def _time(model: bytes, shape: list[int], *, threads: int, repeats: int, min_tim
 
 
 def device_description() -> str:
+    """The CPU (or board) as /proc/cpuinfo names it, the core count and the OS."""
     name = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.lower().startswith(("model name", "hardware", "model\t")):
-                name = line.split(":", 1)[1].strip()
-                break
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
-        pass
+        text = ""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    # x86 says "model name"; a Raspberry Pi says "Model" (the board) and ARM cores "CPU part".
+    name = fields.get("Model") or fields.get("model name") or fields.get("Hardware") or name
     return f"{name}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}"
 
 
