@@ -208,6 +208,10 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--sampler", default="nsga2", choices=sorted(SAMPLERS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--proxy", default="heldout", choices=("heldout", "sensitivity"),
+                   help="accuracy proxy: 'heldout' evaluates every candidate on held-out images; "
+                        "'sensitivity' measures each layer's knobs once and sums them per candidate, "
+                        "which makes trials cheap on large models (default heldout)")
     p.add_argument("--finetune-top", type=int, default=3, help="fine-tune this many best candidates")
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--max-drop", type=float, default=1.0,
@@ -250,7 +254,7 @@ def _search(argv: list[str]) -> int:
             model, data, target=target, budget=budgets, out=args.out, model_name=description,
             workers=args.workers, search_only=args.search_only, progress=not args.quiet,
             search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
-                                storage=args.storage, study_name=args.study),
+                                storage=args.storage, study_name=args.study, proxy=args.proxy),
             finetune_config=FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs,
                                            max_drop=args.max_drop),
         )

@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class AccuracyProxy(Protocol):
-    """Scores a compressed candidate; higher is better (top-1 percent on held-out data)."""
+    """Scores a compressed candidate; higher is better (top-1 percent on held-out data).
+    `needs_model` is False for a proxy that scores the plan alone: the candidate is then built
+    without calibration, for its costs and latency only."""
+
+    needs_model: bool
 
     def __call__(self, compressed: nn.Module, plan: ModelPlan) -> float: ...
 
@@ -36,6 +40,7 @@ class HeldOutAccuracy:
     after apply_plan's BatchNorm re-estimation and activation calibration."""
 
     dataset: torch.utils.data.Dataset
+    needs_model = True
 
     def __call__(self, compressed: nn.Module, plan: ModelPlan) -> float:
         return evaluate(compressed, self.dataset)
@@ -59,10 +64,10 @@ class Context:
     def size_objective(self) -> bool:
         return any(b.metric == "bytes" for b in self.budgets)
 
-    def compress(self, plan: ModelPlan) -> nn.Module:
+    def compress(self, plan: ModelPlan, *, calibrate_model: bool = True) -> nn.Module:
         return apply_plan(self.model, plan, self.example_input, calib_data=self.calib,
                           round_to=self.target.accelerates.channel_multiple, reduce_range=self.reduce_range,
-                          space=self.space)
+                          space=self.space, calibrate_model=calibrate_model)
 
     def budget_macs(self, cost: Cost) -> int:
         # N:M only lowers the work on a target whose runtime has N:M kernels.
@@ -74,7 +79,7 @@ class Context:
 
     def measure(self, plan: ModelPlan) -> dict:
         """Apply and score one plan: the metrics a trial records."""
-        compressed = self.compress(plan)
+        compressed = self.compress(plan, calibrate_model=self.proxy.needs_model)
         cost = model_cost(compressed, self.example_input)
         estimate = estimate_latency(compressed, self.example_input, target=self.target)
         accuracy = float(self.proxy(compressed, plan))

@@ -27,6 +27,8 @@ from edgeopt.plan import ModelPlan
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, finetune
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
+from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
+from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
 from edgeopt.search.select import Candidate, closest, finetune_order, pareto_front, select
 from edgeopt.search.study import (CONSTRAINTS, METRICS, finished, make_sampler, make_storage, open_study,
                                   plan_params, trial_plan)
@@ -34,6 +36,9 @@ from edgeopt.search.training import evaluate
 from edgeopt.spaces.space import Knobs, SearchSpace
 
 log = logging.getLogger(__name__)
+
+
+PROXIES = ("heldout", "sensitivity")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +52,14 @@ class SearchConfig:
     study_name: str = "edgeopt"
     calib_batches: int = 4
     calib_batch_size: int = 32
+    # "heldout": each candidate evaluated on the proxy split; "sensitivity": each layer's knobs
+    # measured once, a candidate scored by the sum (cheap trials on large models).
+    proxy: str = "heldout"
+    sensitivity_images: int = 512
+
+    def __post_init__(self) -> None:
+        if self.proxy not in PROXIES:
+            raise EdgeoptError(f"Unknown proxy {self.proxy!r}; choose one of {', '.join(PROXIES)}.")
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,7 @@ def _run_trials(study: optuna.Study, objective: Objective, trials: int, *, progr
 
 
 def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], search: SearchConfig,
-            out_dir: Path, seed: int) -> tuple[Context, optuna.Study]:
+            out_dir: Path, seed: int, progress: bool = False) -> tuple[Context, optuna.Study]:
     """The search's context and its study (opened or resumed); the same in every worker."""
     example = data.example_input()
     base = model_cost(model, example)
@@ -130,9 +143,17 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
     space = SearchSpace.from_model(model, example).restrict(target_knobs(target, size_matters=size_matters))
     calib = _calibration_batches(data.train, batches=search.calib_batches, batch_size=search.calib_batch_size,
                                  seed=search.seed)
+    reduce_range = target.measurable and int8_needs_reduce_range()
+    round_to = target.accelerates.channel_multiple
+    if search.proxy == "sensitivity":
+        table = measure_sensitivity(model, space, example, calib=calib, dataset=data.proxy, round_to=round_to,
+                                    reduce_range=reduce_range, images=search.sensitivity_images,
+                                    cache=out_dir / SENSITIVITY_FILE, progress=progress)
+        proxy = SensitivityProxy(table, space)
+    else:
+        proxy = HeldOutAccuracy(data.proxy)
     context = Context(model=model, space=space, example_input=example, calib=calib, target=target,
-                      budgets=budgets, base=base, proxy=HeldOutAccuracy(data.proxy),
-                      reduce_range=target.measurable and int8_needs_reduce_range())
+                      budgets=budgets, base=base, proxy=proxy, reduce_range=reduce_range)
     directions = ["maximize", "minimize"] + (["minimize"] if size_matters else [])
     study = open_study(storage=make_storage(search.storage, out_dir), study_name=search.study_name,
                        directions=directions, sampler=make_sampler(search.sampler, seed=seed, trials=search.trials))
@@ -174,7 +195,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     context, study = prepare(model, data, target=target, budgets=budgets, search=search, out_dir=out_dir,
-                             seed=search.seed)
+                             seed=search.seed, progress=progress)
     example, base_cost = context.example_input, context.base
     base_latency = estimate_latency(model, example, target=target)
     base_violations = [b.violation({"macs": base_cost.macs, "latency_ms": base_latency.total_ms,
@@ -225,6 +246,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
         header={"model": model_name or type(model).__name__, "data": data.description,
                 "target": f"{target.name}: {target.description}", "budgets": [str(b) for b in budgets],
                 "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
+                "proxy": search.proxy,
                 "finetuned": len(tuned), "max_drop": finetune_config.max_drop},
         base_model=model,
     )

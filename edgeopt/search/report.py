@@ -118,6 +118,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 
+PROXY_TEXT = {
+    "heldout": "top-1 of each candidate on the proxy split (held out from training)",
+    "sensitivity": "per-layer sensitivity: each knob's drop measured once on the proxy split, "
+                   "a candidate scored by the base top-1 minus the sum of its drops",
+}
+
+
 def write_report(path: Path, *, summary: dict) -> None:
     """report.md: what was run, base vs selected, and how the selection was made."""
     s = summary
@@ -126,6 +133,7 @@ def write_report(path: Path, *, summary: dict) -> None:
         f"- model: {s['model']}", f"- data: {s['data']}", f"- target: {s['target']}",
         f"- budget: {', '.join(s['budgets'])} ({'binds' if s['binds'] else 'does not bind'} on the base model)",
         f"- trials: {s['trials']} ({s['sampler']}, seed {s['seed']}); fine-tuned: {s['finetuned']}",
+        f"- accuracy proxy: {PROXY_TEXT.get(s.get('proxy', 'heldout'), s.get('proxy'))}",
         "",
         "| | accuracy (%) | MACs | size | latency on target (ms) | measured host latency (ms) |",
         "|---|---|---|---|---|---|",

@@ -239,23 +239,30 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch
     )
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
              device: torch.device | str | None = None) -> float:
     """Top-1 accuracy in percent, in float32. The model is left in eval mode on its own device."""
+    predicted, labels = predict(model, dataset, batch_size=batch_size, device=device)
+    return 100.0 * float((predicted == labels).double().mean())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
+            device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, label) of every image of `dataset`, on the CPU, in float32."""
     if len(dataset) == 0:
         raise EdgeoptError("There are no images to evaluate on; check --data.")
     device = torch.device(device) if device is not None else default_device()
     home = _device_of(model)
     model.eval().to(device)
-    correct = 0
+    predicted, labels = [], []
     try:
         for x, y in batches(dataset, batch_size):
-            logits = _logits(model(x.to(device)))
-            correct += int((logits.argmax(1).cpu() == y).sum())
+            predicted.append(_logits(model(x.to(device))).argmax(1).cpu())
+            labels.append(y)
     finally:
         model.to(home)
-    return 100.0 * correct / len(dataset)
+    return torch.cat(predicted), torch.cat(labels)
 
 
 def random_affine(x: torch.Tensor, *, degrees: float = 10.0, scale: float = 0.1,

@@ -44,7 +44,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: list) -> None:
 
 def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *,
                calib_data: Iterable | None = None, round_to: int = 1,
-               reduce_range: bool = False, space: SearchSpace | None = None) -> nn.Module:
+               reduce_range: bool = False, space: SearchSpace | None = None,
+               calibrate_model: bool = True) -> nn.Module:
     """A new, compressed model; `model` is left untouched.
 
     Channels are physically removed (Torch-Pruning), BatchNorm statistics re-estimated on
@@ -54,10 +55,13 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     channels to a multiple the target prefers; `reduce_range` gives 8-bit weights 7 bits of range,
     which x86 CPUs without VNNI need (see `edgeopt.evaluators.cpu`). Passing the model's
     `space` (from `SearchSpace.from_model`) skips re-deriving its prune groups, which a search
-    applying many plans to one model should do.
+    applying many plans to one model should do. `calibrate_model=False` builds the structure
+    alone (shapes, bits, masks: all that costs and latency depend on) without re-estimating
+    BatchNorm or calibrating activations, so its outputs mean nothing; a search whose accuracy
+    proxy does not run the model (per-layer sensitivity) needs no more.
     """
-    batches = list(calib_data) if calib_data is not None else []
-    if any(lp.a_bits == 8 for lp in plan.layers.values()) and not batches:
+    batches = list(calib_data) if calib_data is not None and calibrate_model else []
+    if calibrate_model and any(lp.a_bits == 8 for lp in plan.layers.values()) and not batches:
         raise EdgeoptError("The plan has 8-bit activations, which need calib_data: pass a few "
                            "batches of real inputs (for example 4 batches of 32).")
     compressed = copy.deepcopy(model).eval()

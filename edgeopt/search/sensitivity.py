@@ -1,0 +1,230 @@
+"""The per-layer sensitivity proxy: each knob measured once, alone; a plan scored by the sum.
+
+For a large model, running the held-out evaluation in every trial dominates the search
+(BENCHMARKS.md, "Search cost"). This proxy measures, once per search, what each single change
+costs on its own: every non-trivial bit width and N:M pattern of every layer, and a few keep
+ratios of every prune group (the others interpolated; keeping everything costs nothing). Each
+change is applied to the otherwise untouched model with `apply_plan` (so BatchNorm re-estimation
+and activation calibration are the search's own) and scored by how many of the proxy images'
+top-1 predictions it changes (percent). Disagreement with the base model, unlike the change in
+top-1, is not hidden when a change flips as many images right as wrong; unlike loss or KL
+divergence, it does not move with the shifts of confidence that BatchNorm re-estimation brings
+(on the test model those ranked random plans no better than chance; disagreement: Spearman 0.8).
+A plan's proxy accuracy is then the base model's top-1 on the proxy split minus the sum of its
+changes' disagreements: a trial runs no forward pass at all. It assumes the damage adds up,
+which holds for small changes and overstates how large ones compound; the Kendall tau reported
+after fine-tuning says how well it ranked.
+
+The table is saved in the output folder and reused by workers and by a resumed run, as long as
+the model, data, space and calibration are the same (a fingerprint checks it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from edgeopt.errors import EdgeoptError
+from edgeopt.plan import LayerPlan, ModelPlan
+from edgeopt.search.training import predict
+from edgeopt.spaces.apply import apply_plan
+from edgeopt.spaces.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+MEASURED_KEEP = (0.75, 0.5, 0.25)  # per prune group; the other keep ratios are interpolated
+FILE_NAME = "sensitivity.json"
+
+
+def _weights_key(fqn: str, bits: int) -> str:
+    return f"w{bits} {fqn}"
+
+
+def _activations_key(fqn: str, bits: int) -> str:
+    return f"a{bits} {fqn}"
+
+
+def _nm_key(fqn: str, nm) -> str:
+    return f"{nm} {fqn}"
+
+
+def _keep_key(root: str, keep: float) -> str:
+    return f"keep{keep:g} {root}"
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """Drops (percent of the images whose top-1 prediction the change alone alters) per single
+    change, and the base model's top-1 on the same images."""
+
+    base_top1: float
+    drops: dict[str, float]
+    fingerprint: str = ""
+    images: int = 0
+    seconds: float = 0.0
+    keep_levels: dict[str, list[float]] = field(default_factory=dict)  # group root -> measured keeps
+
+    def keep_drop(self, root: str, keep: float) -> float:
+        """The drop of keeping `keep` of a group's channels, interpolated between measured ratios
+        (keeping all costs nothing)."""
+        levels = sorted(self.keep_levels.get(root, []))
+        if keep >= 1.0 or not levels:
+            return 0.0
+        xs = levels + [1.0]
+        ys = [self.drops[_keep_key(root, k)] for k in levels] + [0.0]
+        return float(np.interp(keep, xs, ys))
+
+    def score(self, plan: ModelPlan, space: SearchSpace) -> float:
+        """The estimated top-1 (percent) of `plan`: base top-1 minus the sum of its drops."""
+        total = 0.0
+        for fqn, lp in plan.layers.items():
+            if lp.w_bits != 32:
+                total += self.drops[_weights_key(fqn, lp.w_bits)]
+            if lp.a_bits != 32:
+                total += self.drops[_activations_key(fqn, lp.a_bits)]
+            if lp.nm is not None:
+                total += self.drops[_nm_key(fqn, lp.nm)]
+        for root, keep in space.group_keep(plan).items():
+            total += self.keep_drop(root, keep)
+        return self.base_top1 - total
+
+    def to_json(self) -> str:
+        return json.dumps({"base_top1": self.base_top1, "drops": self.drops, "fingerprint": self.fingerprint, "images": self.images,
+                           "seconds": self.seconds, "keep_levels": self.keep_levels}, indent=1)
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> SensitivityTable | None:
+        """The table (perhaps partial) saved at `path` if it was measured for the same
+        fingerprint, else None."""
+        try:
+            data = json.loads(path.read_text())
+            table = cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+        return table if table.fingerprint == fingerprint else None
+
+    def save(self, path: Path) -> None:
+        # Write and rename, so a crash or a concurrent reader never sees half a file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+
+def changes(space: SearchSpace) -> Iterator[tuple[str, ModelPlan]]:
+    """Each single change the table measures, as (key, plan with only that change)."""
+    for layer in space.layers:
+        for bits in space.knobs.w_bits:
+            if bits != 32:
+                yield _weights_key(layer.fqn, bits), ModelPlan(layers={layer.fqn: LayerPlan(w_bits=bits)})
+        for bits in space.knobs.a_bits:
+            if bits != 32:
+                yield _activations_key(layer.fqn, bits), ModelPlan(layers={layer.fqn: LayerPlan(a_bits=bits)})
+        for nm in space.nm_choices(layer):
+            if nm is not None:
+                yield _nm_key(layer.fqn, nm), ModelPlan(layers={layer.fqn: LayerPlan(nm=nm)})
+    for group in space.prunable_groups:
+        for keep in _keep_levels(space.keep_choices(group)):
+            plan = ModelPlan(layers={fqn: LayerPlan(keep_ratio=keep) for fqn in group.layers})
+            yield _keep_key(group.root, keep), plan
+
+
+def _keep_levels(choices: tuple[float, ...]) -> list[float]:
+    """The keep ratios measured for a group: those of MEASURED_KEEP it allows, and its smallest."""
+    below = [k for k in choices if k < 1.0]
+    if not below:
+        return []
+    return sorted({k for k in below if k in MEASURED_KEEP} | {min(below)})
+
+
+def _percent(flags: torch.Tensor) -> float:
+    return 100.0 * float(flags.double().mean())
+
+
+def fingerprint(model: nn.Module, space: SearchSpace, images: torch.Tensor, calib: list,
+                **settings) -> str:
+    """What the table depends on: weights, space, scoring images, calibration and settings."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(repr(space.knobs).encode())
+    digest.update(repr([(g.root, g.layers, g.prunable) for g in space.groups]).encode())
+    digest.update(repr([layer.fqn for layer in space.layers]).encode())
+    for tensor in [images, *calib]:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:20]
+
+
+def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: torch.Tensor, *, calib: list,
+                        dataset, round_to: int = 1, reduce_range: bool = False, images: int = 512,
+                        cache: Path | None = None, progress: bool = True) -> SensitivityTable:
+    """Measure (or load from `cache`) the sensitivity table of `model` over `space`, scored on
+    `images` images of `dataset` (the proxy split)."""
+    # A fixed random subset: the proxy split may be ordered by class.
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    subset = Subset(dataset, order[:images].tolist())
+    if len(subset) == 0:
+        raise EdgeoptError("The proxy split holds no images; the sensitivity proxy needs some (check --data).")
+    stacked = torch.stack([subset[i][0] for i in range(len(subset))])
+    key = fingerprint(model, space, stacked, calib, round_to=round_to, reduce_range=reduce_range,
+                      measured_keep=MEASURED_KEEP)
+    keep_levels = {g.root: levels for g in space.prunable_groups if (levels := _keep_levels(space.keep_choices(g)))}
+    todo = list(changes(space))
+    # A table cut short by a crash or Ctrl-C is saved after every change and continued here.
+    saved = SensitivityTable.load(cache, key) if cache is not None else None
+    drops = dict(saved.drops) if saved is not None else {}
+    earlier_s = saved.seconds if saved is not None else 0.0
+    if saved is not None and all(name in drops for name, _ in todo):
+        log.info("Sensitivity table read from %s.", cache)
+        return saved
+    start = time.perf_counter()
+    base_predicted, labels = predict(model, subset)
+
+    def table() -> SensitivityTable:
+        return SensitivityTable(base_top1=_percent(base_predicted == labels), drops=dict(drops), fingerprint=key,
+                                images=len(subset), seconds=earlier_s + time.perf_counter() - start,
+                                keep_levels=keep_levels)
+
+    bar = tqdm(total=len(todo), initial=len(drops), desc="sensitivity", unit="change", disable=not progress,
+               file=sys.stderr)
+    for name, plan in todo:
+        if name in drops:
+            continue
+        compressed = apply_plan(model, plan, example_input, calib_data=calib, round_to=round_to,
+                                reduce_range=reduce_range, space=space)
+        drops[name] = _percent(predict(compressed, subset)[0] != base_predicted)
+        if cache is not None:
+            table().save(cache)
+        bar.update()
+    bar.close()
+    result = table()
+    if cache is not None:
+        result.save(cache)
+    return result
+
+
+@dataclass(frozen=True)
+class SensitivityProxy:
+    """An accuracy proxy that never runs the candidate: `table.score(plan)`."""
+
+    table: SensitivityTable
+    space: SearchSpace
+    needs_model = False  # Context.measure builds only the structure (costs, latency)
+
+    def __call__(self, compressed: nn.Module, plan: ModelPlan) -> float:
+        return self.table.score(plan, self.space)
+
