@@ -98,7 +98,7 @@ def study(name: str, model, data, *, plans: int, cost_plans: int, images: int, r
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="ImageFolder directory (default: the embedded mnist data)")
-    parser.add_argument("--base-epochs", type=float, default=40, help="as bench/compare.py trains its base model")
+    parser.add_argument("--base-epochs", type=float, default=40.0, help="as bench/compare.py trains its base model")
     parser.add_argument("--plans", type=int, default=40, help="random plans ranked")
     parser.add_argument("--cost-plans", type=int, default=5, help="random plans timed per mode")
     parser.add_argument("--images", type=int, default=512, help="proxy images the table is measured on")

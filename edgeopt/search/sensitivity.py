@@ -9,11 +9,14 @@ and activation calibration are the search's own) and scored by how many of the p
 top-1 predictions it changes (percent). Disagreement with the base model, unlike the change in
 top-1, is not hidden when a change flips as many images right as wrong; unlike loss or KL
 divergence, it does not move with the shifts of confidence that BatchNorm re-estimation brings
-(on the test model those ranked random plans no better than chance; disagreement: Spearman 0.8).
-A plan's proxy accuracy is then the base model's top-1 on the proxy split minus the sum of its
-changes' disagreements: a trial runs no forward pass at all. It assumes the damage adds up,
-which holds for small changes and overstates how large ones compound; the Kendall tau reported
-after fine-tuning says how well it ranked.
+(on the test model those ranked random plans no better than chance; disagreement: Spearman 0.8,
+BENCHMARKS.md).
+A plan's proxy accuracy then follows without running anything: if each change alters its own
+share d of the predictions independently, a share prod(1 - d) is untouched and keeps the base
+model's top-1, and an altered prediction is right by chance (1 / classes). The ranking is that of
+the sum of the d where they are small; the form keeps the estimate between chance and the base
+top-1 where many large changes compound (a plain sum of drops went below zero there). The Kendall
+tau reported after fine-tuning says how well it ranked.
 
 The table is saved in the output folder and reused by workers and by a resumed run, as long as
 the model, data, space and calibration are the same (a fingerprint checks it).
@@ -72,6 +75,7 @@ class SensitivityTable:
 
     base_top1: float
     drops: dict[str, float]
+    chance: float = 0.0  # top-1 (percent) of guessing: 100 / classes
     fingerprint: str = ""
     images: int = 0
     seconds: float = 0.0
@@ -87,22 +91,27 @@ class SensitivityTable:
         ys = [self.drops[_keep_key(root, k)] for k in levels] + [0.0]
         return float(np.interp(keep, xs, ys))
 
-    def score(self, plan: ModelPlan, space: SearchSpace) -> float:
-        """The estimated top-1 (percent) of `plan`: base top-1 minus the sum of its drops."""
-        total = 0.0
+    def changed(self, plan: ModelPlan, space: SearchSpace) -> list[float]:
+        """The measured (or interpolated) drop of each change `plan` makes."""
+        drops = []
         for fqn, lp in plan.layers.items():
             if lp.w_bits != 32:
-                total += self.drops[_weights_key(fqn, lp.w_bits)]
+                drops.append(self.drops[_weights_key(fqn, lp.w_bits)])
             if lp.a_bits != 32:
-                total += self.drops[_activations_key(fqn, lp.a_bits)]
+                drops.append(self.drops[_activations_key(fqn, lp.a_bits)])
             if lp.nm is not None:
-                total += self.drops[_nm_key(fqn, lp.nm)]
-        for root, keep in space.group_keep(plan).items():
-            total += self.keep_drop(root, keep)
-        return self.base_top1 - total
+                drops.append(self.drops[_nm_key(fqn, lp.nm)])
+        drops += [self.keep_drop(root, keep) for root, keep in space.group_keep(plan).items()]
+        return drops
+
+    def score(self, plan: ModelPlan, space: SearchSpace) -> float:
+        """The estimated top-1 (percent) of `plan` (the module docstring says how)."""
+        untouched = float(np.prod([1.0 - d / 100.0 for d in self.changed(plan, space)]))
+        return self.chance + (self.base_top1 - self.chance) * untouched
 
     def to_json(self) -> str:
-        return json.dumps({"base_top1": self.base_top1, "drops": self.drops, "fingerprint": self.fingerprint, "images": self.images,
+        return json.dumps({"base_top1": self.base_top1, "drops": self.drops, "chance": self.chance,
+                           "fingerprint": self.fingerprint, "images": self.images,
                            "seconds": self.seconds, "keep_levels": self.keep_levels}, indent=1)
 
     @classmethod
@@ -181,7 +190,7 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
         raise EdgeoptError("The proxy split holds no images; the sensitivity proxy needs some (check --data).")
     stacked = torch.stack([subset[i][0] for i in range(len(subset))])
     key = fingerprint(model, space, stacked, calib, round_to=round_to, reduce_range=reduce_range,
-                      measured_keep=MEASURED_KEEP)
+                      measured_keep=MEASURED_KEEP, form=2)
     keep_levels = {g.root: levels for g in space.prunable_groups if (levels := _keep_levels(space.keep_choices(g)))}
     todo = list(changes(space))
     # A table cut short by a crash or Ctrl-C is saved after every change and continued here.
@@ -193,9 +202,13 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
         return saved
     start = time.perf_counter()
     base_predicted, labels = predict(model, subset)
+    with torch.no_grad():
+        output = model.eval()(example_input[:1])
+    classes = int((output[0] if isinstance(output, (tuple, list)) else output).shape[-1])
 
     def table() -> SensitivityTable:
-        return SensitivityTable(base_top1=_percent(base_predicted == labels), drops=dict(drops), fingerprint=key,
+        return SensitivityTable(base_top1=_percent(base_predicted == labels), drops=dict(drops),
+                                chance=100.0 / classes, fingerprint=key,
                                 images=len(subset), seconds=earlier_s + time.perf_counter() - start,
                                 keep_levels=keep_levels)
 

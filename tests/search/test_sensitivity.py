@@ -43,17 +43,24 @@ def test_every_single_change_is_measured(setup):
     assert all(0.0 <= d <= 100.0 for d in table.drops.values())
 
 
-def test_a_plan_scores_base_top1_minus_its_changes(setup, bundle, trained):
+def test_a_plan_scores_base_top1_scaled_by_the_predictions_it_leaves_alone(setup, bundle, trained):
     _, _, space, table = setup
     assert table.base_top1 == pytest.approx(evaluate(trained, bundle.proxy))  # 96 images: all of them
+    assert table.chance == pytest.approx(25.0)  # 4 classes
     assert table.score(space.uniform(), space) == table.base_top1
     layer = space.layers[0].fqn
     one = ModelPlan(layers={layer: LayerPlan(w_bits=8, a_bits=8)})
-    assert table.score(one, space) == pytest.approx(
-        table.base_top1 - table.drops[f"w8 {layer}"] - table.drops[f"a8 {layer}"])
+    untouched = (1 - table.drops[f"w8 {layer}"] / 100) * (1 - table.drops[f"a8 {layer}"] / 100)
+    assert table.score(one, space) == pytest.approx(25.0 + (table.base_top1 - 25.0) * untouched)
     everything = space.uniform(w_bits=8, a_bits=8)
-    assert table.score(everything, space) == pytest.approx(table.base_top1 - sum(
-        v for k, v in table.drops.items() if not k.startswith("keep")))
+    expected = 1.0
+    for key, drop in table.drops.items():
+        if not key.startswith("keep"):
+            expected *= 1 - drop / 100
+    assert table.score(everything, space) == pytest.approx(25.0 + (table.base_top1 - 25.0) * expected)
+    # However much a plan changes, the estimate stays between chance and the base model.
+    harshest = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.25)
+    assert 25.0 <= table.score(harshest, space) < table.base_top1
 
 
 def test_unmeasured_keep_ratios_are_interpolated(setup):
