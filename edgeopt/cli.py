@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from edgeopt.budget import parse_budget
@@ -249,24 +252,51 @@ def _search(argv: list[str]) -> int:
     budgets = [parse_budget(text) for text in args.budget]
     data = load_data(args.data, input_size=args.input_size, seed=args.seed)
     model, description = resolve_model(args.model, data=data, weights=args.weights, progress=not args.quiet)
+    interrupted = f"\nInterrupted. Every finished trial is saved in the study in {args.out}; run the same " \
+                  "command again to continue where it stopped."
     try:
-        result = optimize(
-            model, data, target=target, budget=budgets, out=args.out, model_name=description,
-            workers=args.workers, search_only=args.search_only, progress=not args.quiet,
-            search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
-                                storage=args.storage, study_name=args.study, proxy=args.proxy),
-            finetune_config=FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs,
-                                           max_drop=args.max_drop),
-        )
+        with _remembering_ctrl_c() as ctrl_c:
+            result = optimize(
+                model, data, target=target, budget=budgets, out=args.out, model_name=description,
+                workers=args.workers, search_only=args.search_only, progress=not args.quiet,
+                search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
+                                    storage=args.storage, study_name=args.study, proxy=args.proxy),
+                finetune_config=FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs,
+                                               max_drop=args.max_drop),
+            )
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Every finished trial is saved in the study in {args.out}; run the same "
-              "command again to continue where it stopped.", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
+        return 130
+    if ctrl_c.is_set():  # the KeyboardInterrupt was lost (see _remembering_ctrl_c)
+        print(interrupted, file=sys.stderr)
         return 130
     if result is None:
         print("Search-only worker finished its share of the trials.", file=sys.stderr)
         return 0
     _print_outcome(result)
     return 0 if result.met_budget else 3
+
+
+@contextlib.contextmanager
+def _remembering_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: Python swallows the
+    exception when it lands inside a finalizer (a `__del__` run by the garbage collector, say),
+    and the run would then end as if never interrupted. (Once in the full test suite a Ctrl-C'd
+    run exited 0; this is the only way we found for that to happen, not a confirmed cause.)"""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def handler(signum, frame):
+        pressed.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _print_outcome(result) -> None:

@@ -129,14 +129,17 @@ class Objective:
         return self.context.values(metrics)
 
     @staticmethod
-    def _counted(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
+    def _others(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-        return [t for t in trial.study.get_trials(deepcopy=False, states=states)
-                if t.number != trial.number and PLAN_KEY in t.user_attrs]
+        return [t for t in trial.study.get_trials(deepcopy=False, states=states) if t.number != trial.number]
 
     def _twin(self, trial: optuna.Trial, key: str) -> int | None:
-        return next((t.number for t in self._counted(trial) if t.user_attrs[PLAN_KEY] == key), None)
+        return next((t.number for t in self._others(trial) if t.user_attrs.get(PLAN_KEY) == key), None)
 
     def _ahead(self, trial: optuna.Trial) -> int:
-        """Finished or running trials numbered before this one."""
-        return sum(1 for t in self._counted(trial) if t.number < trial.number)
+        """Finished or running trials numbered before this one. A running trial counts even
+        before it has recorded its plan: left out, it and this trial could both go on and the
+        study end one over. Counting one that then turns out a duplicate only prunes this trial
+        too early, and the worker draws another."""
+        return sum(1 for t in self._others(trial) if t.number < trial.number
+                   and (t.state == optuna.trial.TrialState.RUNNING or PLAN_KEY in t.user_attrs))
