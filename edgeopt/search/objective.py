@@ -16,7 +16,7 @@ from edgeopt.budget import Budget
 from edgeopt.evaluators.cost import Cost, model_cost
 from edgeopt.hw_models.estimate import estimate_latency
 from edgeopt.plan import ModelPlan
-from edgeopt.search.study import CONSTRAINTS, METRICS, PLAN, PLAN_KEY, suggest_plan, worker_id
+from edgeopt.search.study import CONSTRAINTS, METRICS, PLAN, PLAN_KEY, WORKER, suggest_plan, worker_id
 from edgeopt.search.training import evaluate
 from edgeopt.spaces.apply import apply_plan
 from edgeopt.spaces.space import SearchSpace
@@ -110,9 +110,10 @@ class Objective:
         self.trials = trials
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
+        # First thing: fail_orphans and the trial count below go by it.
+        trial.set_user_attr(WORKER, worker_id())
         plan = suggest_plan(trial, self.context.space)
         key = plan.key()
-        trial.set_user_attr("worker", worker_id())
         twin = self._twin(trial, key)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin)
@@ -137,9 +138,11 @@ class Objective:
         return next((t.number for t in self._others(trial) if t.user_attrs.get(PLAN_KEY) == key), None)
 
     def _ahead(self, trial: optuna.Trial) -> int:
-        """Finished or running trials numbered before this one. A running trial counts even
-        before it has recorded its plan: left out, it and this trial could both go on and the
-        study end one over. Counting one that then turns out a duplicate only prunes this trial
-        too early, and the worker draws another."""
+        """Finished or running trials numbered before this one. A running trial counts as soon
+        as its worker has signed it, before it records its plan: left out, it and this trial could
+        both go on and the study end one over (seen: 13 of 12). Counting one that then turns out a
+        duplicate only prunes this trial too early, and the worker draws another. An unsigned
+        one was killed before its first line, or is a moment from signing."""
         return sum(1 for t in self._others(trial) if t.number < trial.number
-                   and (t.state == optuna.trial.TrialState.RUNNING or PLAN_KEY in t.user_attrs))
+                   and (WORKER in t.user_attrs if t.state == optuna.trial.TrialState.RUNNING
+                        else PLAN_KEY in t.user_attrs))

@@ -23,6 +23,7 @@ PLAN = "plan"
 PLAN_KEY = "plan_key"
 CONSTRAINTS = "constraints"
 METRICS = "metrics"
+WORKER = "worker"  # host:pid of the process measuring the trial
 
 
 def _nm_label(nm: NM | None) -> str:
@@ -175,7 +176,7 @@ def fail_orphans(study: optuna.Study) -> int:
     host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", "")
+        worker = trial.user_attrs.get(WORKER, "")
         name, _, pid = worker.rpartition(":")
         if name == host and pid.isdigit() and not _alive(int(pid)):
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
