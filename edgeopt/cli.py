@@ -213,7 +213,7 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proxy", default="heldout", choices=("heldout", "sensitivity"),
                    help="accuracy proxy: 'heldout' evaluates every candidate on held-out images; "
-                        "'sensitivity' measures each layer's knobs once and sums them per candidate, "
+                        "'sensitivity' measures each layer's knobs once and combines them per candidate, "
                         "which makes trials cheap on large models (default heldout)")
     p.add_argument("--finetune-top", type=int, default=3, help="fine-tune this many best candidates")
     p.add_argument("--finetune-epochs", type=float, default=1.0)

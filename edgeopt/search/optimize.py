@@ -53,7 +53,7 @@ class SearchConfig:
     calib_batches: int = 4
     calib_batch_size: int = 32
     # "heldout": each candidate evaluated on the proxy split; "sensitivity": each layer's knobs
-    # measured once, a candidate scored by the sum (cheap trials on large models).
+    # measured once, a candidate scored from them (cheap trials on large models).
     proxy: str = "heldout"
     sensitivity_images: int = 512
 

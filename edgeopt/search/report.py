@@ -121,7 +121,7 @@ def _fmt_bytes(n: float) -> str:
 PROXY_TEXT = {
     "heldout": "top-1 of each candidate on the proxy split (held out from training)",
     "sensitivity": "per-layer sensitivity: each knob's drop measured once on the proxy split, "
-                   "a candidate scored by the base top-1 minus the sum of its drops",
+                   "a candidate scored from the share of predictions its changes leave alone",
 }
 
 

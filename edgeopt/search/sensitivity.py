@@ -1,4 +1,4 @@
-"""The per-layer sensitivity proxy: each knob measured once, alone; a plan scored by the sum.
+"""The per-layer sensitivity proxy: each knob measured once, alone; a plan scored from them.
 
 For a large model, running the held-out evaluation in every trial dominates the search
 (BENCHMARKS.md, "Search cost"). This proxy measures, once per search, what each single change
