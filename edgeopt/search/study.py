@@ -11,6 +11,7 @@ import os
 import warnings
 import socket
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
@@ -24,6 +25,7 @@ PLAN_KEY = "plan_key"
 CONSTRAINTS = "constraints"
 METRICS = "metrics"
 WORKER = "worker"  # host:pid of the process measuring the trial
+JOINED = "joined "  # study attribute per process that opened the study: JOINED + host:pid -> time
 
 
 def _nm_label(nm: NM | None) -> str:
@@ -150,7 +152,14 @@ def open_study(*, storage, study_name: str, directions: list[str],
     if isinstance(storage, optuna.storages.RDBStorage):
         optuna.storages.fail_stale_trials(study)
     fail_orphans(study)
+    # Which processes (machines) worked on the study, even those that found it already done.
+    study.set_user_attr(JOINED + worker_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return study
+
+
+def joined(study: optuna.Study) -> list[str]:
+    """host:pid of every process that opened the study."""
+    return sorted(key.removeprefix(JOINED) for key in study.user_attrs if key.startswith(JOINED))
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
