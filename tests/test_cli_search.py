@@ -182,6 +182,6 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(folder, tmp_path):
     _wait_for(out, 2, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "same command" in err
     assert len(_completed(out)) >= 2
