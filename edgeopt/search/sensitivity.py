@@ -191,7 +191,8 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
     stacked = torch.stack([subset[i][0] for i in range(len(subset))])
     key = fingerprint(model, space, stacked, calib, round_to=round_to, reduce_range=reduce_range,
                       measured_keep=MEASURED_KEEP, form=2)
-    keep_levels = {g.root: levels for g in space.prunable_groups if (levels := _keep_levels(space.keep_choices(g)))}
+    keep_levels = {g.root: levels for g in space.prunable_groups
+                   if (levels := _keep_levels(space.keep_choices(g)))}
     todo = list(changes(space))
     # A table cut short by a crash or Ctrl-C is saved after every change and continued here.
     saved = SensitivityTable.load(cache, key) if cache is not None else None

@@ -249,7 +249,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, label) of every image of `dataset`, on the CPU, in float32."""
+    """(predicted class, label) of every image of `dataset`, as CPU tensors. The model runs in
+    eval mode on `device` and is moved back to its own device after."""
     if len(dataset) == 0:
         raise EdgeoptError("There are no images to evaluate on; check --data.")
     device = torch.device(device) if device is not None else default_device()
