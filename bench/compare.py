@@ -52,7 +52,7 @@ from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import ModelPlan
 from edgeopt.search.data import load_data
 from edgeopt.search.finetune import FinetuneConfig, finetune
-from edgeopt.search.models import resolve_model
+from edgeopt.search.models import DEFAULT_WIDTH, check_model_fits, default_model, resolve_model
 from edgeopt.search.optimize import SearchConfig, optimize, prepare, target_knobs
 from edgeopt.search.select import Candidate
 from edgeopt.search.training import evaluate
@@ -132,9 +132,12 @@ def _optuna_hypervolume(points: list[tuple[float, float]], reference: tuple[floa
 # --- the base model ------------------------------------------------------------------------------
 
 
-def base_model(data, *, epochs: float, cache: Path) -> tuple[torch.nn.Module, str]:
-    """edgenet trained by edgeopt's own routine (`--base-epochs`), cached in bench/results/models."""
-    return resolve_model(None, data=data, cache_dir=cache, epochs=epochs, progress=True)
+def base_model(data, *, epochs: float, width: int, cache: Path) -> tuple[torch.nn.Module, str]:
+    """edgenet of `--width` trained by edgeopt's own routine (`--base-epochs`), cached in
+    bench/results/models."""
+    model, description = default_model(data, cache_dir=cache, epochs=epochs, width=width, progress=True)
+    check_model_fits(model, data)
+    return model.eval(), description
 
 
 # --- the methods -------------------------------------------------------------------------------
@@ -393,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=3, help="candidates each search fine-tunes")
     parser.add_argument("--base-epochs", type=float, default=None,
                         help="epochs of the base model's training (default: edgeopt's default recipe)")
+    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH,
+                        help="edgenet's width (channels of its first layers; MACs grow with its square)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--host-passes", type=int, default=3, help="interleaved host timing passes")
     parser.add_argument("--cost-repeats", type=int, default=5,
@@ -423,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     base_epochs = DEFAULT_EPOCHS if args.base_epochs is None else args.base_epochs
     base_record: dict = {}
     with metered(base_record):
-        model, model_description = base_model(data, epochs=base_epochs, cache=cache)
+        model, model_description = base_model(data, epochs=base_epochs, width=args.width, cache=cache)
     print(f"model: {model_description}", file=sys.stderr)
     example = data.example_input()
 
@@ -546,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"data": data.description, "budget": str(budget), "target": TARGET, "trials": args.trials,
                      "finetune_epochs": args.finetune_epochs, "top": args.top, "seed": args.seed,
                      "torch_threads": args.threads,
-                     "base_epochs": base_epochs, "host_passes": args.host_passes,
+                     "base_epochs": base_epochs, "width": args.width, "host_passes": args.host_passes,
                      "host_reduce_range": reduce},
         "searches": {name: {k: v for k, v in s.items() if k in ("finetuned", "feasible_trials")}
                      for name, s in searches.items()},

@@ -36,6 +36,7 @@ from edgeopt.search.training import evaluate, random_affine, train
 
 EDGENET_VERSION = 1  # bump when the architecture or its training recipe changes: old caches go stale
 DEFAULT_EPOCHS = 15.0
+DEFAULT_WIDTH = 16  # channels of the first layers; the others are multiples of it
 _FORMS = ("edgenet (the built-in demo model), a torchvision model name such as resnet18, "
           "'package.module:factory', or a path to a saved TorchScript or whole-model file")
 
@@ -119,30 +120,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EDGEOPT_CACHE") or Path.home() / ".cache" / "edgeopt")
 
 
-def _cache_path(data: DataBundle, cache_dir: Path, epochs: float) -> Path:
+def _cache_path(data: DataBundle, cache_dir: Path, epochs: float, width: int = DEFAULT_WIDTH) -> Path:
     c, h, w = data.input_shape
-    recipe = hashlib.sha256(repr((EDGENET_VERSION, epochs, data.fingerprint)).encode()).hexdigest()[:12]
+    # float(epochs): 40 and 40.0 are one recipe. The default width keeps its old key (and caches).
+    key = (EDGENET_VERSION, float(epochs), data.fingerprint) + (() if width == DEFAULT_WIDTH else (width,))
+    recipe = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
     safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in data.name)
-    return cache_dir / (f"edgenet-v{EDGENET_VERSION}-{safe_name}-{c}x{h}x{w}-{data.num_classes}c-"
+    wide = "" if width == DEFAULT_WIDTH else f"-w{width}"
+    return cache_dir / (f"edgenet-v{EDGENET_VERSION}{wide}-{safe_name}-{c}x{h}x{w}-{data.num_classes}c-"
                         f"seed{data.seed}-{recipe}.pt")
 
 
 def default_model(data: DataBundle, *, cache_dir: Path | None = None, epochs: float = DEFAULT_EPOCHS,
-                  progress: bool = True) -> tuple[EdgeNet, str]:
+                  width: int = DEFAULT_WIDTH, progress: bool = True) -> tuple[EdgeNet, str]:
     """edgenet for `data`: loaded from the cache, or trained on `data.train` and cached.
 
-    The cache key holds the architecture version, the epochs and a digest of the train split,
-    so changed data or a changed recipe trains anew instead of loading a stale model.
+    The cache key holds the architecture version and width, the epochs and a digest of the
+    train split, so changed data or a changed recipe trains anew instead of loading a stale model.
     """
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    path = _cache_path(data, cache_dir, epochs)
+    path = _cache_path(data, cache_dir, epochs, width)
     c = data.input_shape[0]
-    params = _params(EdgeNet(c, data.num_classes))
-    about = f"edgenet v{EDGENET_VERSION} (residual + depthwise inverted-residual + squeeze-excite, {params:,} params)"
+    params = _params(EdgeNet(c, data.num_classes, width=width))
+    about = f"edgenet v{EDGENET_VERSION} width {width} (residual + depthwise inverted-residual + squeeze-excite, {params:,} params)"
     if path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            model = EdgeNet(c, data.num_classes)
+            model = EdgeNet(c, data.num_classes, width=width)
             model.load_state_dict(saved["state_dict"])
             return model.eval(), (f"{about}, trained on {data.name} ({saved['val_accuracy']:.1f}% val "
                                   f"top-1), loaded from {path}")
@@ -151,7 +155,7 @@ def default_model(data: DataBundle, *, cache_dir: Path | None = None, epochs: fl
                           stacklevel=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(data.seed)  # the same data and seed give the same initial weights
-        model = EdgeNet(c, data.num_classes)
+        model = EdgeNet(c, data.num_classes, width=width)
     # Measured on mnist: 15 epochs at this rate reach about 98% val top-1 (12 epochs: 97.2%).
     # No autocast even on CUDA: the model is too small to gain from it, and bfloat16 cost it
     # 1.4 points of accuracy there.
@@ -160,7 +164,7 @@ def default_model(data: DataBundle, *, cache_dir: Path | None = None, epochs: fl
                   progress=f"training edgenet on {data.name} (first use; cached after)" if progress else None)
     accuracy = evaluate(model, data.val)
     state = {"state_dict": model.state_dict(), "val_accuracy": accuracy, "seconds": stats.seconds,
-             "epochs": epochs, "version": EDGENET_VERSION, "data": data.description}
+             "epochs": epochs, "width": width, "version": EDGENET_VERSION, "data": data.description}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # Written aside and renamed: a parallel worker never reads half a file.

@@ -12,7 +12,7 @@ from torch import nn
 from edgeopt.errors import EdgeoptError
 from edgeopt.layers import run_model, trace_layers
 from edgeopt.plan import ModelPlan
-from edgeopt.spaces.fold import fold_batchnorm, set_submodule
+from edgeopt.spaces.fold import fold_batchnorm, following_activations, set_submodule
 from edgeopt.spaces.prune import build_graph, find_groups, output_layers, prune_groups
 from edgeopt.spaces.quantize import calibrate, compress_module
 from edgeopt.spaces.space import SearchSpace
@@ -82,7 +82,8 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
                                "SearchSpace.from_model, which leaves unsafe groups dense.") from None
         if batches:
             recalibrate_batchnorm(compressed, batches)
-    fold_batchnorm(compressed, graph)
+    folded = fold_batchnorm(compressed, graph)
+    activations = following_activations(compressed, graph, folded)
 
     names = {module: name for name, module in compressed.named_modules()}
     outputs = {names[module] for module in output_layers(graph)}
@@ -90,7 +91,8 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
         if layer_plan.w_bits == 32 and layer_plan.a_bits == 32 and layer_plan.nm is None:
             continue  # pruning (already done) is all this layer gets
         module = compress_module(compressed.get_submodule(fqn), layer_plan,
-                                 float_output=fqn in outputs, reduce_range=reduce_range)
+                                 float_output=fqn in outputs, reduce_range=reduce_range,
+                                 output_activation=activations.get(fqn))
         set_submodule(compressed, fqn, module)
     if batches:
         calibrate(compressed, batches)

@@ -1,4 +1,5 @@
-"""Fold BatchNorm into the conv/linear before it, as every deployment runtime does.
+"""What deployment runtimes fuse into a conv/linear: the BatchNorm after it (folded into its
+weights) and the ReLU/ReLU6 after it (absorbed by an output quantizer whose range starts at 0).
 
 Quantizing after folding is what makes the PyTorch model's integer weights the deployed ones.
 """
@@ -51,3 +52,37 @@ def fold_batchnorm(model: nn.Module, graph) -> list[str]:
         set_submodule(model, names[module], nn.Identity())
         folded.append(names[module])
     return folded
+
+
+# Torch-Pruning names functional ops after their autograd node.
+_ACTIVATIONS = {"ReluBackward0": "relu", "HardtanhBackward0": "relu6"}
+
+
+def following_activations(model: nn.Module, graph, folded: list[str]) -> dict[str, str]:
+    """{layer name: "relu" | "relu6"} for each conv/linear whose output (past a folded BatchNorm)
+    goes to nothing but one ReLU or ReLU6.
+
+    Such a layer's integer output can be quantized after its activation: the uint8 range then
+    starts at 0, the activation becomes a no-op, and onnxruntime chains the integer kernels
+    without a float round trip between them. A Hardtanh counts as ReLU6 only when every Hardtanh
+    module of the model is one (Torch-Pruning's graph does not carry the bounds).
+    """
+    names = graph._module2name  # as traced: a folded BatchNorm is no longer in the model
+    hardtanhs = [m for m in model.modules() if isinstance(m, nn.Hardtanh)]
+    relu6_only = bool(hardtanhs) and all((m.min_val, m.max_val) == (0.0, 6.0) for m in hardtanhs)
+    folded_set = set(folded)
+    found = {}
+    for module, node in graph.module2node.items():
+        if not isinstance(module, COMPRESSIBLE) or module not in names:
+            continue
+        if model.get_submodule(names[module]) is not module:
+            continue  # replaced since the graph was built
+        outputs = node.outputs
+        if len(outputs) == 1 and names.get(outputs[0].module) in folded_set:
+            outputs = outputs[0].outputs  # the BatchNorm is an Identity now
+        if len(outputs) != 1:
+            continue
+        kind = next((act for grad_fn, act in _ACTIVATIONS.items() if f"({grad_fn})" in str(outputs[0].name)), None)
+        if kind == "relu" or (kind == "relu6" and relu6_only):
+            found[names[module]] = kind
+    return found

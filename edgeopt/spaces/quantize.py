@@ -9,7 +9,9 @@ predicts the exported one:
   onnxruntime's recommended u8 x s8 layout;
 - an integer layer (w_bits <= 8 and a_bits == 8) also rounds its bias to int32 at
   scale_x * scale_w and requantizes its output to uint8, which is what lets the runtime run it
-  as one integer kernel (QLinearConv);
+  as one integer kernel (QLinearConv). When a ReLU/ReLU6 follows, that output is calibrated after
+  it: the range starts at 0, the activation is a no-op on the result, and the next layer's input
+  quantizer (calibrated on the same values) matches it, so the runtime chains integer kernels;
 - 16 bits means a round trip through float16.
 
 Rounding is round-half-even, straight-through in the backward pass (QAT).
@@ -96,6 +98,9 @@ class _Range(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, UINT8_MIN, UINT8_MAX)
 
 
+_ACTIVATIONS = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}
+
+
 class CompressedMixin:
     """What CompressedConv2d and CompressedLinear share; the subclass supplies `_op`."""
 
@@ -103,8 +108,10 @@ class CompressedMixin:
     a_bits: int
     nm: NM | None
 
-    def _setup(self, plan: LayerPlan, *, float_output: bool, reduce_range: bool) -> None:
+    def _setup(self, plan: LayerPlan, *, float_output: bool, reduce_range: bool,
+               output_activation: str | None) -> None:
         self.w_bits, self.a_bits, self.nm = plan.w_bits, plan.a_bits, plan.nm
+        self.output_activation = output_activation
         self.reduce_range = reduce_range
         self.calibrating = False
         mask = nm_mask(self.weight, plan.nm) if plan.nm is not None else None
@@ -159,7 +166,7 @@ class CompressedMixin:
                 self.input_range.observe(x)
             y = self._op(x, self.effective_weight(), self.bias)
             if self.output_range is not None:
-                self.output_range.observe(y)
+                self.output_range.observe(_ACTIVATIONS[self.output_activation](y))
             return y
         if self.a_bits == 16:
             x = x.to(torch.float16).to(x.dtype)
@@ -186,11 +193,13 @@ class CompressedLinear(CompressedMixin, nn.Linear):
 
 
 def compress_module(module: nn.Module, plan: LayerPlan, *, float_output: bool = False,
-                    reduce_range: bool = False) -> nn.Module:
+                    reduce_range: bool = False, output_activation: str | None = None) -> nn.Module:
     """A compressed copy of a Conv2d/Linear that shares nothing with the original.
 
     `float_output` keeps the output unquantized (for layers whose output is a model output);
-    `reduce_range` is explained at `weight_scale`.
+    `reduce_range` is explained at `weight_scale`; `output_activation` ("relu", "relu6") names
+    the activation that alone consumes the output, so that an integer output is calibrated after
+    it (the module docstring says why).
     """
     if isinstance(module, nn.Conv2d):
         new = CompressedConv2d(
@@ -207,7 +216,8 @@ def compress_module(module: nn.Module, plan: LayerPlan, *, float_output: bool = 
         new.weight.copy_(module.weight)
         if module.bias is not None:
             new.bias.copy_(module.bias)
-    new._setup(plan, float_output=float_output, reduce_range=reduce_range)
+    new._setup(plan, float_output=float_output, reduce_range=reduce_range,
+               output_activation=output_activation)
     new.train(module.training)
     return new
 

@@ -50,8 +50,14 @@ def test_integer_layers_run_as_int8_kernels(tiny, example, calib, tmp_path):
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
     assert ops.count("QLinearConv") >= 6
+    # A ReLU between two integer layers is absorbed by the first one's output quantizer, so the
+    # runtime feeds one integer kernel's uint8 output straight into the next.
+    made_by = {out: n.op_type for n in nodes for out in n.output}
+    chained = [n.name for n in nodes if n.op_type == "QLinearConv" and made_by.get(n.input[0]) == "QLinearConv"]
+    assert len(chained) >= 3, chained
 
 
 @pytest.mark.slow

@@ -104,3 +104,37 @@ def test_plan_for_another_model_is_rejected(tiny, example):
     plan = ModelPlan(layers={"features.0": LayerPlan(w_bits=8)})
     with pytest.raises(EdgeoptError, match="features.0"):
         apply_plan(tiny, plan, example)
+
+
+def test_relu_after_an_integer_layer_is_absorbed_by_its_output_quantizer(tiny, example, calib):
+    space = SearchSpace.from_model(tiny, example)
+    small = apply_plan(tiny, space.uniform(w_bits=8, a_bits=8), example, calib_data=calib)
+    layers = compressed_layers(small)
+    absorbed = {name for name, layer in layers.items() if layer.output_activation}
+    # Not res1.3 (feeds the residual add), project (two branches), se.fc2 (sigmoid), head (output).
+    assert absorbed == {"stem.0", "res1.0", "expand.0", "dw.0", "se.fc1", "branch_a", "branch_b"}
+    for name in absorbed:
+        assert int(layers[name].output_range.zero_point) == 0, name
+    # The next layer's input quantizer saw the same values, so it is the same: the runtime
+    # chains the two integer kernels without a float round trip.
+    for producer, consumer in [("res1.0", "res1.3"), ("expand.0", "dw.0"), ("se.fc1", "se.fc2")]:
+        out, nxt = layers[producer].output_range, layers[consumer].input_range
+        assert (float(out.scale), int(out.zero_point)) == (float(nxt.scale), int(nxt.zero_point))
+    # Calibrating after the ReLU gives finer steps than before it (negatives took part of the range).
+    assert float(layers["res1.0"].output_range.lo) == 0.0
+
+
+def test_relu6_is_absorbed_but_another_hardtanh_is_not(example, calib):
+    def model(activation):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), activation,
+                                   torch.nn.Conv2d(8, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4)).eval()
+
+    for activation, expected in [(torch.nn.ReLU6(), "relu6"), (torch.nn.Hardtanh(-1.0, 1.0), None)]:
+        net = model(activation)
+        net(example)  # materialize the lazy layer
+        space = SearchSpace.from_model(net, example)
+        small = apply_plan(net, space.uniform(w_bits=8, a_bits=8), example, calib_data=calib)
+        assert small[0].output_activation == expected
+        if expected == "relu6":
+            assert 0 < float(small[0].output_range.hi) <= 6.0
