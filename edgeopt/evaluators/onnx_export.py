@@ -10,6 +10,7 @@ rewritten in QDQ form with the exact scales the PyTorch layer used:
 - an 8-bit activation gets uint8 QuantizeLinear/DequantizeLinear; an integer layer also gets an int32
   bias and a requantized output, which is the pattern onnxruntime fuses into QLinearConv /
   QLinearMatMul, i.e. real int8 kernels;
+- an Add of two dequantized tensors feeding a quantizer becomes Sum (`_keep_float_adds` says why);
 - N:M layers are stored dense with their zeros: onnxruntime has no N:M kernels on CPU.
 """
 
@@ -172,10 +173,28 @@ class _QDQWriter:
             self.graph.node.extend(self.new_nodes.get(i, []))
             self.graph.node.append(node)
         self.graph.node.extend(self.new_nodes.get(len(nodes), []))
+        self._keep_float_adds()
         used = {name for node in self.graph.node for name in node.input}
         keep = [init for init in self.graph.initializer if init.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
+
+    def _keep_float_adds(self) -> None:
+        """Write each Add between dequantized inputs and a quantized output as Sum.
+
+        onnxruntime would fuse DequantizeLinear-Add-QuantizeLinear into QLinearAdd, whose
+        fixed-point rescaling rounds differently from the float add that the PyTorch model (and
+        ONNX's own definition) performs; the PyTorch model cannot see the Add to imitate it.
+        Sum is the same operation without that fusion, so both give the same integers.
+        """
+        made_by = {out: node.op_type for node in self.graph.node for out in node.output}
+        for node in self.graph.node:
+            if node.op_type != "Add" or len(node.input) != 2:
+                continue
+            consumers = [n.op_type for n in self.graph.node if node.output[0] in n.input]
+            if (all(made_by.get(name) == "DequantizeLinear" for name in node.input)
+                    and consumers and all(op == "QuantizeLinear" for op in consumers)):
+                node.op_type = "Sum"
 
     def _rewrite(self, info: _LayerQuant) -> None:
         onnx = self.onnx

@@ -99,6 +99,25 @@ class _Range(nn.Module):
 
 
 _ACTIVATIONS = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}
+_EXACT_FLOAT32 = 2.0**24  # integers up to here are exact in float32, and so are their sums
+
+
+def integer_accumulate(op, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+    """op(x_int, w_int) computed exactly (float64 result) for integer-valued float tensors,
+    x_int in [-255, 255].
+
+    A float32 convolution of integers is exact while every partial sum stays below 2^24, which
+    255 * sum(|w|) per output channel bounds; past that the input is split as 16 * high + low
+    (high in [-16, 15], low in [0, 15]), and past that again float64 does it, at several times
+    the cost.
+    """
+    bound = float(w_int.abs().reshape(w_int.shape[0], -1).sum(dim=1).max()) * 255
+    if bound < _EXACT_FLOAT32:
+        return op(x_int, w_int, None).double()
+    if bound / 16 < _EXACT_FLOAT32:
+        high = torch.floor(x_int / 16)
+        return 16 * op(high, w_int, None).double() + op(x_int - 16 * high, w_int, None).double()
+    return op(x_int.double(), w_int.double(), None)
 
 
 class CompressedMixin:
@@ -168,6 +187,8 @@ class CompressedMixin:
             if self.output_range is not None:
                 self.output_range.observe(_ACTIVATIONS[self.output_activation](y))
             return y
+        if self.output_range is not None and not self.training:
+            return self._integer_forward(x)
         if self.a_bits == 16:
             x = x.to(torch.float16).to(x.dtype)
         elif self.input_range is not None:
@@ -176,6 +197,31 @@ class CompressedMixin:
         if self.output_range is not None:
             y = self.output_range(y)
         return y
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer kernel as onnxruntime computes it (QLinearConv / QLinearMatMul): an exact
+        integer accumulation plus the int32 bias, times the float32 multiplier
+        scale_x * scale_w / scale_y, rounded half to even and clamped to uint8.
+
+        The float path (dequantize, float conv, requantize) agrees to within float rounding,
+        but a value that rounding moves across a .5 boundary flips one output step; in a deep
+        network such flips add up to a different top-1 for inputs whose scores nearly tie.
+        Here the PyTorch model and the exported one give the same integers.
+        """
+        sx, zx = self.input_range.scale, self.input_range.zero_point.to(x.dtype)
+        sw = self.weight_scale()
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        w_int = torch.round(self.effective_weight() / sw.reshape(shape))
+        x_int = torch.clamp(torch.round(x / sx) + zx, UINT8_MIN, UINT8_MAX) - zx  # in [-255, 255]
+        acc = integer_accumulate(self._op, x_int, w_int)
+        # Output channels: dim 1 of a conv's output, the last dim of a linear layer's.
+        channel = (-1,) if isinstance(self, nn.Linear) else (1, -1) + (1,) * (acc.dim() - 2)
+        if self.bias is not None:
+            acc = acc + torch.round(self.effective_bias() / (sx * sw)).double().reshape(channel)
+        sy, zy = self.output_range.scale, self.output_range.zero_point.to(x.dtype)
+        multiplier = (sx * sw / sy).float().reshape(channel)
+        y = torch.clamp(torch.round(acc.float() * multiplier), UINT8_MIN - zy, UINT8_MAX - zy)
+        return y * sy
 
     def extra_repr(self) -> str:
         nm = f", nm={self.nm}" if self.nm is not None else ""

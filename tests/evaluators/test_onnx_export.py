@@ -62,11 +62,13 @@ def test_integer_layers_run_as_int8_kernels(tiny, example, calib, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_onnx_agrees_with_pytorch_on_top1(arch, tmp_path):
-    # Random-init networks have near-tied logits; onnxruntime's integer kernels requantize with
-    # one rounding step fewer than the float emulation, so a rare 1-LSB difference can flip a
-    # near-tie (seed 0 gives 63/64 on mobilenet_v2). The model and data come from seed 1.
-    torch.manual_seed(1)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_onnx_agrees_with_pytorch_on_top1(arch, seed, tmp_path):
+    # Random-init networks have near-tied scores (mobilenet_v2: a spread of 0.1), so any
+    # rounding difference between the two flips some top-1s; with the float emulation these
+    # seeds gave 62/64 (mobilenet_v2, seed 3). The integer layers now compute what the runtime's
+    # kernels compute, so the scores agree to float rounding of the last layer.
+    torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)(num_classes=10).eval()
     example = torch.randn(2, 3, 32, 32)
     space = SearchSpace.from_model(model, example)
@@ -77,5 +79,6 @@ def test_onnx_agrees_with_pytorch_on_top1(arch, tmp_path):
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
         ref = small(x).numpy()
-    agree = (ref.argmax(1) == _run(path, x).argmax(1)).mean()
-    assert agree >= 0.99
+    got = _run(path, x)
+    assert (ref.argmax(1) == got.argmax(1)).all()
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
