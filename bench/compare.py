@@ -14,8 +14,8 @@ bit widths, pruned structure kept, distilled from the base model, `--finetune-ep
 Results go to bench/results/compare.json; the table is printed in Markdown for BENCHMARKS.md.
 
     python bench/compare.py                       # embedded demo data (mnist): runs on a fresh install
-    # the run in BENCHMARKS.md (about 17 minutes on 2 shared cores):
-    python bench/compare.py --data /work/shared/data/cifar10 --budget 40% --trials 60 --finetune-epochs 3 --top 3 --base-epochs 40 --hv-seeds 1
+    # the run in BENCHMARKS.md (about 41 minutes on 2 quiet cores, plus 18 to train the base once):
+    python bench/compare.py --data /work/shared/data/cifar10 --budget 40% --trials 60 --finetune-epochs 4 --top 3 --width 64 --base-epochs 30 --hv-seeds 5 --threads 2
 
 Accuracy is validation top-1 after fine-tuning. `pi4_ms` is edgeopt's pi4 estimate; `host_ms` is
 the onnxruntime median on this machine (1 thread), every method's plan applied the same way for

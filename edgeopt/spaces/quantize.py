@@ -111,7 +111,7 @@ def integer_accumulate(op, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Te
     (high in [-16, 15], low in [0, 15]), and past that again float64 does it, at several times
     the cost.
     """
-    bound = float(w_int.abs().reshape(w_int.shape[0], -1).sum(dim=1).max()) * 255
+    bound = float(w_int.detach().abs().reshape(w_int.shape[0], -1).sum(dim=1).max()) * 255
     if bound < _EXACT_FLOAT32:
         return op(x_int, w_int, None).double()
     if bound / 16 < _EXACT_FLOAT32:
