@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import LayerPlan, ModelPlan
 from edgeopt.search.training import predict
+from edgeopt.spaces import quantize
 from edgeopt.spaces.apply import apply_plan
 from edgeopt.spaces.space import SearchSpace
 
@@ -164,8 +165,9 @@ def _percent(flags: torch.Tensor) -> float:
 
 def fingerprint(model: nn.Module, space: SearchSpace, images: torch.Tensor, calib: list,
                 **settings) -> str:
-    """What the table depends on: weights, space, scoring images, calibration and settings."""
-    digest = hashlib.sha256()
+    """What the table depends on: weights, space, scoring images, calibration, settings and the
+    compressed layers' arithmetic."""
+    digest = hashlib.sha256(f"numerics {quantize.NUMERICS_VERSION}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

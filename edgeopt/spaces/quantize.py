@@ -27,6 +27,9 @@ from edgeopt.errors import EdgeoptError
 from edgeopt.plan import FLOAT_BITS, NM, LayerPlan
 from edgeopt.spaces.nm import nm_mask
 
+# Bump when what a compressed layer computes changes: results measured before (the sensitivity
+# table) are then measured again instead of reused. 2: ReLU-absorbing outputs, exact integer layers.
+NUMERICS_VERSION = 2
 INT8_MIN, INT8_MAX = -128, 127  # weights
 UINT8_MIN, UINT8_MAX = 0, 255  # activations
 

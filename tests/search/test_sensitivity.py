@@ -111,6 +111,11 @@ def test_the_table_is_cached_and_refreshed_when_the_model_changes(setup, bundle,
         measure_sensitivity(changed.eval(), small, example, calib=calib, dataset=bundle.proxy, images=64,
                             cache=cache, progress=False)
     assert SensitivityTable.load(cache, "another fingerprint") is None
+    # A release that changes the layers' arithmetic measures again too.
+    monkeypatch.setattr(sensitivity.quantize, "NUMERICS_VERSION", sensitivity.quantize.NUMERICS_VERSION + 1)
+    with pytest.raises(AssertionError, match="cached"):
+        measure_sensitivity(trained, small, example, calib=calib, dataset=bundle.proxy, images=64,
+                            cache=cache, progress=False)
 
 
 def test_structure_only_apply_has_the_calibrated_costs(setup, trained):
