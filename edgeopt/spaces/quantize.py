@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import FLOAT_BITS, NM, LayerPlan
@@ -84,9 +85,13 @@ class _Range(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
 
-    def observe(self, x: torch.Tensor) -> None:
-        self.lo.fill_(min(float(self.lo), float(x.detach().min())))
-        self.hi.fill_(max(float(self.hi), float(x.detach().max())))
+    def observe(self, x: torch.Tensor, activation=None) -> None:
+        """Widen the range to cover `x`, or `activation(x)` for a monotone activation, whose
+        extremes are those of x passed through it (one pass over x either way)."""
+        extremes = torch.stack(torch.aminmax(x.detach()))
+        lo, hi = (extremes if activation is None else activation(extremes)).tolist()
+        self.lo.fill_(min(float(self.lo), lo))
+        self.hi.fill_(max(float(self.hi), hi))
 
     @property
     def calibrated(self) -> bool:
@@ -101,7 +106,7 @@ class _Range(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, UINT8_MIN, UINT8_MAX)
 
 
-_ACTIVATIONS = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}
+_ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 _EXACT_FLOAT32 = 2.0**24  # integers up to here are exact in float32, and so are their sums
 
 
@@ -188,7 +193,7 @@ class CompressedMixin:
                 self.input_range.observe(x)
             y = self._op(x, self.effective_weight(), self.bias)
             if self.output_range is not None:
-                self.output_range.observe(_ACTIVATIONS[self.output_activation](y))
+                self.output_range.observe(y, _ACTIVATIONS[self.output_activation])
             return y
         if self.output_range is not None and not self.training:
             return self._integer_forward(x)
@@ -251,16 +256,18 @@ def compress_module(module: nn.Module, plan: LayerPlan, *, float_output: bool = 
     it (the module docstring says why).
     """
     if isinstance(module, nn.Conv2d):
-        new = CompressedConv2d(
-            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-            padding=module.padding, dilation=module.dilation, groups=module.groups,
-            bias=module.bias is not None, padding_mode=module.padding_mode,
+        # skip_init: the weights are copied in below, so random initialization is wasted time.
+        new = skip_init(
+            CompressedConv2d, module.in_channels, module.out_channels, module.kernel_size,
+            stride=module.stride, padding=module.padding, dilation=module.dilation,
+            groups=module.groups, bias=module.bias is not None, padding_mode=module.padding_mode,
+            device=module.weight.device,
         )
     elif isinstance(module, nn.Linear):
-        new = CompressedLinear(module.in_features, module.out_features, bias=module.bias is not None)
+        new = skip_init(CompressedLinear, module.in_features, module.out_features,
+                        bias=module.bias is not None, device=module.weight.device)
     else:
         raise EdgeoptError(f"Only Conv2d and Linear layers can be compressed, not {type(module).__name__}.")
-    new = new.to(device=module.weight.device)
     with torch.no_grad():
         new.weight.copy_(module.weight)
         if module.bias is not None:
