@@ -55,7 +55,7 @@ def fold_batchnorm(model: nn.Module, graph) -> list[str]:
 
 
 # Torch-Pruning names functional ops after their autograd node.
-_ACTIVATIONS = {"ReluBackward0": "relu", "HardtanhBackward0": "relu6"}
+_ACTIVATION_OPS = {"ReluBackward0": "relu", "HardtanhBackward0": "relu6"}
 
 
 def following_activations(model: nn.Module, graph, folded: list[str]) -> dict[str, str]:
@@ -82,7 +82,7 @@ def following_activations(model: nn.Module, graph, folded: list[str]) -> dict[st
             outputs = outputs[0].outputs  # the BatchNorm is an Identity now
         if len(outputs) != 1:
             continue
-        kind = next((act for grad_fn, act in _ACTIVATIONS.items() if f"({grad_fn})" in str(outputs[0].name)), None)
+        kind = next((act for grad_fn, act in _ACTIVATION_OPS.items() if f"({grad_fn})" in str(outputs[0].name)), None)
         if kind == "relu" or (kind == "relu6" and relu6_only):
             found[names[module]] = kind
     return found
