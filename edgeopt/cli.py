@@ -215,10 +215,15 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="accuracy proxy: 'heldout' evaluates every candidate on held-out images; "
                         "'sensitivity' measures each layer's knobs once and combines them per candidate, "
                         "which makes trials cheap on large models (default heldout)")
-    p.add_argument("--finetune-top", type=int, default=3, help="fine-tune this many best candidates")
+    p.add_argument("--finetune-top", type=int, default=3,
+                   help="fine-tune this many candidates: the most accurate, then faster ones within "
+                        "--proxy-spread of it")
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy points a faster candidate may lose to the most accurate one")
+    p.add_argument("--proxy-spread", type=float, default=10.0,
+                   help="proxy accuracy points below the most accurate candidate within which faster "
+                        "Pareto candidates are fine-tuned too (default 10)")
     p.add_argument("--lut", default=None, help="a latency table from 'optimize profile' for the target")
     p.add_argument("--out", default="edgeopt-out", help="output folder (the study is stored here too)")
     p.add_argument("--storage", default=None, help="an Optuna storage URL; default: a journal file in --out")
@@ -263,7 +268,7 @@ def _search(argv: list[str]) -> int:
                 search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
                                     storage=args.storage, study_name=args.study, proxy=args.proxy),
                 finetune_config=FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs,
-                                               max_drop=args.max_drop),
+                                               max_drop=args.max_drop, proxy_spread=args.proxy_spread),
             )
     except BaseException as exc:
         # After Ctrl-C, whatever ends the run is the interruption: a KeyboardInterrupt that lands

@@ -155,7 +155,9 @@ def write_report(path: Path, *, summary: dict) -> None:
     lines += ["## Selection rule", "",
               f"Among candidates that meet every budget, the most accurate; among those within "
               f"{s['max_drop']} points of it, the fastest on the target. Accuracy is the fine-tuned "
-              "validation accuracy where a candidate was fine-tuned, else its proxy accuracy.", ""]
+              "validation accuracy where a candidate was fine-tuned, else its proxy accuracy. "
+              f"Fine-tuned: the most accurate Pareto candidate, then faster Pareto candidates within "
+              f"{s['proxy_spread']} proxy points of it.", ""]
     if s.get("closest"):
         lines += ["## No candidate met the budget", "", "Closest candidates (relative excess per budget):", ""]
         for c in s["closest"]:

@@ -57,15 +57,35 @@ def pareto_front(candidates: list[Candidate], *, accuracy=lambda c: c.proxy_accu
     return sorted(front, key=lambda c: c.latency_ms)
 
 
-def finetune_order(candidates: list[Candidate], top: int) -> list[Candidate]:
-    """Which candidates to fine-tune: the most accurate feasible ones on the Pareto front, then
-    the next most accurate feasible ones, then the infeasible closest to the budget."""
+def finetune_order(candidates: list[Candidate], top: int, *, spread: float) -> list[Candidate]:
+    """Which candidates to fine-tune, in order.
+
+    First the most accurate feasible candidate on the Pareto front; then faster front candidates
+    whose proxy accuracy is within `spread` points of it, spaced evenly in latency from the fastest
+    of them (fine-tuning recovers much of what pruning costs the proxy, so a faster candidate may
+    end within the selection rule's `max_drop`); then the next most accurate feasible ones; then
+    the infeasible closest to the budget.
+    """
     feasible = [c for c in candidates if c.feasible]
-    front = {c.trial for c in pareto_front(feasible)}
-    ranked = sorted(feasible, key=lambda c: (c.trial not in front, -c.proxy_accuracy, c.latency_ms))
-    if len(ranked) < top:
-        ranked += closest(candidates, top - len(ranked))
-    return ranked[:top]
+    front = pareto_front(feasible)  # fastest first
+    chosen: list[Candidate] = []
+    if front:
+        best = max(front, key=lambda c: (c.proxy_accuracy, -c.latency_ms))
+        faster = [c for c in front if c is not best and c.proxy_accuracy >= best.proxy_accuracy - spread]
+        slots = min(top - 1, len(faster))
+        if slots == 1:
+            picks = [0]
+        else:
+            picks = sorted({round(i * (len(faster) - 1) / (slots - 1)) for i in range(slots)})
+        chosen = [best] + [faster[i] for i in picks]
+    taken = {c.trial for c in chosen}
+    on_front = {c.trial for c in front}
+    rest = sorted((c for c in feasible if c.trial not in taken),
+                  key=lambda c: (c.trial not in on_front, -c.proxy_accuracy, c.latency_ms))
+    chosen += rest
+    if len(chosen) < top:
+        chosen += closest(candidates, top - len(chosen))
+    return chosen[:top]
 
 
 def select(candidates: list[Candidate], *, max_drop: float) -> Candidate | None:

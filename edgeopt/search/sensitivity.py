@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -215,13 +215,16 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
                                 images=len(subset), seconds=earlier_s + time.perf_counter() - start,
                                 keep_levels=keep_levels)
 
+    # The table measures 8-bit weights and 8-bit activations apart and combines them, so its single
+    # changes may lie outside a space narrowed to (w_bits, a_bits) pairs such as w8a8.
+    singles = SearchSpace(space.layers, space.groups, knobs=replace(space.knobs, precisions=None))
     bar = tqdm(total=len(todo), initial=len(drops), desc="sensitivity", unit="change", disable=not progress,
                file=sys.stderr)
     for name, plan in todo:
         if name in drops:
             continue
         compressed = apply_plan(model, plan, example_input, calib_data=calib, round_to=round_to,
-                                reduce_range=reduce_range, space=space)
+                                reduce_range=reduce_range, space=singles)
         drops[name] = _percent(predict(compressed, subset)[0] != base_predicted)
         if cache is not None:
             table().save(cache)

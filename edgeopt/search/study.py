@@ -39,6 +39,10 @@ def _nm_from_label(label: str) -> NM | None:
     return NM(n=int(n), m=int(m))
 
 
+def _precision_label(pair: tuple[int, int]) -> str:
+    return f"w{pair[0]}a{pair[1]}"
+
+
 def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
     """One categorical parameter per prune group and per layer knob (fixed names, so every
     sampler, NSGA-II included, sees the same space in every trial)."""
@@ -48,13 +52,13 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
         ratio = trial.suggest_categorical(f"keep/{group.root}", choices) if len(choices) > 1 else 1.0
         keep.update({fqn: ratio for fqn in group.layers})
     layers = {}
+    pairs = {_precision_label(p): p for p in space.knobs.pairs}
     for layer in space.layers:
-        w = space.knobs.w_bits
-        a = space.knobs.a_bits
         nm = [_nm_label(p) for p in space.nm_choices(layer)]
+        label = trial.suggest_categorical(f"q/{layer.fqn}", list(pairs)) if len(pairs) > 1 else next(iter(pairs))
         layers[layer.fqn] = LayerPlan(
-            w_bits=trial.suggest_categorical(f"w/{layer.fqn}", w) if len(w) > 1 else w[0],
-            a_bits=trial.suggest_categorical(f"a/{layer.fqn}", a) if len(a) > 1 else a[0],
+            w_bits=pairs[label][0],
+            a_bits=pairs[label][1],
             keep_ratio=keep.get(layer.fqn, 1.0),
             nm=_nm_from_label(trial.suggest_categorical(f"nm/{layer.fqn}", nm)) if len(nm) > 1 else None,
         )
@@ -69,10 +73,8 @@ def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
             params[f"keep/{group.root}"] = plan[group.layers[0]].keep_ratio
     for layer in space.layers:
         lp = plan[layer.fqn]
-        if len(space.knobs.w_bits) > 1:
-            params[f"w/{layer.fqn}"] = lp.w_bits
-        if len(space.knobs.a_bits) > 1:
-            params[f"a/{layer.fqn}"] = lp.a_bits
+        if len(space.knobs.pairs) > 1:
+            params[f"q/{layer.fqn}"] = _precision_label((lp.w_bits, lp.a_bits))
         if len(space.nm_choices(layer)) > 1:
             params[f"nm/{layer.fqn}"] = _nm_label(lp.nm)
     return params

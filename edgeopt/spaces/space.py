@@ -31,12 +31,19 @@ def _subset(name: str, chosen: Iterable, allowed: tuple, *, must_have: object) -
 
 @dataclass(frozen=True, kw_only=True)
 class Knobs:
-    """The values each knob may take. Every set keeps its 'do nothing' value."""
+    """The values each knob may take. Every set keeps its 'do nothing' value.
+
+    `precisions` narrows the (w_bits, a_bits) pairs a layer may take; None allows every pair of
+    `w_bits` x `a_bits`. A target sets it to the pairs its runtime executes as they are: on a
+    runtime with only int8 kernels, 8-bit weights with float activations run in float, so that
+    pair would cost accuracy and buy no speed.
+    """
 
     w_bits: tuple[int, ...] = W_BITS
     a_bits: tuple[int, ...] = A_BITS
     keep_ratios: tuple[float, ...] = KEEP_RATIOS
     nm: tuple[NM | None, ...] = NM_PATTERNS
+    precisions: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _subset("w_bits", self.w_bits, W_BITS, must_have=32))
@@ -44,14 +51,30 @@ class Knobs:
         keep = tuple(LayerPlan(keep_ratio=k).keep_ratio for k in self.keep_ratios)
         object.__setattr__(self, "keep_ratios", _subset("keep_ratio", keep, KEEP_RATIOS, must_have=1.0))
         object.__setattr__(self, "nm", _subset("nm", self.nm, NM_PATTERNS, must_have=None))
+        if self.precisions is not None:
+            chosen = tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in self.precisions)
+            object.__setattr__(self, "precisions", _subset("precisions", chosen, self._all_pairs(), must_have=(32, 32)))
+
+    def _all_pairs(self) -> tuple[tuple[int, int], ...]:
+        return tuple((w, a) for w in self.w_bits for a in self.a_bits)
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """The (w_bits, a_bits) pairs a layer may take."""
+        return self.precisions if self.precisions is not None else self._all_pairs()
 
     def restrict(self, other: Knobs) -> Knobs:
         """The choices both allow (a target restricting a user's space, say)."""
+        w_bits = [b for b in self.w_bits if b in other.w_bits]
+        a_bits = [b for b in self.a_bits if b in other.a_bits]
+        narrowed = self.precisions is not None or other.precisions is not None
         return Knobs(
-            w_bits=[b for b in self.w_bits if b in other.w_bits],
-            a_bits=[b for b in self.a_bits if b in other.a_bits],
+            w_bits=w_bits,
+            a_bits=a_bits,
             keep_ratios=[k for k in self.keep_ratios if k in other.keep_ratios],
             nm=[p for p in self.nm if p in other.nm],
+            precisions=[(w, a) for w, a in self.pairs if (w, a) in other.pairs and w in w_bits and a in a_bits]
+            if narrowed else None,
         )
 
 
@@ -121,21 +144,19 @@ class SearchSpace:
         """A uniformly random valid plan."""
         rng = random.Random(seed)
         keep = self._group_keep(lambda g: rng.choice(self.keep_choices(g)))
-        return ModelPlan(layers={
-            layer.fqn: LayerPlan(
-                w_bits=rng.choice(self.knobs.w_bits), a_bits=rng.choice(self.knobs.a_bits),
-                keep_ratio=keep.get(layer.fqn, 1.0), nm=rng.choice(self.nm_choices(layer)),
-            )
-            for layer in self.layers
-        })
+        layers = {}
+        for layer in self.layers:
+            w_bits, a_bits = rng.choice(self.knobs.pairs)
+            layers[layer.fqn] = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep.get(layer.fqn, 1.0),
+                                          nm=rng.choice(self.nm_choices(layer)))
+        return ModelPlan(layers=layers)
 
     def uniform(self, *, w_bits: int = 32, a_bits: int = 32, keep_ratio: float = 1.0,
                 nm: NM | None = None) -> ModelPlan:
         """The same choice for every layer, where it applies (N:M only on eligible layers,
         pruning only in prunable groups)."""
         template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm)
-        for name, value, allowed in (("w_bits", w_bits, self.knobs.w_bits),
-                                     ("a_bits", a_bits, self.knobs.a_bits),
+        for name, value, allowed in (("precision (w_bits, a_bits)", (w_bits, a_bits), self.knobs.pairs),
                                      ("keep_ratio", template.keep_ratio, self.knobs.keep_ratios),
                                      ("nm", nm, self.knobs.nm)):
             if value not in allowed:
@@ -157,7 +178,7 @@ class SearchSpace:
             layer = self._by_name.get(fqn)
             if layer is None:
                 continue
-            if lp.w_bits not in self.knobs.w_bits or lp.a_bits not in self.knobs.a_bits:
+            if (lp.w_bits, lp.a_bits) not in self.knobs.pairs:
                 problems.append(f"{fqn}: bits w{lp.w_bits}/a{lp.a_bits} outside the space")
             if lp.nm not in self.nm_choices(layer):
                 problems.append(f"{fqn}: N:M {lp.nm} not allowed here (kind {layer.kind}, "

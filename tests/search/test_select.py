@@ -35,5 +35,20 @@ def test_no_feasible_candidate_gives_none_and_closest_by_violation():
 
 def test_finetune_order_puts_feasible_front_first_then_fills_with_closest():
     cands = [_c(0, 90, 10), _c(1, 85, 5), _c(2, 80, 9), _c(3, 99, 1, violations=(0.05,))]
-    assert [c.trial for c in finetune_order(cands, 2)] == [0, 1]
-    assert [c.trial for c in finetune_order(cands, 5)] == [0, 1, 2, 3]
+    assert [c.trial for c in finetune_order(cands, 2, spread=10)] == [0, 1]
+    assert [c.trial for c in finetune_order(cands, 5, spread=10)] == [0, 1, 2, 3]
+    # Trial 1 is 5 proxy points below the best: outside a spread of 3 it waits behind nothing
+    # faster, and still comes next as the next most accurate front candidate.
+    assert [c.trial for c in finetune_order(cands, 2, spread=3)] == [0, 1]
+
+
+def test_finetune_order_spreads_over_the_faster_front_within_the_proxy_spread():
+    # Front, fastest first: 4 (50%, 1 ms, far below), 3 (82%, 2 ms), 2 (85%, 4 ms), 1 (88%, 6 ms),
+    # 0 (90%, 10 ms, the most accurate); trial 5 is dominated.
+    cands = [_c(0, 90, 10), _c(1, 88, 6), _c(2, 85, 4), _c(3, 82, 2), _c(4, 50, 1), _c(5, 80, 8)]
+    order = [c.trial for c in finetune_order(cands, 3, spread=10)]
+    assert order == [0, 3, 1]  # the best, then the fastest and the slowest of 1-3 (within 10 points)
+    assert [c.trial for c in finetune_order(cands, 2, spread=10)] == [0, 3]
+    assert [c.trial for c in finetune_order(cands, 4, spread=10)] == [0, 3, 2, 1]
+    # With no spread, the most accurate front candidates in turn (the former order).
+    assert [c.trial for c in finetune_order(cands, 3, spread=0)] == [0, 1, 2]

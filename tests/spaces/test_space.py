@@ -78,6 +78,37 @@ def test_restrict_narrows_choices_and_plans_follow(tiny, example):
         Knobs(w_bits=(8,))  # the float option must stay available
 
 
+def test_precisions_narrow_the_weight_activation_pairs(tiny, example):
+    pairs = ((32, 32), (8, 8))
+    space = SearchSpace.from_model(tiny, example).restrict(Knobs(w_bits=(32, 8), a_bits=(32, 8), precisions=pairs))
+    assert space.knobs.pairs == pairs
+    seen = {(lp.w_bits, lp.a_bits) for seed in range(20) for lp in space.sample(seed=seed).layers.values()}
+    assert seen == set(pairs)  # both pairs drawn, no w8a32 or w32a8
+    with pytest.raises(EdgeoptError, match="precision"):
+        space.uniform(w_bits=8)  # w8a32: a pair outside the space
+    layers = dict(space.uniform(w_bits=8, a_bits=8).layers)
+    layers["stem.0"] = LayerPlan(w_bits=32, a_bits=8)
+    with pytest.raises(EdgeoptError, match="stem.0: bits w32/a8"):
+        space.validate(ModelPlan(layers=layers))
+    # Restricting again keeps the narrowing; a second restriction narrows it further.
+    assert space.restrict(Knobs()).knobs.pairs == pairs
+    assert space.restrict(Knobs(w_bits=(32,), a_bits=(32,))).knobs.pairs == ((32, 32),)
+    with pytest.raises(EdgeoptError, match="uncompressed"):
+        Knobs(w_bits=(32, 8), a_bits=(32, 8), precisions=[(8, 8)])
+    with pytest.raises(EdgeoptError, match="subset"):
+        Knobs(w_bits=(32, 8), a_bits=(32, 8), precisions=[(32, 32), (4, 8)])
+
+
+def test_target_searches_only_the_pairs_its_runtime_executes():
+    from edgeopt.hw_models.targets import get_target
+    from edgeopt.search.optimize import target_knobs
+
+    assert target_knobs(get_target("pi4"), size_matters=False).pairs == ((32, 32), (8, 8))
+    assert target_knobs(get_target("jetson-orin-nano"), size_matters=False).pairs == ((32, 32), (16, 16), (8, 8))
+    # With a size budget, weight-only quantization shrinks the file, so every pair stays.
+    assert (8, 32) in target_knobs(get_target("pi4"), size_matters=True).pairs
+
+
 def test_untraceable_model_gets_a_clear_error():
     class Bad(torch.nn.Module):
         def __init__(self):
