@@ -221,6 +221,9 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy points a faster candidate may lose to the most accurate one")
+    p.add_argument("--min-speedup", type=float, default=1.1,
+                   help="how many times faster on the target a less accurate candidate must be to be "
+                        "selected over the most accurate one (default 1.1)")
     p.add_argument("--proxy-spread", type=float, default=10.0,
                    help="proxy accuracy points below the most accurate candidate within which faster "
                         "Pareto candidates are fine-tuned too (default 10)")
@@ -268,7 +271,8 @@ def _search(argv: list[str]) -> int:
                 search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
                                     storage=args.storage, study_name=args.study, proxy=args.proxy),
                 finetune_config=FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs,
-                                               max_drop=args.max_drop, proxy_spread=args.proxy_spread),
+                                               max_drop=args.max_drop, min_speedup=args.min_speedup,
+                                               proxy_spread=args.proxy_spread),
             )
     except BaseException as exc:
         # After Ctrl-C, whatever ends the run is the interruption: a KeyboardInterrupt that lands

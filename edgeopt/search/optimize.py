@@ -232,12 +232,13 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     if not candidates:
         raise EdgeoptError("No trial finished; nothing to select. See the log above for why trials failed.")
     base_accuracy = evaluate(model, data.val)
-    chosen = finetune_order(candidates, finetune_config.top, spread=finetune_config.proxy_spread)
+    hand = _hand_candidate(candidates, _starting_plans(context.space))
+    chosen = finetune_order(candidates, finetune_config.top, spread=finetune_config.proxy_spread, hand=hand)
     tuned: list[Finetuned] = finetune(chosen, context, data=data, config=finetune_config, seed=search.seed)
     by_trial = {t.candidate.trial: t for t in tuned}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else c for c in candidates]
     pool = [t.candidate for t in tuned] or candidates
-    selected = select(pool, max_drop=finetune_config.max_drop)
+    selected = select(pool, max_drop=finetune_config.max_drop, min_speedup=finetune_config.min_speedup)
     shown = selected or (closest(pool, 1) or closest(candidates, 1) or [None])[0]
 
     model_out = by_trial[shown.trial].model if shown and shown.trial in by_trial else (
@@ -252,6 +253,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
                 "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
                 "proxy": search.proxy,
                 "finetuned": len(tuned), "max_drop": finetune_config.max_drop,
+                "min_speedup": finetune_config.min_speedup,
                 "proxy_spread": finetune_config.proxy_spread},
         base_model=model,
     )
@@ -268,6 +270,13 @@ def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
             if keep in space.knobs.keep_ratios:
                 plans.append(space.uniform(w_bits=8, a_bits=8, keep_ratio=keep))
     return plans
+
+
+def _hand_candidate(candidates: list[Candidate], starting: list[ModelPlan]) -> Candidate | None:
+    """The starting plan a user would pick by hand: of those that meet every budget, the one that
+    prunes least (uniform int8 at the largest keep ratio that fits)."""
+    fits = [c for c in candidates if c.feasible and any(c.plan == plan for plan in starting)]
+    return max(fits, key=lambda c: (c.macs, c.proxy_accuracy), default=None)
 
 
 def _host_latency(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[float, float]:

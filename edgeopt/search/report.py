@@ -154,7 +154,8 @@ def write_report(path: Path, *, summary: dict) -> None:
         lines.append("")
     lines += ["## Selection rule", "",
               f"Among candidates that meet every budget, the most accurate; among those within "
-              f"{s['max_drop']} points of it, the fastest on the target. Accuracy is the fine-tuned "
+              f"{s['max_drop']} points of it and at least {s['min_speedup']}x faster on the target, the "
+              "fastest (if none, the most accurate). Accuracy is the fine-tuned "
               "validation accuracy where a candidate was fine-tuned, else its proxy accuracy. "
               f"Fine-tuned: the most accurate Pareto candidate, then faster Pareto candidates within "
               f"{s['proxy_spread']} proxy points of it.", ""]

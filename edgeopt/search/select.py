@@ -1,8 +1,9 @@
 """Candidates of a finished search and the documented rule that selects one.
 
 The rule: among candidates that meet every budget, find the most accurate; among those within
-`max_drop` accuracy points of it, take the fastest on the target. Accuracy is the validation
-accuracy after fine-tuning where a candidate was fine-tuned, else its proxy accuracy.
+`max_drop` accuracy points of it and at least `min_speedup` times faster on the target, take the
+fastest; if there is none, the most accurate. Accuracy is the validation accuracy after
+fine-tuning where a candidate was fine-tuned, else its proxy accuracy.
 """
 
 from __future__ import annotations
@@ -57,45 +58,52 @@ def pareto_front(candidates: list[Candidate], *, accuracy=lambda c: c.proxy_accu
     return sorted(front, key=lambda c: c.latency_ms)
 
 
-def finetune_order(candidates: list[Candidate], top: int, *, spread: float) -> list[Candidate]:
+def finetune_order(candidates: list[Candidate], top: int, *, spread: float,
+                   hand: Candidate | None = None) -> list[Candidate]:
     """Which candidates to fine-tune, in order.
 
-    First the most accurate feasible candidate on the Pareto front; then faster front candidates
-    whose proxy accuracy is within `spread` points of it, spaced evenly in latency from the fastest
-    of them (fine-tuning recovers much of what pruning costs the proxy, so a faster candidate may
-    end within the selection rule's `max_drop`); then the next most accurate feasible ones; then
-    the infeasible closest to the budget.
+    First the most accurate feasible candidate on the Pareto front; then `hand`, the plan a user
+    would make by hand (so the answer is never worse than it after fine-tuning); then faster front
+    candidates whose proxy accuracy is within `spread` points of the most accurate, spaced evenly
+    in latency from the fastest of them (fine-tuning recovers much of what pruning costs the
+    proxy, so a faster candidate may end within the selection rule's `max_drop`); then the next
+    most accurate feasible ones; then the infeasible closest to the budget.
     """
     feasible = [c for c in candidates if c.feasible]
     front = pareto_front(feasible)  # fastest first
     chosen: list[Candidate] = []
     if front:
         best = max(front, key=lambda c: (c.proxy_accuracy, -c.latency_ms))
-        faster = [c for c in front if c is not best and c.proxy_accuracy >= best.proxy_accuracy - spread]
-        slots = min(top - 1, len(faster))
+        chosen.append(best)
+        if hand is not None and hand.trial != best.trial:
+            chosen.append(hand)
+        faster = [c for c in front if c.trial not in {x.trial for x in chosen}
+                  and c.proxy_accuracy >= best.proxy_accuracy - spread]
+        slots = min(top - len(chosen), len(faster))
+        picks: list[int] = []
         if slots == 1:
             picks = [0]
-        else:
+        elif slots > 1:
             picks = sorted({round(i * (len(faster) - 1) / (slots - 1)) for i in range(slots)})
-        chosen = [best] + [faster[i] for i in picks]
+        chosen += [faster[i] for i in picks]
     taken = {c.trial for c in chosen}
     on_front = {c.trial for c in front}
-    rest = sorted((c for c in feasible if c.trial not in taken),
-                  key=lambda c: (c.trial not in on_front, -c.proxy_accuracy, c.latency_ms))
-    chosen += rest
+    chosen += sorted((c for c in feasible if c.trial not in taken),
+                     key=lambda c: (c.trial not in on_front, -c.proxy_accuracy, c.latency_ms))
     if len(chosen) < top:
         chosen += closest(candidates, top - len(chosen))
     return chosen[:top]
 
 
-def select(candidates: list[Candidate], *, max_drop: float) -> Candidate | None:
+def select(candidates: list[Candidate], *, max_drop: float, min_speedup: float) -> Candidate | None:
     """The selected candidate by the rule in this module's docstring, or None if none is feasible."""
     feasible = [c for c in candidates if c.feasible]
     if not feasible:
         return None
-    best = max(c.best_accuracy for c in feasible)
-    near = [c for c in feasible if c.best_accuracy >= best - max_drop]
-    return min(near, key=lambda c: (c.latency_ms, -c.best_accuracy))
+    best = max(feasible, key=lambda c: (c.best_accuracy, -c.latency_ms))
+    faster = [c for c in feasible if c.best_accuracy >= best.best_accuracy - max_drop
+              and c.latency_ms * min_speedup <= best.latency_ms]
+    return min(faster, key=lambda c: (c.latency_ms, -c.best_accuracy)) if faster else best
 
 
 def closest(candidates: list[Candidate], n: int = 3) -> list[Candidate]:

@@ -68,3 +68,22 @@ def test_targets_choose_differently_where_hardware_differs(bundle, trained, tmp_
     assert nm["pi4"] == []  # N:M buys nothing on the Pi
     assert nm["jetson-orin-nano"], "2:4 should appear where sparse tensor cores pay"
     assert plans["pi4"] != plans["jetson-orin-nano"]
+
+
+def test_hand_candidate_is_the_feasible_starting_plan_that_prunes_least():
+    from edgeopt import LayerPlan
+    from edgeopt.search.optimize import _hand_candidate
+    from edgeopt.search.select import Candidate
+
+    def plan(keep):
+        return ModelPlan(layers={"conv": LayerPlan(w_bits=8, a_bits=8, keep_ratio=keep)})
+
+    def cand(trial, keep, macs, violation):
+        return Candidate(trial=trial, plan=plan(keep), proxy_accuracy=50.0, latency_ms=1.0, macs=macs,
+                         effective_macs=macs, bytes=1, violations=(violation,))
+
+    starting = [plan(1.0), plan(0.75), plan(0.5)]
+    cands = [cand(0, 1.0, 100, 0.5), cand(1, 0.75, 56, -0.1), cand(2, 0.5, 25, -0.6),
+             cand(3, 0.625, 80, -0.05)]  # trial 3 fits with more MACs, but is no starting plan
+    assert _hand_candidate(cands, starting).trial == 1
+    assert _hand_candidate(cands[:1], starting) is None  # nothing a user would try fits

@@ -17,19 +17,28 @@ def test_pareto_front_keeps_only_undominated_points_sorted_by_latency():
 
 def test_select_takes_fastest_within_max_drop_of_the_most_accurate_feasible():
     cands = [_c(0, 90, 10), _c(1, 89.5, 6), _c(2, 88, 3), _c(3, 95, 2, violations=(0.2,))]
-    assert select(cands, max_drop=1.0).trial == 1  # trial 3 is faster and better but over budget
-    assert select(cands, max_drop=0.0).trial == 0
-    assert select(cands, max_drop=5.0).trial == 2
+    assert select(cands, max_drop=1.0, min_speedup=1.0).trial == 1  # 3: faster, better, over budget
+    assert select(cands, max_drop=0.0, min_speedup=1.0).trial == 0
+    assert select(cands, max_drop=5.0, min_speedup=1.0).trial == 2
+
+
+def test_select_gives_accuracy_away_only_for_enough_speed():
+    # Trial 1 is 0.5 points less accurate and 1 % faster; trial 2 is 0.9 less and 1.25x faster.
+    cands = [_c(0, 90, 10), _c(1, 89.5, 9.9), _c(2, 89.1, 8)]
+    assert select(cands, max_drop=1.0, min_speedup=1.0).trial == 2
+    assert select(cands, max_drop=1.0, min_speedup=1.2).trial == 2
+    assert select(cands, max_drop=1.0, min_speedup=1.3).trial == 0  # none is fast enough: the best
+    assert select(cands[:2], max_drop=1.0, min_speedup=1.1).trial == 0
 
 
 def test_select_prefers_fine_tuned_accuracy():
     cands = [_c(0, 90, 10, tuned=80.0), _c(1, 85, 8, tuned=88.0)]
-    assert select(cands, max_drop=0.5).trial == 1
+    assert select(cands, max_drop=0.5, min_speedup=1.1).trial == 1
 
 
 def test_no_feasible_candidate_gives_none_and_closest_by_violation():
     cands = [_c(0, 90, 10, violations=(0.5,)), _c(1, 80, 5, violations=(0.1,)), _c(2, 70, 4, violations=(0.1, 0.3))]
-    assert select(cands, max_drop=1) is None
+    assert select(cands, max_drop=1, min_speedup=1.1) is None
     assert [c.trial for c in closest(cands, 2)] == [1, 2]
 
 
@@ -52,3 +61,12 @@ def test_finetune_order_spreads_over_the_faster_front_within_the_proxy_spread():
     assert [c.trial for c in finetune_order(cands, 4, spread=10)] == [0, 3, 2, 1]
     # With no spread, the most accurate front candidates in turn (the former order).
     assert [c.trial for c in finetune_order(cands, 3, spread=0)] == [0, 1, 2]
+
+
+def test_finetune_order_always_includes_the_hand_plan():
+    cands = [_c(0, 90, 10), _c(1, 88, 6), _c(2, 85, 4), _c(3, 82, 2), _c(7, 70, 9)]  # 7: dominated
+    hand = cands[-1]
+    assert [c.trial for c in finetune_order(cands, 3, spread=10, hand=hand)] == [0, 7, 3]
+    assert [c.trial for c in finetune_order(cands, 2, spread=10, hand=hand)] == [0, 7]
+    # The hand plan is the most accurate: it is not fine-tuned twice.
+    assert [c.trial for c in finetune_order(cands, 3, spread=10, hand=cands[0])] == [0, 3, 1]
