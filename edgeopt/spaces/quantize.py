@@ -110,22 +110,28 @@ _ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 _EXACT_FLOAT32 = 2.0**24  # integers up to here are exact in float32, and so are their sums
 
 
-def integer_accumulate(op, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
-    """op(x_int, w_int) computed exactly (float64 result) for integer-valued float tensors,
-    x_int in [-255, 255].
+def integer_accumulate(op, x_int: torch.Tensor, w_int: torch.Tensor,
+                       bias_int: torch.Tensor | None = None) -> torch.Tensor:
+    """op(x_int, w_int) + bias_int for integer-valued float tensors (x_int in [-255, 255]),
+    summed exactly and returned as float32, rounded as the runtime's int32-to-float32 cast rounds.
+    `bias_int` is shaped to broadcast over the result.
 
-    A float32 convolution of integers is exact while every partial sum stays below 2^24, which
-    255 * sum(|w|) per output channel bounds; past that the input is split as 16 * high + low
-    (high in [-16, 15], low in [0, 15]), and past that again float64 does it, at several times
-    the cost.
+    A float32 computation on integers is exact while every partial sum stays below 2^24, which
+    255 * sum(|w|) per output channel (plus the largest bias) bounds; past that the input is split
+    as 16 * high + low (high in [-16, 15], low in [0, 15]) and summed in float64, and past that
+    again float64 does it all, at several times the cost.
     """
     bound = float(w_int.detach().abs().reshape(w_int.shape[0], -1).sum(dim=1).max()) * 255
-    if bound < _EXACT_FLOAT32:
-        return op(x_int, w_int, None).double()
+    bias_bound = float(bias_int.detach().abs().max()) if bias_int is not None else 0.0
+    if bound + bias_bound < _EXACT_FLOAT32:
+        acc = op(x_int, w_int, None)
+        return acc if bias_int is None else acc.add_(bias_int)
     if bound / 16 < _EXACT_FLOAT32:
         high = torch.floor(x_int / 16)
-        return 16 * op(high, w_int, None).double() + op(x_int - 16 * high, w_int, None).double()
-    return op(x_int.double(), w_int.double(), None)
+        acc = 16 * op(high, w_int, None).double() + op(x_int - 16 * high, w_int, None).double()
+    else:
+        acc = op(x_int.double(), w_int.double(), None)
+    return (acc if bias_int is None else acc + bias_int.double()).float()
 
 
 class CompressedMixin:
@@ -217,19 +223,36 @@ class CompressedMixin:
         Here the PyTorch model and the exported one give the same integers.
         """
         sx, zx = self.input_range.scale, self.input_range.zero_point.to(x.dtype)
-        sw = self.weight_scale()
+        w_int, bias_int, multiplier = self._integer_constants()
+        # Output channels: dim 1 of a conv's output, the last dim of a linear layer's.
+        channel = (-1,) if isinstance(self, nn.Linear) else (1, -1) + (1,) * (x.dim() - 2)
+        # In place where a fresh tensor is already at hand: these pass over whole activations.
+        x_int = torch.round(x / sx).add_(zx).clamp_(UINT8_MIN, UINT8_MAX).sub_(zx)  # in [-255, 255]
+        acc = integer_accumulate(self._op, x_int, w_int,
+                                 None if bias_int is None else bias_int.reshape(channel))
+        sy, zy = self.output_range.scale, self.output_range.zero_point.to(x.dtype)
+        y = acc.mul_(multiplier.reshape(channel)).round_().clamp_(UINT8_MIN - zy, UINT8_MAX - zy)
+        return y.mul_(sy)
+
+    def _integer_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Integer weights, int32 bias and float32 multiplier, kept while the weights, the bias
+        and the quantization parameters they come from are unchanged (PyTorch bumps a tensor's
+        _version on every in-place change)."""
+        sources = [self.weight, self.input_range.scale, self.output_range.scale]
+        if self.bias is not None:
+            sources.append(self.bias)
+        key = tuple((id(t), t._version) for t in sources)
+        cached = getattr(self, "_integer_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sx, sw = self.input_range.scale, self.weight_scale()
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
         w_int = torch.round(self.effective_weight() / sw.reshape(shape))
-        x_int = torch.clamp(torch.round(x / sx) + zx, UINT8_MIN, UINT8_MAX) - zx  # in [-255, 255]
-        acc = integer_accumulate(self._op, x_int, w_int)
-        # Output channels: dim 1 of a conv's output, the last dim of a linear layer's.
-        channel = (-1,) if isinstance(self, nn.Linear) else (1, -1) + (1,) * (acc.dim() - 2)
-        if self.bias is not None:
-            acc = acc + torch.round(self.effective_bias() / (sx * sw)).double().reshape(channel)
-        sy, zy = self.output_range.scale, self.output_range.zero_point.to(x.dtype)
-        multiplier = (sx * sw / sy).float().reshape(channel)
-        y = torch.clamp(torch.round(acc.float() * multiplier), UINT8_MIN - zy, UINT8_MAX - zy)
-        return y * sy
+        bias_int = None if self.bias is None else torch.round(self.effective_bias() / (sx * sw))
+        multiplier = (sx * sw / self.output_range.scale).float()
+        constants = (w_int.detach(), None if bias_int is None else bias_int.detach(), multiplier.detach())
+        self._integer_cache = (key, constants)
+        return constants
 
     def extra_repr(self) -> str:
         nm = f", nm={self.nm}" if self.nm is not None else ""

@@ -50,10 +50,13 @@ def test_integer_accumulation_is_exact_where_float32_is_not(inputs):
     x_int = torch.randint(200, 256, (8, inputs), generator=generator).float()
     w_int = torch.full((3, inputs), 127.0)
     w_int[1, ::3] = -127.0
-    exact = x_int.long() @ w_int.long().T
-    assert not torch.equal(torch.nn.functional.linear(x_int, w_int).double(), exact.double())
-    got = integer_accumulate(torch.nn.functional.linear, x_int, w_int)
-    assert got.dtype == torch.float64 and torch.equal(got, exact.double())
+    bias = torch.tensor([5.0, -(2.0**20) - 3, 7.0])
+    exact = x_int.long() @ w_int.long().T + bias.long()
+    # What the runtime multiplies: the exact int32 sum cast to float32 (round half to even).
+    expected = torch.from_numpy(exact.numpy().astype(np.float32))
+    assert not torch.equal(torch.nn.functional.linear(x_int, w_int, bias), expected)
+    got = integer_accumulate(torch.nn.functional.linear, x_int, w_int, bias)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_integer_linear_on_channels_last_input_scales_each_output_channel():
