@@ -157,8 +157,9 @@ def write_report(path: Path, *, summary: dict) -> None:
               f"{s['max_drop']} points of it and at least {s['min_speedup']}x faster on the target, the "
               "fastest (if none, the most accurate). Accuracy is the fine-tuned "
               "validation accuracy where a candidate was fine-tuned, else its proxy accuracy. "
-              f"Fine-tuned: the most accurate Pareto candidate, then faster Pareto candidates within "
-              f"{s['proxy_spread']} proxy points of it.", ""]
+              "Fine-tuned: the most accurate Pareto candidate, the hand plan (the starting plan that "
+              f"meets every budget and prunes least), then faster Pareto candidates within "
+              f"{s['proxy_spread']} proxy points of the most accurate.", ""]
     if s.get("closest"):
         lines += ["## No candidate met the budget", "", "Closest candidates (relative excess per budget):", ""]
         for c in s["closest"]:
