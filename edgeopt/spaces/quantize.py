@@ -110,19 +110,25 @@ _ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
 _EXACT_FLOAT32 = 2.0**24  # integers up to here are exact in float32, and so are their sums
 
 
-def integer_accumulate(op, x_int: torch.Tensor, w_int: torch.Tensor,
-                       bias_int: torch.Tensor | None = None) -> torch.Tensor:
+def accumulation_bounds(w_int: torch.Tensor, bias_int: torch.Tensor | None) -> tuple[float, float]:
+    """The largest |partial sum| of an integer layer (255 * sum(|w|) per output channel, for
+    inputs in [-255, 255]) and the largest |bias|: what `integer_accumulate` needs."""
+    bound = float(w_int.detach().abs().reshape(w_int.shape[0], -1).sum(dim=1).max()) * 255
+    return bound, float(bias_int.detach().abs().max()) if bias_int is not None else 0.0
+
+
+def integer_accumulate(op, x_int: torch.Tensor, w_int: torch.Tensor, bias_int: torch.Tensor | None,
+                       bounds: tuple[float, float]) -> torch.Tensor:
     """op(x_int, w_int) + bias_int for integer-valued float tensors (x_int in [-255, 255]),
     summed exactly and returned as float32, rounded as the runtime's int32-to-float32 cast rounds.
-    `bias_int` is shaped to broadcast over the result.
+    `bias_int` is shaped to broadcast over the result; `bounds` is `accumulation_bounds(...)`.
 
     A float32 computation on integers is exact while every partial sum stays below 2^24, which
-    255 * sum(|w|) per output channel (plus the largest bias) bounds; past that the input is split
-    as 16 * high + low (high in [-16, 15], low in [0, 15]) and summed in float64, and past that
-    again float64 does it all, at several times the cost.
+    the bounds bound; past that the input is split as 16 * high + low (high in [-16, 15], low in
+    [0, 15]) and summed in float64, and past that again float64 does it all, at several times the
+    cost.
     """
-    bound = float(w_int.detach().abs().reshape(w_int.shape[0], -1).sum(dim=1).max()) * 255
-    bias_bound = float(bias_int.detach().abs().max()) if bias_int is not None else 0.0
+    bound, bias_bound = bounds
     if bound + bias_bound < _EXACT_FLOAT32:
         acc = op(x_int, w_int, None)
         return acc if bias_int is None else acc.add_(bias_int)
@@ -223,19 +229,19 @@ class CompressedMixin:
         Here the PyTorch model and the exported one give the same integers.
         """
         sx, zx = self.input_range.scale, self.input_range.zero_point.to(x.dtype)
-        w_int, bias_int, multiplier = self._integer_constants()
+        w_int, bias_int, multiplier, bounds = self._integer_constants()
         # Output channels: dim 1 of a conv's output, the last dim of a linear layer's.
         channel = (-1,) if isinstance(self, nn.Linear) else (1, -1) + (1,) * (x.dim() - 2)
         # In place where a fresh tensor is already at hand: these pass over whole activations.
         x_int = torch.round(x / sx).add_(zx).clamp_(UINT8_MIN, UINT8_MAX).sub_(zx)  # in [-255, 255]
         acc = integer_accumulate(self._op, x_int, w_int,
-                                 None if bias_int is None else bias_int.reshape(channel))
+                                 None if bias_int is None else bias_int.reshape(channel), bounds)
         sy, zy = self.output_range.scale, self.output_range.zero_point.to(x.dtype)
         y = acc.mul_(multiplier.reshape(channel)).round_().clamp_(UINT8_MIN - zy, UINT8_MAX - zy)
         return y.mul_(sy)
 
-    def _integer_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Integer weights, int32 bias and float32 multiplier, kept while the weights, the bias
+    def _integer_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[float, float]]:
+        """Integer weights, int32 bias, float32 multiplier and accumulation bounds, kept while the weights, the bias
         and the quantization parameters they come from are unchanged (PyTorch bumps a tensor's
         _version on every in-place change)."""
         sources = [self.weight, self.input_range.scale, self.output_range.scale]
@@ -250,7 +256,8 @@ class CompressedMixin:
         w_int = torch.round(self.effective_weight() / sw.reshape(shape))
         bias_int = None if self.bias is None else torch.round(self.effective_bias() / (sx * sw))
         multiplier = (sx * sw / self.output_range.scale).float()
-        constants = (w_int.detach(), None if bias_int is None else bias_int.detach(), multiplier.detach())
+        w_int, bias_int = w_int.detach(), None if bias_int is None else bias_int.detach()
+        constants = (w_int, bias_int, multiplier.detach(), accumulation_bounds(w_int, bias_int))
         self._integer_cache = (key, constants)
         return constants
 

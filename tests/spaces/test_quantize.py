@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgeopt import LayerPlan
-from edgeopt.spaces.quantize import calibrate, compress_module, integer_accumulate
+from edgeopt.spaces.quantize import accumulation_bounds, calibrate, compress_module, integer_accumulate
 
 
 def _reference(layer, x: torch.Tensor) -> np.ndarray:
@@ -55,7 +55,7 @@ def test_integer_accumulation_is_exact_where_float32_is_not(inputs):
     # What the runtime multiplies: the exact int32 sum cast to float32 (round half to even).
     expected = torch.from_numpy(exact.numpy().astype(np.float32))
     assert not torch.equal(torch.nn.functional.linear(x_int, w_int, bias), expected)
-    got = integer_accumulate(torch.nn.functional.linear, x_int, w_int, bias)
+    got = integer_accumulate(torch.nn.functional.linear, x_int, w_int, bias, accumulation_bounds(w_int, bias))
     assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
