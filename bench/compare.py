@@ -4,7 +4,7 @@ Every method runs in this one process on the same trained base model, data, budg
 (pi4), and every compressed model gets the same fine-tuning (edgeopt.search.finetune: QAT at its
 bit widths, pruned structure kept, distilled from the base model, `--finetune-epochs` epochs):
 
-- edgeopt        `optimize` as the CLI runs it (NSGA-II), `--trials` trials, top `--top` fine-tuned;
+- edgeopt        `optimize` as the CLI runs it (its default sampler), `--trials` trials, top `--top` fine-tuned;
 - random         the same, with Optuna's RandomSampler (same space, trials, warm start, fine-tuning);
 - uniform_int8   every layer int8 (weights per channel, activations calibrated);
 - l1_prune_int8  one uniform channel keep ratio (L1 magnitude, Torch-Pruning), the largest of the
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     methods: dict[str, dict] = {}
     plans: dict[str, ModelPlan] = {}
     searches: dict[str, dict] = {}
-    for name, sampler in (("edgeopt", "nsga2"), ("random", "random")):
+    for name, sampler in (("edgeopt", SearchConfig().sampler), ("random", "random")):
         record: dict = {}
         print(f"\n== {name}: optimize(sampler={sampler!r}, trials={args.trials})", file=sys.stderr)
         with metered(record):
@@ -519,15 +519,16 @@ def main(argv: list[str] | None = None) -> int:
         hv["optuna_check"][name] = _optuna_hypervolume(pts, reference)
         hv["all_trials"][name] = round(hypervolume_2d(list(zip(frame["proxy_accuracy"], frame["latency_ms"])),
                                                       reference), 4)
-        tuned = frame[frame["finetuned_accuracy"].notna()]
-        searches[name]["finetuned"] = tuned[["trial", "proxy_accuracy", "finetuned_accuracy", "latency_ms",
-                                             "macs", "feasible"]].to_dict("records")
+        tuned = frame[frame["finetuned_accuracy"].notna() | frame["screened_accuracy"].notna()]
+        searches[name]["finetuned"] = tuned[["trial", "proxy_accuracy", "screened_accuracy", "finetuned_accuracy",
+                                             "latency_ms", "macs", "feasible"]].astype(object).where(
+                                                 tuned.notna(), None).to_dict("records")
         searches[name]["feasible_trials"] = int(frame["feasible"].sum())
 
     if args.hv_seeds > 0:
         seeds = [args.seed + 1 + i for i in range(args.hv_seeds)]
         hv["more_seeds"] = {"seeds": seeds}
-        for name, sampler in (("edgeopt", "nsga2"), ("random", "random")):
+        for name, sampler in (("edgeopt", SearchConfig().sampler), ("random", "random")):
             print(f"\n== hypervolume, {name}, seeds {seeds}", file=sys.stderr)
             hv["more_seeds"][name] = search_hypervolumes(model, data, sampler=sampler, seeds=seeds, args=args,
                                                          reference=reference)

@@ -2,10 +2,12 @@
 setting (cifar10 subset, edgenet base, 40% budget, pi4, 60 trials) at several seeds, and the
 hypervolume of each run's within-budget trials, as `bench/compare.py --hv-seeds` computes it.
 
-    python bench/sampler_hypervolume.py --variants nsga2-pop20,nsga2-pop10,tpe,random --seeds 1,2,3,4,5
+    python bench/sampler_hypervolume.py --variants nsga2,tpe,gp,random --seeds 0,1,2,3,4,5
 
-A variant is `random`, `tpe` (edgeopt's TPE settings), `nsga2` (edgeopt's default population)
-or `nsga2-popN` (NSGA-II with population N). About 45 s per run on the 2-core VM.
+A variant is `random`, `tpe` (edgeopt's TPE settings), `nsga2` (edgeopt's default population),
+`nsga2-popN` (NSGA-II with population N) or `gp` (Optuna's GPSampler with the budget as its
+constraint). The base model is compare.py's (edgenet of `--width`, `--base-epochs`, cached in
+bench/results/models), so seed 0 is the full comparison run's search.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -26,8 +29,6 @@ sys.path.insert(0, str(ROOT.parent))
 import compare  # noqa: E402
 
 from edgeopt.search import study as study_module  # noqa: E402
-from edgeopt.search.data import load_data  # noqa: E402
-from edgeopt.search.models import resolve_model  # noqa: E402
 from edgeopt.hw_models.estimate import estimate_latency  # noqa: E402
 
 
@@ -38,14 +39,15 @@ def main() -> int:
     parser.add_argument("--seeds", default="1,2,3,4,5")
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--budget", default="40%")
-    parser.add_argument("--base-epochs", type=float, default=40.0)
+    parser.add_argument("--base-epochs", type=float, default=30.0)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
-    data = load_data(args.data, seed=0)
-    model, _ = resolve_model(None, data=data, cache_dir=ROOT / "results" / "models", epochs=args.base_epochs,
-                             progress=True)
-    model.eval()
+    torch.set_num_threads(args.threads)
+    data = compare.load_data(args.data, seed=0)
+    model, _ = compare.base_model(data, epochs=args.base_epochs, width=args.width, cache=ROOT / "results" / "models")
     base_ms = estimate_latency(model, data.example_input(), target=compare.TARGET).total_ms
     reference = (round(100.0 / data.num_classes, 2), round(base_ms, 4))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -58,6 +60,10 @@ def main() -> int:
             population = int(variant.removeprefix("nsga2-pop"))
             study_module.SAMPLERS["nsga2"] = lambda seed, trials, p=population: optuna.samplers.NSGAIISampler(
                 population_size=p, seed=seed, constraints_func=study_module.constraints_of)
+            sampler = "nsga2"
+        elif variant == "gp":
+            study_module.SAMPLERS["nsga2"] = lambda seed, trials: optuna.samplers.GPSampler(
+                seed=seed, constraints_func=study_module.constraints_of, deterministic_objective=True)
             sampler = "nsga2"
         run_args = types.SimpleNamespace(work=Path("/tmp/edgeopt-sampler-hv") / variant, budget=args.budget,
                                          trials=args.trials)

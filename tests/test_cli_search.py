@@ -185,3 +185,8 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(folder, tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "same command" in err
     assert len(_completed(out)) >= 2
+
+
+@pytest.mark.parametrize("extra", [["--screen", "-1"], ["--screen-epochs", "-0.5"]])
+def test_bad_screening(capsys, folder, tmp_path, extra):
+    _fails_cleanly(capsys, _base_args(folder, tmp_path, *extra), "screen")

@@ -24,12 +24,12 @@ from edgeopt.evaluators.onnx_export import export_onnx
 from edgeopt.hw_models.estimate import estimate_latency
 from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import ModelPlan
-from edgeopt.search.finetune import FinetuneConfig, Finetuned, finetune
+from edgeopt.search.finetune import FinetuneConfig, Finetuned, finetune, screen, screening
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
-from edgeopt.search.select import Candidate, closest, finetune_order, pareto_front, select
+from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
 from edgeopt.search.study import (CONSTRAINTS, METRICS, finished, make_sampler, make_storage, open_study,
                                   plan_params, trial_plan)
 from edgeopt.search.training import evaluate
@@ -46,7 +46,7 @@ class SearchConfig:
     """How the Optuna search runs."""
 
     trials: int = 40
-    sampler: str = "nsga2"  # nsga2, tpe or random
+    sampler: str = "tpe"  # tpe, nsga2 or random (edgeopt.search.study says why tpe)
     seed: int = 0
     storage: str | None = None  # any Optuna storage URL; default: a journal file in the output folder
     study_name: str = "edgeopt"
@@ -233,10 +233,19 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
         raise EdgeoptError("No trial finished; nothing to select. See the log above for why trials failed.")
     base_accuracy = evaluate(model, data.val)
     hand = _hand_candidate(candidates, _starting_plans(context.space))
-    chosen = finetune_order(candidates, finetune_config.top, spread=finetune_config.proxy_spread, hand=hand)
-    tuned: list[Finetuned] = finetune(chosen, context, data=data, config=finetune_config, seed=search.seed)
+    config = finetune_config
+    chosen = finetune_order(candidates, max(config.top, config.screen), spread=config.proxy_spread, hand=hand)
+    screened: list[Candidate] = []
+    if screening(config, len(chosen)):
+        screened = screen(chosen, context, data=data, config=config, seed=search.seed)
+        chosen = finalists(screened, config.top, hand=hand, max_drop=config.max_drop,
+                           min_speedup=config.min_speedup)
+    chosen = chosen[:config.top]
+    tuned: list[Finetuned] = finetune(chosen, context, data=data, config=config, seed=search.seed)
     by_trial = {t.candidate.trial: t for t in tuned}
-    candidates = [by_trial[c.trial].candidate if c.trial in by_trial else c for c in candidates]
+    screened_by_trial = {c.trial: c for c in screened}
+    candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
+                  for c in candidates]
     pool = [t.candidate for t in tuned] or candidates
     selected = select(pool, max_drop=finetune_config.max_drop, min_speedup=finetune_config.min_speedup)
     shown = selected or (closest(pool, 1) or closest(candidates, 1) or [None])[0]
@@ -252,6 +261,8 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
                 "target": f"{target.name}: {target.description}", "budgets": [str(b) for b in budgets],
                 "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
                 "proxy": search.proxy,
+                "screened": len(screened), "screen_epochs": config.screen_length,
+                "finetune_epochs": config.epochs,
                 "finetuned": len(tuned), "max_drop": finetune_config.max_drop,
                 "min_speedup": finetune_config.min_speedup,
                 "proxy_spread": finetune_config.proxy_spread},

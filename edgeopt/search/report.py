@@ -19,14 +19,15 @@ def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd
     for c in candidates:
         row = {
             "trial": c.trial, "plan_key": c.plan.key(), "proxy_accuracy": c.proxy_accuracy,
-            "finetuned_accuracy": c.accuracy, "latency_ms": c.latency_ms, "macs": c.macs,
-            "effective_macs": c.effective_macs, "bytes": c.bytes, "feasible": c.feasible,
+            "screened_accuracy": c.screened_accuracy, "finetuned_accuracy": c.accuracy,
+            "latency_ms": c.latency_ms, "macs": c.macs, "effective_macs": c.effective_macs, "bytes": c.bytes,
+            "feasible": c.feasible,
         }
         for budget, violation in zip(budgets, c.violations):
             row[f"violation[{budget.text}]"] = violation
         rows.append(row)
-    columns = ["trial", "plan_key", "proxy_accuracy", "finetuned_accuracy", "latency_ms", "macs",
-               "effective_macs", "bytes", "feasible"]
+    columns = ["trial", "plan_key", "proxy_accuracy", "screened_accuracy", "finetuned_accuracy", "latency_ms",
+               "macs", "effective_macs", "bytes", "feasible"]
     return pd.DataFrame(rows, columns=columns + [f"violation[{b.text}]" for b in budgets])
 
 
@@ -132,7 +133,8 @@ def write_report(path: Path, *, summary: dict) -> None:
         "# edgeopt report", "",
         f"- model: {s['model']}", f"- data: {s['data']}", f"- target: {s['target']}",
         f"- budget: {', '.join(s['budgets'])} ({'binds' if s['binds'] else 'does not bind'} on the base model)",
-        f"- trials: {s['trials']} ({s['sampler']}, seed {s['seed']}); fine-tuned: {s['finetuned']}",
+        f"- trials: {s['trials']} ({s['sampler']}, seed {s['seed']}); screened: {s.get('screened', 0)}; "
+        f"fine-tuned: {s['finetuned']}",
         f"- accuracy proxy: {PROXY_TEXT.get(s.get('proxy', 'heldout'), s.get('proxy'))}",
         "",
         "| | accuracy (%) | MACs | size | latency on target (ms) | measured host latency (ms) |",
@@ -156,10 +158,13 @@ def write_report(path: Path, *, summary: dict) -> None:
               f"Among candidates that meet every budget, the most accurate; among those within "
               f"{s['max_drop']} points of it and at least {s['min_speedup']}x faster on the target, the "
               "fastest (if none, the most accurate). Accuracy is the fine-tuned "
-              "validation accuracy where a candidate was fine-tuned, else its proxy accuracy. "
-              "Fine-tuned: the most accurate Pareto candidate, the hand plan (the starting plan that "
-              f"meets every budget and prunes least), then faster Pareto candidates within "
-              f"{s['proxy_spread']} proxy points of the most accurate.", ""]
+              "validation accuracy where a candidate was fine-tuned, else its proxy accuracy.", "",
+              "Considered for fine-tuning: the most accurate Pareto candidate, the hand plan (the "
+              "starting plan that meets every budget and prunes least), then faster Pareto candidates "
+              f"within {s['proxy_spread']} proxy points of the most accurate. "
+              + (f"Each of these {s['screened']} got {s['screen_epochs']:g} epochs of fine-tuning first and was "
+                 "scored on the proxy split; fully fine-tuned: the one the rule above picks on those "
+                 "scores, the hand plan, then the best scored." if s.get("screened") else ""), ""]
     if s.get("closest"):
         lines += ["## No candidate met the budget", "", "Closest candidates (relative excess per budget):", ""]
         for c in s["closest"]:

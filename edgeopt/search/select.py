@@ -25,6 +25,7 @@ class Candidate:
     effective_macs: int
     bytes: int
     violations: tuple[float, ...] = ()  # one per budget; <= 0 means met
+    screened_accuracy: float | None = None  # proxy-split top-1 after the short screening fine-tune
     accuracy: float | None = None  # validation top-1 after fine-tuning
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -42,6 +43,9 @@ class Candidate:
 
     def finetuned(self, accuracy: float) -> Candidate:
         return replace(self, accuracy=accuracy)
+
+    def screened(self, accuracy: float) -> Candidate:
+        return replace(self, screened_accuracy=accuracy)
 
 
 def pareto_front(candidates: list[Candidate], *, accuracy=lambda c: c.proxy_accuracy) -> list[Candidate]:
@@ -95,15 +99,32 @@ def finetune_order(candidates: list[Candidate], top: int, *, spread: float,
     return chosen[:top]
 
 
-def select(candidates: list[Candidate], *, max_drop: float, min_speedup: float) -> Candidate | None:
+def select(candidates: list[Candidate], *, max_drop: float, min_speedup: float,
+           accuracy=lambda c: c.best_accuracy) -> Candidate | None:
     """The selected candidate by the rule in this module's docstring, or None if none is feasible."""
     feasible = [c for c in candidates if c.feasible]
     if not feasible:
         return None
-    best = max(feasible, key=lambda c: (c.best_accuracy, -c.latency_ms))
-    faster = [c for c in feasible if c.best_accuracy >= best.best_accuracy - max_drop
+    best = max(feasible, key=lambda c: (accuracy(c), -c.latency_ms))
+    faster = [c for c in feasible if accuracy(c) >= accuracy(best) - max_drop
               and c.latency_ms * min_speedup <= best.latency_ms]
-    return min(faster, key=lambda c: (c.latency_ms, -c.best_accuracy)) if faster else best
+    return min(faster, key=lambda c: (c.latency_ms, -accuracy(c))) if faster else best
+
+
+def finalists(screened: list[Candidate], top: int, *, hand: Candidate | None, max_drop: float,
+              min_speedup: float) -> list[Candidate]:
+    """Which screened candidates to fine-tune fully: the one the selection rule picks on the
+    screened accuracy, the hand plan (the answer is never worse than it), then the most accurate
+    screened ones."""
+    scored = [c for c in screened if c.screened_accuracy is not None]
+    pick = select(scored, max_drop=max_drop, min_speedup=min_speedup, accuracy=lambda c: c.screened_accuracy)
+    hand = next((c for c in scored if hand is not None and c.trial == hand.trial), None)
+    ranked = sorted(scored, key=lambda c: (not c.feasible, -c.screened_accuracy, c.latency_ms))
+    chosen: list[Candidate] = []
+    for c in [pick, hand, *ranked]:
+        if c is not None and c.trial not in {x.trial for x in chosen}:
+            chosen.append(c)
+    return chosen[:top]
 
 
 def closest(candidates: list[Candidate], n: int = 3) -> list[Candidate]:

@@ -39,3 +39,23 @@ def test_a_nan_loss_drops_that_candidate_and_the_others_go_on(bundle, trained, m
     accuracies = [r.candidate.accuracy for r in results]
     assert all(a is not None and a > 50 for a in accuracies), accuracies
     assert "trial 1" in caplog.text
+
+
+def test_screening_only_when_it_narrows_and_is_shorter_than_the_fine_tune():
+    from edgeopt.search.finetune import screening
+
+    config = FinetuneConfig(top=3, epochs=4.0)
+    assert config.screen_length == 0.5  # an eighth of the fine-tune by default
+    assert screening(config, 10) and screening(config, 4)
+    assert not screening(config, 3)  # no more candidates than will be fine-tuned anyway
+    assert not screening(FinetuneConfig(top=3, epochs=4.0, screen=3), 10)
+    assert not screening(FinetuneConfig(top=3, epochs=1.0, screen_epochs=1.0), 10)
+    assert not screening(FinetuneConfig(top=3, epochs=0), 10)
+
+
+@pytest.mark.parametrize("bad", [{"screen": -1}, {"screen": 2.5}, {"screen_epochs": -0.1}])
+def test_bad_screening_settings_are_refused(bad):
+    from edgeopt.errors import EdgeoptError
+
+    with pytest.raises(EdgeoptError, match="screen"):
+        FinetuneConfig(**bad)

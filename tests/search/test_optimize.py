@@ -46,6 +46,27 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_screening_fine_tunes_the_best_screened_candidates_fully(bundle, trained, tmp_path):
+    config = FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
+    result = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, progress=False,
+                      search=SearchConfig(trials=10, seed=0, calib_batches=2), finetune_config=config)
+    frame = result.trials
+    screened = frame[frame["screened_accuracy"].notna()]
+    tuned = frame[frame["finetuned_accuracy"].notna()]
+    assert len(screened) == 4 and result.summary["screened"] == 4
+    assert len(tuned) == 2 and set(tuned["trial"]) <= set(screened["trial"])
+    # The selection rule's pick on the screened scores is among the fully fine-tuned.
+    feasible = screened[screened["feasible"]]
+    best = feasible.sort_values(["screened_accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
+    faster = feasible[(feasible["screened_accuracy"] >= best["screened_accuracy"] - 1.0)
+                      & (feasible["latency_ms"] * 1.1 <= best["latency_ms"])]
+    pick = faster.sort_values("latency_ms")["trial"].iloc[0] if len(faster) else best["trial"]
+    assert pick in set(tuned["trial"])
+    assert result.selected.trial in set(tuned["trial"])
+    assert "got 0.25 epochs of fine-tuning first" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_impossible_budget_lists_closest_and_still_writes_outputs(bundle, trained, tmp_path):
     result = optimize(trained, bundle, target="pi4", budget="1KMACs", out=tmp_path, progress=False,
                       search=SearchConfig(trials=6, seed=1, calib_batches=2), finetune_config=FAST_FT)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from edgeopt import LayerPlan, ModelPlan
-from edgeopt.search.select import Candidate, closest, finetune_order, pareto_front, select
+from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
 
 
 def _c(trial, acc, ms, violations=(-0.1,), tuned=None):
@@ -70,3 +70,28 @@ def test_finetune_order_always_includes_the_hand_plan():
     assert [c.trial for c in finetune_order(cands, 2, spread=10, hand=hand)] == [0, 7]
     # The hand plan is the most accurate: it is not fine-tuned twice.
     assert [c.trial for c in finetune_order(cands, 3, spread=10, hand=cands[0])] == [0, 3, 1]
+
+
+def _screened(trial, acc, ms, screened, violations=(-0.1,)):
+    return _c(trial, acc, ms, violations).screened(screened)
+
+
+def test_finalists_take_the_rules_pick_on_screened_accuracy_then_the_hand_plan_then_the_best():
+    # Screened accuracies reorder the proxy's: trial 2 (proxy 80) scores best after screening.
+    cands = [_screened(0, 90, 10, 70.0), _screened(1, 85, 5, 78.5), _screened(2, 80, 9, 79.0),
+             _screened(3, 70, 8, 60.0), _screened(4, 99, 1, 99.0, violations=(0.3,))]
+    hand = cands[3]
+    # The rule on screened accuracy: best is 2 (79.0); 1 is within 1 point and 1.8x faster.
+    order = [c.trial for c in finalists(cands, 3, hand=hand, max_drop=1.0, min_speedup=1.1)]
+    assert order == [1, 3, 2]
+    assert [c.trial for c in finalists(cands, 4, hand=hand, max_drop=0.0, min_speedup=1.1)] == [2, 3, 1, 0]
+    assert [c.trial for c in finalists(cands, 2, hand=None, max_drop=0.0, min_speedup=1.1)] == [2, 1]
+    # A candidate whose screening diverged (no screened accuracy) is never a finalist.
+    assert 5 not in [c.trial for c in finalists([*cands, _c(5, 95, 2)], 6, hand=None, max_drop=1.0,
+                                                min_speedup=1.1)]
+
+
+def test_select_on_another_accuracy():
+    cands = [_screened(0, 90, 10, 50.0), _screened(1, 80, 5, 60.0)]
+    assert select(cands, max_drop=0.0, min_speedup=1.1).trial == 0
+    assert select(cands, max_drop=0.0, min_speedup=1.1, accuracy=lambda c: c.screened_accuracy).trial == 1
