@@ -194,7 +194,7 @@ def run_plan(name: str, plan: ModelPlan, context, data, args) -> dict:
                           effective_macs=metrics["effective_macs"], bytes=metrics["bytes"],
                           violations=tuple(metrics["violations"]))
     config = FinetuneConfig(top=1, epochs=args.finetune_epochs)
-    tuned = finetune([candidate], context, data=data, config=config, seed=args.seed)
+    tuned = finetune([candidate], context, data=data, config=config, seed=args.seed, progress=args.progress)
     if not tuned:
         raise RuntimeError(f"{name}: fine-tuning diverged")
     return _row(tuned[0].candidate, meets_budget=candidate.feasible) | {"plan": _plan_summary(plan)}

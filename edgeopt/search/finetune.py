@@ -61,14 +61,15 @@ class Finetuned:
 
 
 def _tuned(candidate: Candidate, context: Context, *, data, config: FinetuneConfig, epochs: float,
-           seed: int, label: str) -> nn.Module | None:
+           seed: int, label: str, progress: bool) -> nn.Module | None:
     """The candidate's compressed model after `epochs` of fine-tuning, or None (with a warning)
     if its loss turned non-finite."""
     model = context.compress(candidate.plan)
     if epochs > 0:
         try:
             train(model, data.train, epochs=epochs, lr=config.lr, batch_size=config.batch_size,
-                  teacher=context.model, seed=seed, progress=f"{label} (trial {candidate.trial})")
+                  teacher=context.model, seed=seed,
+                  progress=f"{label} (trial {candidate.trial})" if progress else None)
         except NonFiniteLoss as exc:
             log.warning("Dropped trial %d from %s: %s", candidate.trial, label.split()[0], exc)
             return None
@@ -82,26 +83,26 @@ def screening(config: FinetuneConfig, available: int) -> bool:
 
 
 def screen(candidates: list[Candidate], context: Context, *, data, config: FinetuneConfig,
-           seed: int = 0) -> list[Candidate]:
+           seed: int = 0, progress: bool = True) -> list[Candidate]:
     """Each candidate with `screened_accuracy` set: proxy-split top-1 after `screen_length` epochs
     of fine-tuning (the proxy split, not validation, so that the final accuracy stays unbiased)."""
     out = []
     for i, candidate in enumerate(candidates, 1):
         model = _tuned(candidate, context, data=data, config=config, epochs=config.screen_length, seed=seed,
-                       label=f"screen {i}/{len(candidates)}")
+                       label=f"screen {i}/{len(candidates)}", progress=progress)
         if model is not None:
             out.append(candidate.screened(evaluate(model, data.proxy)))
     return out
 
 
 def finetune(candidates: list[Candidate], context: Context, *, data, config: FinetuneConfig,
-             seed: int = 0) -> list[Finetuned]:
+             seed: int = 0, progress: bool = True) -> list[Finetuned]:
     """Fine-tune each candidate in turn; one whose loss turns non-finite is dropped with a
     warning and the others go on."""
     results = []
     for i, candidate in enumerate(candidates, 1):
         model = _tuned(candidate, context, data=data, config=config, epochs=config.epochs, seed=seed,
-                       label=f"fine-tune {i}/{len(candidates)}")
+                       label=f"fine-tune {i}/{len(candidates)}", progress=progress)
         if model is not None:
             results.append(Finetuned(candidate.finetuned(evaluate(model, data.val)), model))
     return results

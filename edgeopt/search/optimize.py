@@ -23,7 +23,7 @@ from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.evaluators.onnx_export import export_onnx
 from edgeopt.hw_models.estimate import estimate_latency
 from edgeopt.hw_models.targets import get_target
-from edgeopt.plan import ModelPlan
+from edgeopt.plan import NM, ModelPlan
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, finetune, screen, screening
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
@@ -237,11 +237,12 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     chosen = finetune_order(candidates, max(config.top, config.screen), spread=config.proxy_spread, hand=hand)
     screened: list[Candidate] = []
     if screening(config, len(chosen)):
-        screened = screen(chosen, context, data=data, config=config, seed=search.seed)
+        screened = screen(chosen, context, data=data, config=config, seed=search.seed, progress=progress)
         chosen = finalists(screened, config.top, hand=hand, max_drop=config.max_drop,
                            min_speedup=config.min_speedup)
     chosen = chosen[:config.top]
-    tuned: list[Finetuned] = finetune(chosen, context, data=data, config=config, seed=search.seed)
+    tuned: list[Finetuned] = finetune(chosen, context, data=data, config=config, seed=search.seed,
+                                      progress=progress)
     by_trial = {t.candidate.trial: t for t in tuned}
     screened_by_trial = {c.trial: c for c in screened}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
@@ -275,11 +276,14 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
 
 def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
     plans = []
-    if 8 in space.knobs.w_bits and 8 in space.knobs.a_bits:
+    if (8, 8) in space.knobs.pairs:
         plans.append(space.uniform(w_bits=8, a_bits=8))
         for keep in (0.875, 0.75, 0.625, 0.5):  # uniform L1 pruning at the usual steps, as by hand
             if keep in space.knobs.keep_ratios:
                 plans.append(space.uniform(w_bits=8, a_bits=8, keep_ratio=keep))
+        # Where the target runs 2:4 sparsity fast (sparse tensor cores), a user tries it everywhere.
+        if NM(n=2, m=4) in space.knobs.nm:
+            plans.append(space.uniform(w_bits=8, a_bits=8, nm=NM(n=2, m=4)))
     return plans
 
 

@@ -46,7 +46,7 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_screening_fine_tunes_the_best_screened_candidates_fully(bundle, trained, tmp_path):
+def test_screening_fine_tunes_the_best_screened_candidates_fully(bundle, trained, tmp_path, capsys):
     config = FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
     result = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, progress=False,
                       search=SearchConfig(trials=10, seed=0, calib_batches=2), finetune_config=config)
@@ -64,6 +64,8 @@ def test_screening_fine_tunes_the_best_screened_candidates_fully(bundle, trained
     assert pick in set(tuned["trial"])
     assert result.selected.trial in set(tuned["trial"])
     assert "got 0.25 epochs of fine-tuning first" in (tmp_path / "report.md").read_text()
+    err = capsys.readouterr().err  # progress=False: no bars from either round
+    assert "screen 1/" not in err and "fine-tune 1/" not in err, err[-500:]
 
 
 @pytest.mark.slow
@@ -108,3 +110,22 @@ def test_hand_candidate_is_the_feasible_starting_plan_that_prunes_least():
              cand(3, 0.625, 80, -0.05)]  # trial 3 fits with more MACs, but is no starting plan
     assert _hand_candidate(cands, starting).trial == 1
     assert _hand_candidate(cands[:1], starting) is None  # nothing a user would try fits
+
+
+def test_starting_plans_add_uniform_2_4_only_where_the_target_runs_it_fast(bundle, trained):
+    from edgeopt import SearchSpace
+    from edgeopt.hw_models.targets import get_target
+    from edgeopt.search.optimize import _starting_plans, target_knobs
+
+    example = bundle.example_input()
+    full = SearchSpace.from_model(trained, example)
+    sparse = {}
+    for target in ("pi4", "jetson-orin-nano"):
+        space = full.restrict(target_knobs(get_target(target), size_matters=False))
+        plans = _starting_plans(space)
+        assert plans[0] == space.uniform(w_bits=8, a_bits=8)
+        sparse[target] = [p for p in plans if any(lp.nm is not None for lp in p.layers.values())]
+    assert sparse["pi4"] == []
+    assert len(sparse["jetson-orin-nano"]) == 1
+    plan = sparse["jetson-orin-nano"][0]
+    assert all((lp.w_bits, lp.a_bits, lp.keep_ratio) == (8, 8, 1.0) for lp in plan.layers.values())
