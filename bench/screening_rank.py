@@ -1,7 +1,7 @@
 """Does a short fine-tune rank candidates better than the proxy? (issue 5, the screening round)
 
 On the comparison's setting (cifar10 subset, edgenet width 64, pi4, 40 % budget), a seed-0
-search of 60 trials picks the candidates `optimize` would screen (`finetune_order`, 10 of them);
+search of 60 trials (`--sampler`, NSGA-II by default as when the figures were taken) picks the candidates `optimize` would screen (`finetune_order`, 10 of them);
 each is fine-tuned twice from its compressed start, for `--short` epochs (scored on the proxy
 split, as the screening round scores it) and for `--full` epochs (scored on validation, as the
 final round). Prints one JSON line per candidate and the rank correlations with the full
@@ -49,6 +49,7 @@ def main() -> int:
     parser.add_argument("--short", type=float, default=0.5)
     parser.add_argument("--full", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sampler", default="nsga2", help="the search's sampler (the figures in BENCHMARKS.md: nsga2)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
@@ -58,7 +59,7 @@ def main() -> int:
     budgets = (parse_budget("40%"),)
     journal = Path(args.work) / "study.journal"
     if not journal.exists():
-        optimize(model, data, target=compare.TARGET, budget="40%", search=SearchConfig(trials=60, seed=0),
+        optimize(model, data, target=compare.TARGET, budget="40%", search=SearchConfig(trials=60, seed=0, sampler=args.sampler),
                  out=journal.parent, search_only=True, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         context, _ = prepare(model, data, target=compare.TARGET, budgets=budgets,
