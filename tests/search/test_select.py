@@ -95,3 +95,12 @@ def test_select_on_another_accuracy():
     cands = [_screened(0, 90, 10, 50.0), _screened(1, 80, 5, 60.0)]
     assert select(cands, max_drop=0.0, min_speedup=1.1).trial == 0
     assert select(cands, max_drop=0.0, min_speedup=1.1, accuracy=lambda c: c.screened_accuracy).trial == 1
+
+
+def test_finetune_order_fills_with_plans_within_the_spread_before_weak_front_plans():
+    # Front: 0 (90 %, 10 ms), 1 (88 %, 6 ms), 4 (30 %, 1 ms). Trial 2 (86 %, 7 ms) and 3 (84 %,
+    # 9 ms) are dominated by 1 but within 10 points of the best; 4 is on the front far below.
+    cands = [_c(0, 90, 10), _c(1, 88, 6), _c(2, 86, 7), _c(3, 84, 9), _c(4, 30, 1)]
+    assert [c.trial for c in finetune_order(cands, 5, spread=10)] == [0, 1, 2, 3, 4]
+    # With no spread, the front comes first as before.
+    assert [c.trial for c in finetune_order(cands, 5, spread=0)] == [0, 1, 4, 2, 3]
