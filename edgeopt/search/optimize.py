@@ -248,7 +248,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
                   for c in candidates]
     pool = [t.candidate for t in tuned] or candidates
-    selected = select(pool, max_drop=finetune_config.max_drop, min_speedup=finetune_config.min_speedup)
+    selected = select(pool, max_drop=config.max_drop, min_speedup=config.min_speedup)
     shown = selected or (closest(pool, 1) or closest(candidates, 1) or [None])[0]
 
     model_out = by_trial[shown.trial].model if shown and shown.trial in by_trial else (
@@ -264,9 +264,9 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
                 "proxy": search.proxy,
                 "screened": len(screened), "screen_epochs": config.screen_length,
                 "finetune_epochs": config.epochs,
-                "finetuned": len(tuned), "max_drop": finetune_config.max_drop,
-                "min_speedup": finetune_config.min_speedup,
-                "proxy_spread": finetune_config.proxy_spread},
+                "finetuned": len(tuned), "max_drop": config.max_drop,
+                "min_speedup": config.min_speedup,
+                "proxy_spread": config.proxy_spread},
         base_model=model,
     )
     return OptimizeResult(trials=trials_frame(candidates, budgets), pareto=pareto_front(candidates),
