@@ -205,9 +205,10 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     base_violations = [b.violation({"macs": base_cost.macs, "latency_ms": base_latency.total_ms,
                                     "bytes": base_cost.bytes}[b.metric], base_cost.macs) for b in budgets]
     binds = any(v > 0 for v in base_violations)
+    starting = _starting_plans(context.space)
     if not study.trials:
         # Start from what a user would try by hand, so the search is never worse than that.
-        for plan in _starting_plans(context.space):
+        for plan in starting:
             study.enqueue_trial(plan_params(plan, context.space), skip_if_exists=True)
     if progress:
         print(f"edgeopt: model {model_name or type(model).__name__}; data {data.description}; "
@@ -232,7 +233,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     if not candidates:
         raise EdgeoptError("No trial finished; nothing to select. See the log above for why trials failed.")
     base_accuracy = evaluate(model, data.val)
-    hand = _hand_candidate(candidates, _starting_plans(context.space))
+    hand = _hand_candidate(candidates, starting)
     config = finetune_config
     chosen = finetune_order(candidates, max(config.top, config.screen), spread=config.proxy_spread, hand=hand)
     screened: list[Candidate] = []

@@ -77,13 +77,14 @@ def finetune_order(candidates: list[Candidate], top: int, *, spread: float,
     feasible = [c for c in candidates if c.feasible]
     front = pareto_front(feasible)  # fastest first
     chosen: list[Candidate] = []
+    floor = float("-inf")  # proxy accuracy below which a plan is outside the spread
     if front:
         best = max(front, key=lambda c: (c.proxy_accuracy, -c.latency_ms))
+        floor = best.proxy_accuracy - spread
         chosen.append(best)
         if hand is not None and hand.trial != best.trial:
             chosen.append(hand)
-        faster = [c for c in front if c.trial not in {x.trial for x in chosen}
-                  and c.proxy_accuracy >= best.proxy_accuracy - spread]
+        faster = [c for c in front if c.trial not in {x.trial for x in chosen} and c.proxy_accuracy >= floor]
         slots = min(top - len(chosen), len(faster))
         picks: list[int] = []
         if slots == 1:
@@ -93,7 +94,6 @@ def finetune_order(candidates: list[Candidate], top: int, *, spread: float,
         chosen += [faster[i] for i in picks]
     taken = {c.trial for c in chosen}
     on_front = {c.trial for c in front}
-    floor = (max(c.proxy_accuracy for c in front) - spread) if front else float("-inf")
     # Plans within the spread first, on or off the front: a fast front plan far below it would
     # only take a screening slot (measured: five of ten went to plans with a 15-40 % proxy).
     chosen += sorted((c for c in feasible if c.trial not in taken),

@@ -241,9 +241,9 @@ class CompressedMixin:
         return y.mul_(sy)
 
     def _integer_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[float, float]]:
-        """Integer weights, int32 bias, float32 multiplier and accumulation bounds, kept while the weights, the bias
-        and the quantization parameters they come from are unchanged (PyTorch bumps a tensor's
-        _version on every in-place change)."""
+        """Integer weights, int32 bias, float32 multiplier and accumulation bounds, kept while the
+        weights, the bias and the quantization parameters they come from are unchanged (PyTorch
+        bumps a tensor's _version on every in-place change)."""
         sources = [self.weight, self.input_range.scale, self.output_range.scale]
         if self.bias is not None:
             sources.append(self.bias)
