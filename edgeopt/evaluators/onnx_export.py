@@ -11,6 +11,7 @@ rewritten in QDQ form with the exact scales the PyTorch layer used:
   bias and a requantized output, which is the pattern onnxruntime fuses into QLinearConv /
   QLinearMatMul, i.e. real int8 kernels;
 - an Add of two dequantized tensors feeding a quantizer becomes Sum (`_keep_float_adds` says why);
+- a Relu on a dequantized uint8 tensor with zero point 0 is dropped: it is the identity there;
 - N:M layers are stored dense with their zeros: onnxruntime has no N:M kernels on CPU.
 """
 
@@ -173,6 +174,7 @@ class _QDQWriter:
             self.graph.node.extend(self.new_nodes.get(i, []))
             self.graph.node.append(node)
         self.graph.node.extend(self.new_nodes.get(len(nodes), []))
+        self._drop_identity_relus()  # first: an Add that read such a Relu now reads dequantized inputs
         self._keep_float_adds()
         used = {name for node in self.graph.node for name in node.input}
         keep = [init for init in self.graph.initializer if init.name in used]
@@ -180,7 +182,8 @@ class _QDQWriter:
         self.graph.initializer.extend(keep)
 
     def _keep_float_adds(self) -> None:
-        """Write each Add between dequantized inputs and a quantized output as Sum.
+        """Write each Add between dequantized inputs and a quantized output (directly or through a
+        Relu) as Sum.
 
         onnxruntime would fuse DequantizeLinear-Add-QuantizeLinear into QLinearAdd, whose
         fixed-point rescaling rounds differently from the float add that the PyTorch model (and
@@ -188,13 +191,48 @@ class _QDQWriter:
         Sum is the same operation without that fusion, so both give the same integers.
         """
         made_by = {out: node.op_type for node in self.graph.node for out in node.output}
+
+        def quantized_next(tensor: str) -> bool:
+            # Through a Relu too: onnxruntime drops a Relu before a uint8 quantizer, then fuses.
+            consumers = [n for n in self.graph.node if tensor in n.input]
+            return bool(consumers) and all(
+                n.op_type == "QuantizeLinear" or (n.op_type == "Relu" and quantized_next(n.output[0]))
+                for n in consumers)
+
         for node in self.graph.node:
             if node.op_type != "Add" or len(node.input) != 2:
                 continue
-            consumers = [n.op_type for n in self.graph.node if node.output[0] in n.input]
-            if (all(made_by.get(name) == "DequantizeLinear" for name in node.input)
-                    and consumers and all(op == "QuantizeLinear" for op in consumers)):
+            if all(made_by.get(name) == "DequantizeLinear" for name in node.input) and quantized_next(node.output[0]):
                 node.op_type = "Sum"
+
+    def _drop_identity_relus(self) -> None:
+        """Remove each Relu that reads a DequantizeLinear with zero point 0.
+
+        Such a tensor is (q - 0) * scale >= 0, so the Relu changes nothing, but onnxruntime only
+        folds a Relu whose sole consumer is a QuantizeLinear. Where the activation also feeds a
+        float branch (a residual add, a squeeze-excite), the Relu stayed as a float pass over the
+        whole tensor and kept the previous integer kernel from feeding the next directly.
+        """
+        consts = {init.name: init for init in self.graph.initializer}
+        made_by = {out: node for node in self.graph.node for out in node.output}
+        outputs = {out.name for out in self.graph.output}
+
+        def zero_point_is_zero(dq) -> bool:
+            if len(dq.input) < 3 or dq.input[2] not in consts:
+                return False
+            zero = self.numpy_helper.to_array(consts[dq.input[2]])
+            return zero.dtype == np.uint8 and not zero.any()
+
+        for node in list(self.graph.node):
+            producer = made_by.get(node.input[0]) if node.op_type == "Relu" else None
+            if (producer is None or producer.op_type != "DequantizeLinear" or node.output[0] in outputs
+                    or not zero_point_is_zero(producer)):
+                continue
+            for other in self.graph.node:
+                for i, name in enumerate(other.input):
+                    if name == node.output[0]:
+                        other.input[i] = node.input[0]
+            self.graph.node.remove(node)
 
     def _rewrite(self, info: _LayerQuant) -> None:
         onnx = self.onnx

@@ -46,6 +46,14 @@ def test_integer_layers_run_as_int8_kernels(tiny, example, calib, tmp_path):
     small = apply_plan(tiny, space.uniform(w_bits=8, a_bits=8), example, calib_data=calib,
                        reduce_range=int8_needs_reduce_range())
     path = export_onnx(small, example, tmp_path / "m.onnx")
+    # A Relu on an integer layer's absorbed output is the identity; none is left to run in float
+    # where the activation also feeds the residual add or the squeeze-excite.
+    written = onnx.load(str(path)).graph.node
+    written_by = {out: n.op_type for n in written for out in n.output}
+    assert [n.name for n in written if n.op_type == "Relu" and written_by.get(n.input[0]) == "DequantizeLinear"] == []
+    with torch.no_grad():
+        ref = small(example).numpy()
+    np.testing.assert_allclose(_run(path, example), ref, atol=1e-5 * np.abs(ref).max())
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -53,6 +61,7 @@ def test_integer_layers_run_as_int8_kernels(tiny, example, calib, tmp_path):
     nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
     ops = [n.op_type for n in nodes]
     assert ops.count("QLinearConv") >= 6
+    assert "QLinearAdd" not in ops  # its fixed-point rounding is not what the PyTorch model computes
     # A ReLU between two integer layers is absorbed by the first one's output quantizer, so the
     # runtime feeds one integer kernel's uint8 output straight into the next.
     made_by = {out: n.op_type for n in nodes for out in n.output}
