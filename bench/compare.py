@@ -217,6 +217,9 @@ def l1_keep_ratio(context) -> tuple[float | None, list[dict]]:
     return None, tried
 
 
+FLOAT_TWIN = "edgeopt_plan_fp32"
+
+
 # --- host latency --------------------------------------------------------------------------------
 
 
@@ -348,6 +351,8 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['accuracy']:.1f} | {m['macs'] / 1e6:.2f} | {m['bytes'] / 1e3:.1f} "
                      f"| {m['pi4_ms']:.3f} | {m['host_ms']:.3f} | {'yes' if m['meets_budget'] else 'no'} "
                      f"| {m['seconds']:.0f} | {m['peak_rss_mb']:.0f} |")
+    for name, h in report.get("host_only", {}).items():
+        lines.append(f"| {name} (host timing only) | - | {h['macs'] / 1e6:.2f} | - | - | {h['host_ms']:.3f} | - | - | - |")
     hv = report["hypervolume"]
     lines.append("")
     lines.append(f"Hypervolume of the within-budget trials in (proxy top-1 %, pi4 ms), reference "
@@ -495,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         host_models[name] = apply_plan(model, plan, example, calib_data=context.calib,
                                        round_to=target.accelerates.channel_multiple, reduce_range=reduce,
                                        space=full_space)
+    if "edgeopt" in plans:
+        # The selected structure without quantization: says whether int8 itself pays on this CPU.
+        float_plan = ModelPlan(layers={fqn: replace(lp, w_bits=32, a_bits=32, nm=None)
+                                       for fqn, lp in plans["edgeopt"].layers.items()})
+        host_models[FLOAT_TWIN] = apply_plan(model, float_plan, example, calib_data=context.calib,
+                                             round_to=target.accelerates.channel_multiple, space=full_space)
     timed = host_latencies(host_models, example, passes=args.host_passes, folder=args.work / "onnx")
     base_row["host_ms"], base_row["host_spread_ms"] = (round(v, 4) for v in timed["base"])
     for name in methods:
@@ -557,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
         "searches": {name: {k: v for k, v in s.items() if k in ("finetuned", "feasible_trials")}
                      for name, s in searches.items()},
         "search_cost": search_cost,
+        "host_only": ({FLOAT_TWIN: {"host_ms": round(timed[FLOAT_TWIN][0], 4),
+                                    "host_spread_ms": round(timed[FLOAT_TWIN][1], 4),
+                                    "macs": model_cost(host_models[FLOAT_TWIN], example).macs,
+                                    "means": "edgeopt's selected pruning in fp32, not quantized (not fine-tuned: "
+                                             "timed only)"}} if FLOAT_TWIN in timed else {}),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "platform": platform.platform()},
         "total_seconds": round(time.perf_counter() - started, 1),
