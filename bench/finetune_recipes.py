@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT.parent))
 import compare  # noqa: E402
 
 from edgeopt.budget import parse_budget  # noqa: E402
+from edgeopt.hw_models.targets import get_target  # noqa: E402
 from edgeopt.search.finetune import FinetuneConfig  # noqa: E402
 from edgeopt.search.optimize import SearchConfig, prepare  # noqa: E402
 from edgeopt.search.training import evaluate, random_affine, train  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> int:
     data = compare.load_data(args.data, seed=0)
     model, _ = compare.base_model(data, epochs=30.0, width=64, cache=ROOT / "results" / "models")
     with tempfile.TemporaryDirectory() as tmp:
-        context, _ = prepare(model, data, target=compare.TARGET, budgets=(parse_budget("40%"),),
+        context, _ = prepare(model, data, target=get_target(compare.TARGET), budgets=(parse_budget("40%"),),
                              search=SearchConfig(trials=1, seed=0), out_dir=Path(tmp), seed=0)
     plan = context.space.uniform(w_bits=8, a_bits=8, keep_ratio=args.keep)
     print(json.dumps({"base_val": evaluate(model, data.val), "keep": args.keep}), flush=True)
