@@ -140,6 +140,28 @@ def base_model(data, *, epochs: float, width: int, cache: Path) -> tuple[torch.n
     return model.eval(), description
 
 
+def side_setup(data_dir: str | None, *, threads: int, base_epochs: float = 30.0,
+               width: int = 64) -> tuple:
+    """(data, base model) of the comparison, for the side benchmarks that study one of its parts;
+    Optuna and warnings quiet, `threads` torch threads."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    data = load_data(data_dir, seed=0)
+    model, _ = base_model(data, epochs=base_epochs, width=width, cache=RESULTS / "models")
+    return data, model
+
+
+def side_context(model, data, *, budget: str = "40%"):
+    """The search context the comparison builds (space, calibration, budget check) on pi4."""
+    with tempfile.TemporaryDirectory() as tmp:
+        context, _ = prepare(model, data, target=get_target(TARGET), budgets=(parse_budget(budget),),
+                             search=SearchConfig(trials=1, seed=0), out_dir=Path(tmp), seed=0)
+    return context
+
+
 # --- the methods -------------------------------------------------------------------------------
 
 

@@ -17,13 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
-
-import optuna
-import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -31,10 +26,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 import compare  # noqa: E402
 
-from edgeopt.budget import parse_budget  # noqa: E402
-from edgeopt.hw_models.targets import get_target  # noqa: E402
 from edgeopt.search.finetune import FinetuneConfig  # noqa: E402
-from edgeopt.search.optimize import SearchConfig, prepare  # noqa: E402
 from edgeopt.search.training import evaluate, random_affine, train  # noqa: E402
 
 
@@ -58,14 +50,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=4.0, help="the default recipe's epochs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
-    data = compare.load_data(args.data, seed=0)
-    model, _ = compare.base_model(data, epochs=30.0, width=64, cache=ROOT / "results" / "models")
-    with tempfile.TemporaryDirectory() as tmp:
-        context, _ = prepare(model, data, target=get_target(compare.TARGET), budgets=(parse_budget("40%"),),
-                             search=SearchConfig(trials=1, seed=0), out_dir=Path(tmp), seed=0)
+    data, model = compare.side_setup(args.data, threads=args.threads)
+    context = compare.side_context(model, data)
     plan = context.space.uniform(w_bits=8, a_bits=8, keep_ratio=args.keep)
     print(json.dumps({"base_val": evaluate(model, data.val), "keep": args.keep}), flush=True)
     for name, kwargs in variants(args.epochs).items():

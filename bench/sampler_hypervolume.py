@@ -16,11 +16,9 @@ import argparse
 import statistics
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import optuna
-import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -43,11 +41,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
-    data = compare.load_data(args.data, seed=0)
-    model, _ = compare.base_model(data, epochs=args.base_epochs, width=args.width, cache=ROOT / "results" / "models")
+    data, model = compare.side_setup(args.data, threads=args.threads, base_epochs=args.base_epochs,
+                                     width=args.width)
     base_ms = estimate_latency(model, data.example_input(), target=compare.TARGET).total_ms
     reference = (round(100.0 / data.num_classes, 2), round(base_ms, 4))
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.storages.journal import JournalFileBackend
 from scipy.stats import kendalltau, spearmanr
 
@@ -33,10 +30,9 @@ sys.path.insert(0, str(ROOT.parent))
 
 import compare  # noqa: E402
 
-from edgeopt.budget import parse_budget  # noqa: E402
 from edgeopt.search.finetune import FinetuneConfig, finetune  # noqa: E402
 from edgeopt.search.optimize import (SearchConfig, _candidates, _hand_candidate, _starting_plans,  # noqa: E402
-                                     optimize, prepare)
+                                     optimize)
 from edgeopt.search.select import finetune_order  # noqa: E402
 from edgeopt.search.training import evaluate  # noqa: E402
 
@@ -51,19 +47,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sampler", default="nsga2", help="the search's sampler (the figures in BENCHMARKS.md: nsga2)")
     args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
-    data = compare.load_data(args.data, seed=0)
-    model, _ = compare.base_model(data, epochs=30.0, width=64, cache=ROOT / "results" / "models")
-    budgets = (parse_budget("40%"),)
+    data, model = compare.side_setup(args.data, threads=args.threads)
     journal = Path(args.work) / "study.journal"
     if not journal.exists():
         optimize(model, data, target=compare.TARGET, budget="40%", search=SearchConfig(trials=60, seed=0, sampler=args.sampler),
                  out=journal.parent, search_only=True, progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        context, _ = prepare(model, data, target=compare.TARGET, budgets=budgets,
-                             search=SearchConfig(trials=60, seed=0), out_dir=Path(tmp), seed=0)
+    context = compare.side_context(model, data)
     study = optuna.load_study(study_name="edgeopt", storage=optuna.storages.JournalStorage(
         JournalFileBackend(str(journal))))
     candidates = _candidates(study)
