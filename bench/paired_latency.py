@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgeopt.errors import EdgeoptError  # noqa: E402
 from edgeopt.evaluators.latency import _feed, make_session  # noqa: E402
 
 
@@ -27,7 +28,10 @@ def main() -> int:
     parser.add_argument("b", type=Path)
     parser.add_argument("--runs", type=int, default=4000)
     args = parser.parse_args()
-    sessions = [make_session(path, threads=1) for path in (args.a, args.b)]
+    try:
+        sessions = [make_session(path, threads=1) for path in (args.a, args.b)]
+    except EdgeoptError as exc:
+        sys.exit(f"error: {exc}")
     feeds = [_feed(session, 1) for session in sessions]
     for _ in range(100):  # warm-up: allocation, weight prepacking
         for session, feed in zip(sessions, feeds):
