@@ -22,6 +22,26 @@ from edgeopt.errors import EdgeoptError  # noqa: E402
 from edgeopt.evaluators.latency import _feed, make_session  # noqa: E402
 
 
+def paired_ratio(a: Path, b: Path, *, runs: int = 4000) -> dict:
+    """B's time over A's: median and interquartile range of the run-by-run ratio, and each
+    model's median ms. Raises EdgeoptError for a missing or unreadable model."""
+    sessions = [make_session(path, threads=1) for path in (a, b)]
+    feeds = [_feed(session, 1) for session in sessions]
+    for _ in range(100):  # warm-up: allocation, weight prepacking
+        for session, feed in zip(sessions, feeds):
+            session.run(None, feed)
+    times = np.zeros((runs, 2))
+    for i in range(runs):
+        for j, (session, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[i, j] = time.perf_counter() - start
+    q25, q50, q75 = np.percentile(times[:, 1] / times[:, 0], [25, 50, 75])
+    a_ms, b_ms = np.median(times, axis=0) * 1e3
+    return {"ratio": round(float(q50), 3), "interquartile": [round(float(q25), 3), round(float(q75), 3)],
+            "a_ms": round(float(a_ms), 3), "b_ms": round(float(b_ms), 3), "runs": runs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path)
@@ -29,24 +49,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=4000)
     args = parser.parse_args()
     try:
-        sessions = [make_session(path, threads=1) for path in (args.a, args.b)]
+        r = paired_ratio(args.a, args.b, runs=args.runs)
     except EdgeoptError as exc:
         sys.exit(f"error: {exc}")
-    feeds = [_feed(session, 1) for session in sessions]
-    for _ in range(100):  # warm-up: allocation, weight prepacking
-        for session, feed in zip(sessions, feeds):
-            session.run(None, feed)
-    times = np.zeros((args.runs, 2))
-    for i in range(args.runs):
-        for j, (session, feed) in enumerate(zip(sessions, feeds)):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[i, j] = time.perf_counter() - start
-    ratio = times[:, 1] / times[:, 0]
-    q25, q50, q75 = np.percentile(ratio, [25, 50, 75])
-    a_ms, b_ms = np.median(times, axis=0) * 1e3
-    print(f"{args.b.name} / {args.a.name}: median time ratio {q50:.3f} (interquartile {q25:.3f}-{q75:.3f}); "
-          f"medians {a_ms:.3f} ms and {b_ms:.3f} ms over {args.runs} alternating runs")
+    print(f"{args.b.name} / {args.a.name}: median time ratio {r['ratio']:.3f} (interquartile "
+          f"{r['interquartile'][0]:.3f}-{r['interquartile'][1]:.3f}); medians {r['a_ms']:.3f} ms and "
+          f"{r['b_ms']:.3f} ms over {args.runs} alternating runs")
     return 0
 
 

@@ -33,6 +33,7 @@ from edgeopt.search.select import Candidate, closest, finalists, finetune_order,
 from edgeopt.search.study import (CONSTRAINTS, METRICS, finished, make_sampler, make_storage, open_study,
                                   plan_params, trial_plan)
 from edgeopt.search.training import evaluate
+from edgeopt.spaces.quantize import compressed_layers
 from edgeopt.spaces.space import Knobs, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,15 @@ def _host_latency(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[
     return m.median_ms, m.spread_ms
 
 
+def host_outputs_exact(model: nn.Module, context: Context) -> bool:
+    """Whether onnxruntime on this machine computes what the exported model computes on its
+    target: not where the model keeps full-range 8-bit weights (its target's int8 kernels take
+    them) and this machine's kernels saturate on them (x86 without VNNI)."""
+    full_range = not context.reduce_range and any(
+        layer.integer and layer.w_bits == 8 for layer in compressed_layers(model).values())
+    return not (full_range and int8_needs_reduce_range())
+
+
 def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model_out, context, tuned,
                    base: dict, header: dict, base_model: nn.Module) -> dict:
     example = context.example_input
@@ -319,7 +329,8 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
         host_ms, host_spread = _host_latency(model_out, example, onnx_path)
         row = {"accuracy": shown.best_accuracy, "macs": shown.macs, "bytes": shown.bytes,
                "latency_ms": estimate.total_ms, "latency_source": estimate.source,
-               "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial}
+               "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial,
+               "host_outputs_exact": host_outputs_exact(model_out, context)}
         if selected is not None:
             summary["selected"] = row
     if selected is None:

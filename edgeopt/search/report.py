@@ -150,6 +150,12 @@ def write_report(path: Path, *, summary: dict) -> None:
                      f"| {row['latency_ms']:.2f} ({row['latency_source']}) | {host} |")
     lines += ["", "Accuracy is validation top-1 on data the search never saw; the base model's "
               "is measured the same way. Host latency: onnxruntime, median ± interquartile range.", ""]
+    if s.get("selected") and s["selected"].get("host_outputs_exact") is False:
+        lines += ["The selected model keeps full-range 8-bit weights, as the target runs them. "
+                  "onnxruntime on this machine (x86 without VNNI) sums int8 products in saturating "
+                  "16-bit pairs, so here its host latency is a timing only and its outputs can differ "
+                  "from the PyTorch model's. For a model to deploy on such a machine, optimize for "
+                  "`--target host`, which gives 8-bit weights 7 bits of range.", ""]
     if s.get("kendall_tau") is not None:
         lines.append(f"Kendall tau between proxy and fine-tuned accuracy over the fine-tuned "
                      f"candidates: {s['kendall_tau']:.2f}.")

@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from edgeopt import ModelPlan
+from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.search.finetune import FinetuneConfig
 from edgeopt.search.optimize import SearchConfig, optimize
 
@@ -38,6 +39,12 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
     assert session.run(None, {"input": x})[0].shape == (8, 4)
     report = (out / "report.md").read_text()
     assert "Selection rule" in report and "pi4" in report
+    # pi4 takes full-range int8 weights; where this machine's int8 kernels saturate on them (x86
+    # without VNNI, as on CI) the summary and the report say the host figure is a timing only.
+    int8 = any((lp.w_bits, lp.a_bits) == (8, 8) for lp in plan.layers.values())
+    exact = not (int8 and int8_needs_reduce_range())
+    assert result.summary["selected"]["host_outputs_exact"] is exact
+    assert ("saturating" in report) is (not exact)
     # Started again with more trials, it continues the stored study instead of starting over.
     again = optimize(trained, bundle, target="pi4", budget="60%", out=out, progress=False,
                      search=SearchConfig(trials=13, seed=0, calib_batches=2), finetune_config=FAST_FT)
