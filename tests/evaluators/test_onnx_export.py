@@ -9,6 +9,7 @@ import torchvision
 
 from edgeopt import NM, LayerPlan, ModelPlan, SearchSpace, apply_plan, export_onnx
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
+from edgeopt.search.models import EdgeNet
 
 
 def _run(path, x):
@@ -62,6 +63,9 @@ def test_integer_layers_run_as_int8_kernels(tiny, example, calib, tmp_path):
     ops = [n.op_type for n in nodes]
     assert ops.count("QLinearConv") >= 6
     assert "QLinearAdd" not in ops  # its fixed-point rounding is not what the PyTorch model computes
+    # The squeeze-excite's spatial mean pools the integers instead of running in float between a
+    # dequantizer and a quantizer; the head's mean reads a concat, which is not quantized, and stays.
+    assert ops.count("QLinearGlobalAveragePool") == 1 and ops.count("ReduceMean") == 1
     # A ReLU between two integer layers is absorbed by the first one's output quantizer, so the
     # runtime feeds one integer kernel's uint8 output straight into the next.
     made_by = {out: n.op_type for n in nodes for out in n.output}
@@ -85,6 +89,30 @@ def test_onnx_agrees_with_pytorch_on_top1(arch, seed, tmp_path):
     calib = [torch.randn(8, 3, 32, 32) for _ in range(4)]
     small = apply_plan(model, plan, example, calib_data=calib, reduce_range=int8_needs_reduce_range())
     path = export_onnx(small, example, tmp_path / f"{arch}.onnx")
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        ref = small(x).numpy()
+    got = _run(path, x)
+    assert (ref.argmax(1) == got.argmax(1)).all()
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_spatial_means_pool_integers_and_agree(tmp_path):
+    # edgenet's squeeze-excite means (keepdim) and its head's mean (flattened, then the
+    # classifier's quantizer) all read an integer layer's output: each runs as
+    # QLinearGlobalAveragePool, and the scores still agree with the PyTorch model's.
+    torch.manual_seed(0)
+    model = EdgeNet(3, 10, width=16).eval()
+    example = torch.randn(2, 3, 32, 32)
+    plan = SearchSpace.from_model(model, example).uniform(w_bits=8, a_bits=8)
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    small = apply_plan(model, plan, example, calib_data=calib, reduce_range=int8_needs_reduce_range())
+    path = export_onnx(small, example, tmp_path / "edgenet.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearGlobalAveragePool") == 3 and "ReduceMean" not in ops
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
         ref = small(x).numpy()
