@@ -247,10 +247,10 @@ class _QDQWriter:
         QLinearGlobalAveragePool, which sums the integers and rescales once. Where a Flatten or
         Reshape sits before the quantizer (a classifier's input), the pooled value is quantized
         before it with that quantizer's own parameters: quantizing a value already on the grid
-        gives it back, so nothing changes but where the integers start. Measured against the
-        PyTorch model's float mean, the integer pool is a step off as often as the float
-        ReduceMean is (2 of 1,024,000 pooled values each, random uint8 maps and scales), and on
-        the benchmark's edgenet hand plan the export runs in 0.90x the time.
+        gives it back, so nothing changes but where the integers start. Against the PyTorch
+        model's float mean, the integer pool was a step off for 1 of 1,536,000 pooled values and
+        the float ReduceMean for 7 (`bench/integer_rounding.py`: random uint8 maps and scales);
+        the benchmark's edgenet hand plan runs in 0.88x the time.
         """
         helper = self.onnx.helper
         inferred = self.onnx.shape_inference.infer_shapes(self.proto).graph
