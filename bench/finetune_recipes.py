@@ -8,6 +8,7 @@ rate 1e-3, twice the epochs, and another seed (to read the others against). Prin
 per variant (validation and proxy top-1 after fine-tuning).
 
     python bench/finetune_recipes.py --data /work/shared/data/cifar10
+    python bench/finetune_recipes.py --base-epochs 60 --variants "default,seed 1"   # a longer-trained base
 
 About 15 minutes on the 2-core VM with two torch threads.
 """
@@ -49,12 +50,24 @@ def main() -> int:
     parser.add_argument("--keep", type=float, default=0.625, help="the hand plan's uniform keep ratio")
     parser.add_argument("--epochs", type=float, default=4.0, help="the default recipe's epochs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--base-epochs", type=float, default=30.0,
+                        help="the base model's training (30 in the comparison; trained and cached on first use)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated names of the variants to run (default: all)")
     args = parser.parse_args()
-    data, model = compare.side_setup(args.data, threads=args.threads)
+    chosen = variants(args.epochs)
+    if args.variants is not None:
+        names = [name.strip() for name in args.variants.split(",")]
+        unknown = [name for name in names if name not in chosen]
+        if unknown:
+            sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(chosen)}")
+        chosen = {name: chosen[name] for name in names}
+    data, model = compare.side_setup(args.data, threads=args.threads, base_epochs=args.base_epochs)
     context = compare.side_context(model, data)
     plan = context.space.uniform(w_bits=8, a_bits=8, keep_ratio=args.keep)
-    print(json.dumps({"base_val": evaluate(model, data.val), "keep": args.keep}), flush=True)
-    for name, kwargs in variants(args.epochs).items():
+    print(json.dumps({"base_val": evaluate(model, data.val), "base_epochs": args.base_epochs, "keep": args.keep}),
+          flush=True)
+    for name, kwargs in chosen.items():
         compressed = context.compress(plan)
         start = time.time()
         train(compressed, data.train, teacher=context.model, **kwargs)

@@ -1,21 +1,24 @@
 """What do the int8 export's float islands cost on this CPU? (issue 5, host speed)
 
-`export_onnx` keeps three kinds of op in float between DequantizeLinear and QuantizeLinear, so
-that onnxruntime computes exactly what the PyTorch model computes: the residual sums, the
-squeeze-excite gating (ReduceMean, Sigmoid, Mul) and the global pooling before the classifier.
-This script exports the comparison's hand plan (uniform int8, keep 0.625; cifar10 subset, edgenet
-width 64) as `export_onnx` does, rewrites those islands so that onnxruntime fuses them into
-integer kernels, and reports:
+`export_onnx` keeps some ops in float between DequantizeLinear and QuantizeLinear, so that
+onnxruntime computes what the PyTorch model computes: the residual sums and the squeeze-excite
+gate (Sigmoid, Mul); before commit 3514677 also the spatial means (ReduceMean), which it now
+writes as GlobalAveragePool, fused into QLinearGlobalAveragePool. This script exports the
+comparison's hand plan (uniform int8, keep 0.625; cifar10 subset, edgenet width 64) as
+`export_onnx` does, rewrites the islands so that onnxruntime fuses them into integer kernels,
+and reports:
 
 - the ops onnxruntime runs for each export, and the microseconds its profiler puts in each;
 - the paired time ratio (`paired_latency.paired_ratio`, one thread) of the rewritten export to
   the exact one, and of each to the fp32 base;
 - how many validation top-1s each export changes against the PyTorch model, and their top-1.
 
-The rewrite (not exact, which is why the exporter does not do it): Sum -> Add (QLinearAdd);
-spatial ReduceMean -> GlobalAveragePool (QLinearGlobalAveragePool); a QuantizeLinear with a fixed
-1/255 grid after each Sigmoid (QLinearSigmoid, then QLinearMul). Weights use 7-bit range
-(`int8_needs_reduce_range`) so that this host's int8 kernels compute what the model computes.
+The rewrites (`--rewrites`): "add", Sum -> Add (QLinearAdd, a step off the float sum a few times
+in a million: `integer_rounding.py`); "sigmoid", a QuantizeLinear on a fixed 1/255 grid after each
+Sigmoid (QLinearSigmoid, then QLinearMul: a quantization step the PyTorch model does not take);
+"pool", spatial ReduceMean -> GlobalAveragePool (what the exporter now does itself: nothing left
+to rewrite in a current export). Weights use 7-bit range (`int8_needs_reduce_range`) so that this
+host's int8 kernels compute what the model computes.
 
     python bench/integer_islands.py --data /work/shared/data/cifar10
 """
