@@ -303,7 +303,7 @@ def _host_latency(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[
     return m.median_ms, m.spread_ms
 
 
-def host_outputs_exact(model: nn.Module, context: Context) -> bool:
+def _host_outputs_exact(model: nn.Module, context: Context) -> bool:
     """Whether onnxruntime on this machine computes what the exported model computes on its
     target: not where the model keeps full-range 8-bit weights (its target's int8 kernels take
     them) and this machine's kernels saturate on them (x86 without VNNI)."""
@@ -330,7 +330,7 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
         row = {"accuracy": shown.best_accuracy, "macs": shown.macs, "bytes": shown.bytes,
                "latency_ms": estimate.total_ms, "latency_source": estimate.source,
                "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial,
-               "host_outputs_exact": host_outputs_exact(model_out, context)}
+               "host_outputs_exact": _host_outputs_exact(model_out, context)}
         if selected is not None:
             summary["selected"] = row
     if selected is None:

@@ -16,6 +16,26 @@ def _run(path, x):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
 
 
+def _runtime_nodes(path, tmp_path):
+    """The nodes of the graph onnxruntime runs, after its fusions (not its layout changes,
+    which depend on the CPU)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "opt.onnx")).graph.node
+
+
+def _assert_agrees(small, path):
+    """The exported model's top-1 and scores (to float rounding) are the PyTorch model's."""
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        ref = small(x).numpy()
+    got = _run(path, x)
+    assert (ref.argmax(1) == got.argmax(1)).all()
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
+
 def _initializer_types(path):
     return {init.name: init.data_type for init in onnx.load(str(path)).graph.initializer}
 
@@ -55,11 +75,7 @@ def test_integer_layers_run_as_int8_kernels(tiny, example, calib, tmp_path):
     with torch.no_grad():
         ref = small(example).numpy()
     np.testing.assert_allclose(_run(path, example), ref, atol=1e-5 * np.abs(ref).max())
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    nodes = _runtime_nodes(path, tmp_path)
     ops = [n.op_type for n in nodes]
     assert ops.count("QLinearConv") >= 6
     assert "QLinearAdd" not in ops  # its fixed-point rounding is not what the PyTorch model computes
@@ -88,13 +104,7 @@ def test_onnx_agrees_with_pytorch_on_top1(arch, seed, tmp_path):
     plan = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75, nm=NM(n=2, m=4))
     calib = [torch.randn(8, 3, 32, 32) for _ in range(4)]
     small = apply_plan(model, plan, example, calib_data=calib, reduce_range=int8_needs_reduce_range())
-    path = export_onnx(small, example, tmp_path / f"{arch}.onnx")
-    x = torch.randn(64, 3, 32, 32)
-    with torch.no_grad():
-        ref = small(x).numpy()
-    got = _run(path, x)
-    assert (ref.argmax(1) == got.argmax(1)).all()
-    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    _assert_agrees(small, export_onnx(small, example, tmp_path / f"{arch}.onnx"))
 
 
 def test_spatial_means_pool_integers_and_agree(tmp_path):
@@ -108,14 +118,6 @@ def test_spatial_means_pool_integers_and_agree(tmp_path):
     calib = [torch.randn(8, 3, 32, 32) for _ in range(4)]
     small = apply_plan(model, plan, example, calib_data=calib, reduce_range=int8_needs_reduce_range())
     path = export_onnx(small, example, tmp_path / "edgenet.onnx")
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    ops = [n.op_type for n in _runtime_nodes(path, tmp_path)]
     assert ops.count("QLinearGlobalAveragePool") == 3 and "ReduceMean" not in ops
-    x = torch.randn(64, 3, 32, 32)
-    with torch.no_grad():
-        ref = small(x).numpy()
-    got = _run(path, x)
-    assert (ref.argmax(1) == got.argmax(1)).all()
-    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    _assert_agrees(small, path)
