@@ -270,14 +270,16 @@ class _QDQWriter:
         """
         helper = self.onnx.helper
         ranks = self._ranks()
-        consts = {init.name: self.numpy_helper.to_array(init) for init in self.graph.initializer}
-        consts |= {n.output[0]: self.numpy_helper.to_array(n.attribute[0].t)
+        # Constant tensors by name, read into numpy only where a check needs one (not the weights).
+        consts = {init.name: init for init in self.graph.initializer}
+        consts |= {n.output[0]: n.attribute[0].t
                    for n in self.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
+        value = lambda name: self.numpy_helper.to_array(consts[name])  # noqa: E731
         made_by = {out: node for node in self.graph.node for out in node.output}
         outputs = {out.name for out in self.graph.output}
 
         def users(tensor: str) -> list:
-            return [n for n in self.graph.node if tensor in n.input]
+            return [n for _, n in self._consumers(tensor)]
 
         def quantized_by(tensor: str):
             """A QuantizeLinear of the uint8 quantizers that alone consume `tensor`, if they all
@@ -287,15 +289,14 @@ class _QDQWriter:
                                                      or n.input[1] not in consts or n.input[2] not in consts
                                                      for n in found):
                 return None
-            params = {(float(consts[n.input[1]]), int(consts[n.input[2]]), consts[n.input[2]].dtype) for n in found}
+            params = {(float(value(n.input[1])), int(value(n.input[2])), value(n.input[2]).dtype) for n in found}
             return found[0] if len(params) == 1 and next(iter(params))[2] == np.uint8 else None
 
         def spatial_mean(node) -> bool | None:
             """keepdims of a ReduceMean over axes 2 and 3 of a 4-D tensor, else None."""
             if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4 or len(node.input) < 2:
                 return None
-            axes = consts.get(node.input[1])
-            if axes is None or sorted(int(a) % 4 for a in np.ravel(axes)) != [2, 3]:
+            if node.input[1] not in consts or sorted(int(a) % 4 for a in np.ravel(value(node.input[1]))) != [2, 3]:
                 return None
             return bool(next((a.i for a in node.attribute if a.name == "keepdims"), 1))
 
