@@ -202,28 +202,42 @@ def kept_channels(channels: int, keep_ratio: float, *, channel_groups: int = 1, 
     return keep * channel_groups
 
 
+def _lowest_l1(graph: TolerantDependencyGraph, root: nn.Module, ratio: float, round_to: int) -> list[int]:
+    """The lowest-L1 output channels of `root`'s group that keeping `ratio` of them removes."""
+    pruner = graph.get_pruner_of_module(root)
+    channels = pruner.get_out_channels(root)
+    group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
+    ch_groups = _channel_groups(graph, group)
+    n_keep = kept_channels(channels, ratio, channel_groups=ch_groups, round_to=round_to)
+    if n_keep >= channels:
+        return []
+    scores = tp.importance.GroupMagnitudeImportance(p=1)(group)
+    if scores is None:
+        log.info("Group at %s has no importance score; left dense.", graph._module2name[root])
+        return []
+    per_group = channels // ch_groups
+    scores = scores.view(ch_groups, per_group).mean(dim=0)  # same channels go in every group
+    drop = torch.argsort(scores)[: per_group - n_keep // ch_groups]
+    return torch.cat([drop + g * per_group for g in range(ch_groups)]).tolist()
+
+
+@torch.no_grad()
+def channels_to_drop(graph: TolerantDependencyGraph, keep: dict[str, float], *,
+                     round_to: int = 1) -> dict[str, list[int]]:
+    """The channels `prune_groups` would remove from each group root, ranked on the unpruned model."""
+    modules = dict(graph.model.named_modules())
+    drops = {name: _lowest_l1(graph, modules[name], ratio, round_to) for name, ratio in keep.items()}
+    return {name: idxs for name, idxs in drops.items() if idxs}
+
+
 @torch.no_grad()
 def prune_groups(graph: TolerantDependencyGraph, keep: dict[str, float], *, round_to: int = 1) -> None:
-    """Remove the lowest-L1 channels of each group, in place. `keep` maps a group root to a ratio."""
-    importance = tp.importance.GroupMagnitudeImportance(p=1)
+    """Remove the lowest-L1 channels of each group, in place. `keep` maps a group root to a ratio.
+    Groups are ranked and pruned one after another, each on the model the previous left."""
     modules = dict(graph.model.named_modules())
     for root_name, ratio in keep.items():
         root = modules[root_name]
-        pruner = graph.get_pruner_of_module(root)
-        channels = pruner.get_out_channels(root)
-        group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(channels)))
-        ch_groups = _channel_groups(graph, group)
-        n_keep = kept_channels(channels, ratio, channel_groups=ch_groups, round_to=round_to)
-        if n_keep >= channels:
-            continue
-        scores = importance(group)
-        if scores is None:
-            log.info("Group at %s has no importance score; left dense.", root_name)
-            continue
-        per_group = channels // ch_groups
-        scores = scores.view(ch_groups, per_group).mean(dim=0)  # same channels go in every group
-        drop = torch.argsort(scores)[: per_group - n_keep // ch_groups]
-        idxs = torch.cat([drop + g * per_group for g in range(ch_groups)]).tolist()
-        group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
-        group.prune()
-
+        idxs = _lowest_l1(graph, root, ratio, round_to)
+        if idxs:
+            pruner = graph.get_pruner_of_module(root)
+            graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()

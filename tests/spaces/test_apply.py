@@ -138,3 +138,19 @@ def test_relu6_is_absorbed_but_another_hardtanh_is_not(example, calib):
         assert small[0].output_activation == expected
         if expected == "relu6":
             assert 0 < float(small[0].output_range.hi) <= 6.0
+
+
+def test_channels_to_drop_names_the_channels_pruning_removes(tiny, example):
+    import copy
+
+    from edgeopt.spaces.prune import build_graph, channels_to_drop, prune_groups
+
+    keep = {"expand.0": 0.5}  # the group of expand, the depthwise conv and the SE's input
+    drops = channels_to_drop(build_graph(tiny, example), keep)
+    assert list(drops) == ["expand.0"] and len(set(drops["expand.0"])) == 16
+    kept = [c for c in range(32) if c not in drops["expand.0"]]
+    pruned = copy.deepcopy(tiny)
+    prune_groups(build_graph(pruned, example), keep)
+    assert torch.equal(pruned.expand[0].weight, tiny.expand[0].weight[kept])
+    assert torch.equal(pruned.dw[0].weight, tiny.dw[0].weight[kept])
+    assert torch.equal(pruned.project[0].weight, tiny.project[0].weight[:, kept])
