@@ -108,18 +108,6 @@ def load_model(name: str, *, num_classes: int):
         raise EdgeoptError(f"Cannot build {name!r} with num_classes={num_classes}: {exc}.") from None
 
 
-def _progress(label: str) -> Callable[[int, int], None]:
-    state = {"last": -1}
-
-    def report(done: int, total: int) -> None:
-        pct = int(100 * done / total)
-        if pct // 10 != state["last"] // 10 or done == total:
-            state["last"] = pct
-            print(f"  {label}: {done}/{total} ({pct}%)", file=sys.stderr, flush=True)
-
-    return report
-
-
 def _profile(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="optimize profile",
@@ -152,34 +140,21 @@ def _profile(argv: Sequence[str]) -> int:
 
     import torch
 
-    from edgeopt.hw_models.estimate import calibrate_table
-    from edgeopt.hw_models.profiler import model_keys, profile_keys
+    from edgeopt.hw_models.profiler import profile_model
     from edgeopt.hw_models.targets import get_target
-    from edgeopt.layers import trace_layers
 
     shape = _parse_input_size(args.input_size)
     precisions = _parse_precisions(args.precisions)
     keep = _parse_keep(args.keep_ratios)
     model = load_model(args.model, num_classes=args.num_classes)
-    example = torch.randn(shape)
     round_to = args.round_to or get_target("host").channel_multiple
-    keys = model_keys(trace_layers(model, example), keep_ratios=keep, precisions=precisions, round_to=round_to)
-    print(f"optimize profile: {args.model} at {'x'.join(map(str, shape))}: {len(keys)} layer shapes "
-          f"x {args.passes} passes, {args.threads} thread(s)", file=sys.stderr, flush=True)
-    table = profile_keys(keys, threads=args.threads, repeats=args.repeats, passes=args.passes,
-                         progress=_progress("layers"))
-    table.meta |= {"model": args.model, "input_shape": "x".join(map(str, shape)), "round_to": str(round_to)}
-    note = "not calibrated"
-    if not args.no_calibrate:
-        from edgeopt.evaluators.latency import calibration_samples
-
-        samples = calibration_samples(model, example, precisions=precisions, keep_ratios=(1.0, 0.5),
-                                      random_plans=args.calibration_plans, round_to=round_to,
-                                      threads=args.threads,
-                                      progress=_progress("whole-model calibration runs"))
-        table = calibrate_table(table, samples, target=get_target("host"))
-        cal = table.calibration
-        note = f"calibrated on {cal.points} whole-model runs, median error {cal.error_pct:.1f}%"
+    table = profile_model(model, torch.randn(shape), keep_ratios=keep, precisions=precisions, round_to=round_to,
+                          threads=args.threads, repeats=args.repeats, passes=args.passes,
+                          calibration_plans=None if args.no_calibrate else args.calibration_plans,
+                          label=f"optimize profile: {args.model} at {'x'.join(map(str, shape))}")
+    table.meta["model"] = args.model
+    cal = table.calibration
+    note = "not calibrated" if cal is None else f"calibrated on {cal.points} whole-model runs, median error {cal.error_pct:.1f}%"
     try:
         path = table.to_csv(args.out)
     except OSError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
@@ -255,16 +256,49 @@ def profile_keys(keys: Sequence[LayerKey], *, threads: int = 1, repeats: int = 2
     return LatencyTable(rows=rows, meta=meta, spread={k: s for k, (_, s) in best.items()}, name="profile")
 
 
+def print_progress(label: str) -> Callable[[int, int], None]:
+    """A progress callback that prints `label: done/total (pct%)` to stderr every tenth."""
+    state = {"last": -1}
+
+    def report(done: int, total: int) -> None:
+        pct = int(100 * done / total)
+        if pct // 10 != state["last"] // 10 or done == total:
+            state["last"] = pct
+            print(f"  {label}: {done}/{total} ({pct}%)", file=sys.stderr, flush=True)
+
+    return report
+
+
 def profile_model(model: nn.Module, example_input: torch.Tensor, *,
                   keep_ratios: Iterable[float] = DEFAULT_KEEP_RATIOS,
                   precisions: Iterable[tuple[int, int]] = DEFAULT_PRECISIONS, round_to: int = 1,
-                  threads: int = 1, repeats: int = 20, passes: int = 2,
-                  progress: Callable[[int, int], None] | None = None) -> LatencyTable:
-    """Profile every distinct layer shape of `model` (at each keep ratio and precision) here."""
-    layers = trace_layers(model, example_input[:1])
-    keys = model_keys(layers, keep_ratios=keep_ratios, precisions=precisions, round_to=round_to)
-    table = profile_keys(keys, threads=threads, repeats=repeats, passes=passes, progress=progress)
-    table.meta["input_shape"] = "x".join(str(d) for d in example_input[:1].shape)
+                  threads: int = 1, repeats: int = 20, passes: int = 2, calibration_plans: int | None = None,
+                  label: str | None = None) -> LatencyTable:
+    """Profile every distinct layer shape of `model` (at each keep ratio and precision) here: what
+    `optimize profile` writes. With `calibration_plans`, the table is then calibrated
+    (`calibrate_table`) on whole-model runs of that many random plans plus uniform fp32 and int8
+    plans at keep 1 and 0.5. With `label`, progress is printed to stderr under that name."""
+    from edgeopt.evaluators.latency import calibration_samples
+    from edgeopt.hw_models.estimate import calibrate_table
+    from edgeopt.hw_models.targets import get_target
+
+    example = example_input[:1]
+    precisions = list(precisions)
+    keys = model_keys(trace_layers(model, example), keep_ratios=keep_ratios, precisions=precisions,
+                      round_to=round_to)
+    if label is not None:
+        print(f"{label}: {len(keys)} layer shapes x {passes} passes, {threads} thread(s)"
+              f"{'' if calibration_plans is None else ', then whole-model calibration runs'}",
+              file=sys.stderr, flush=True)
+    table = profile_keys(keys, threads=threads, repeats=repeats, passes=passes,
+                         progress=None if label is None else print_progress("layers"))
+    table.meta["input_shape"] = "x".join(str(d) for d in example.shape)
+    table.meta["round_to"] = str(round_to)
+    if calibration_plans is not None:
+        samples = calibration_samples(model, example, precisions=precisions, keep_ratios=(1.0, 0.5),
+                                      random_plans=calibration_plans, round_to=round_to, threads=threads,
+                                      progress=None if label is None else print_progress("whole-model runs"))
+        table = calibrate_table(table, samples, target=get_target("host"))
     return table
 
 
