@@ -122,6 +122,16 @@ def test_a_profiled_model_is_estimated_from_its_table(tiny, example, tmp_path):
 
 
 @pytest.mark.slow
+def test_profile_model_calibrates_on_whole_model_runs(tiny, example):
+    table = profile_model(tiny, example, keep_ratios=(1.0,), round_to=8, repeats=3, passes=1, calibration_plans=2)
+    calibration = table.calibration
+    # Uniform fp32 and int8 plans at keep 1 and 0.5, plus the 2 random plans.
+    assert calibration is not None and calibration.points == 6
+    assert table.meta["round_to"] == "8" and table.meta["input_shape"] == "1x3x16x16"
+    assert profile_model(tiny, example, keep_ratios=(1.0,), repeats=3, passes=1).calibration is None
+
+
+@pytest.mark.slow
 def test_host_without_a_table_profiles_on_first_use(tiny, example):
     estimate = estimate_latency(tiny, example, target="host")
     assert estimate.source == "lut"
