@@ -3,8 +3,8 @@
 The comparison's hand plan (uniform int8 at keep 0.625, 39 % of the MACs) loses 1.3 points to
 the base after edgeopt's 4-epoch fine-tune, and no recipe change closed it (finetune_recipes.py).
 Here the same epochs are split: the float base first trains for `--fade` epochs (distilled from
-itself, the fine-tune's recipe) while the channels the plan removes (the same lowest-L1 choice
-`apply_plan` makes) are scaled down linearly to zero, so the rest of the network learns to do
+itself, the fine-tune's recipe) while the channels the plan removes (lowest L1, ranked on the
+unpruned model) are scaled down linearly to zero, so the rest of the network learns to do
 without them; then the plan is applied (pruning removes channels that are already zero) and the
 QAT fine-tune takes the remaining epochs. Growing regularization (Wang et al., ICLR 2021) is
 the idea; the linear fade is the simplest schedule of it. Prints one JSON line per run.

@@ -224,7 +224,9 @@ def _lowest_l1(graph: TolerantDependencyGraph, root: nn.Module, ratio: float, ro
 @torch.no_grad()
 def channels_to_drop(graph: TolerantDependencyGraph, keep: dict[str, float], *,
                      round_to: int = 1) -> dict[str, list[int]]:
-    """The channels `prune_groups` would remove from each group root, ranked on the unpruned model."""
+    """The channels each group root would lose if it were pruned alone: `prune_groups` ranks one
+    group after another on the model the previous left, so with several groups sharing a layer its
+    choice can differ by a channel or two."""
     modules = dict(graph.model.named_modules())
     drops = {name: _lowest_l1(graph, modules[name], ratio, round_to) for name, ratio in keep.items()}
     return {name: idxs for name, idxs in drops.items() if idxs}
