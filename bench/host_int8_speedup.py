@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-from integer_islands import fused_ops  # noqa: E402
+from integer_islands import fused_ops, profile_nodes  # noqa: E402
 from paired_latency import paired_ratio  # noqa: E402
 
 from edgeopt import SearchSpace, apply_plan  # noqa: E402
@@ -49,31 +49,11 @@ INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearGlobalAveragePoo
 def conv_kernel_us(path: Path, *, runs: int) -> dict[str, float]:
     """Microseconds per inference in depthwise and in dense convolutions (onnxruntime's
     profiler, one thread; the median of each node over `runs`, summed)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 1
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).random((1, *session.get_inputs()[0].shape[1:]), dtype=np.float32)
-        for _ in range(runs):
-            session.run(None, {session.get_inputs()[0].name: x})
-        events = json.loads(Path(session.end_profiling()).read_text())
-        groups = {node.name: next((a.i for a in node.attribute if a.name == "group"), 1)
-                  for node in onnx.load(options.optimized_model_filepath).graph.node}
-    per_node: dict[str, list[int]] = {}
-    for event in events:
-        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
-                and "Conv" in event["args"]["op_name"]):
-            per_node.setdefault(event["name"].removesuffix("_kernel_time"), []).append(event["dur"])
+    nodes, _, groups = profile_nodes(path, runs=runs)
     out = {"depthwise": 0.0, "dense": 0.0}
-    for node, durations in per_node.items():
-        out["depthwise" if groups.get(node, 1) > 1 else "dense"] += float(np.median(durations))
+    for node, (op, us) in nodes.items():
+        if "Conv" in op:
+            out["depthwise" if groups.get(node, 1) > 1 else "dense"] += us
     return out
 
 

@@ -105,11 +105,11 @@ def fused_ops(path: Path) -> dict[str, int]:
     return {op: ops.count(op) for op in sorted(set(ops))}
 
 
-def kernel_times(path: Path, *, runs: int = 1000) -> dict[str, float]:
-    """Microseconds per inference that onnxruntime's profiler puts in each op type's kernels (one
-    thread; the median of each node over `runs`, summed by op type), and in the whole run. The
-    profiler adds its own few microseconds per node, so compare op types, not totals, across
-    graphs with different node counts."""
+def profile_nodes(path: Path, *, runs: int) -> tuple[dict[str, tuple[str, float]], float, dict[str, int]]:
+    """onnxruntime's profile of `path` (one thread, `runs` runs): per node of the graph it runs,
+    (op type, median microseconds of its kernel); the median whole run; and each node's `group`
+    attribute (1 where it has none), to tell depthwise convolutions apart."""
+    import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,23 +118,37 @@ def kernel_times(path: Path, *, runs: int = 1000) -> dict[str, float]:
         options.intra_op_num_threads = 1
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         x = np.random.default_rng(0).random((1, *session.get_inputs()[0].shape[1:]), dtype=np.float32)
         for _ in range(runs):
             session.run(None, {name: x})
         events = json.loads(Path(session.end_profiling()).read_text())
-    per_node: dict[tuple[str, str], list[int]] = {}
+        groups = {node.name: next((a.i for a in node.attribute if a.name == "group"), 1)
+                  for node in onnx.load(options.optimized_model_filepath).graph.node}
+    per_node: dict[str, tuple[str, list[int]]] = {}
     whole = []
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_node.setdefault((event["args"]["op_name"], event["name"]), []).append(event["dur"])
+            node = event["name"].removesuffix("_kernel_time")
+            per_node.setdefault(node, (event["args"]["op_name"], []))[1].append(event["dur"])
         elif event.get("name") == "model_run":
             whole.append(event["dur"])
+    medians = {node: (op, float(np.median(durations))) for node, (op, durations) in per_node.items()}
+    return medians, float(np.median(whole)), groups
+
+
+def kernel_times(path: Path, *, runs: int = 1000) -> dict[str, float]:
+    """Microseconds per inference that onnxruntime's profiler puts in each op type's kernels (one
+    thread; the median of each node over `runs`, summed by op type), and in the whole run. The
+    profiler adds its own few microseconds per node, so compare op types, not totals, across
+    graphs with different node counts."""
+    nodes, whole, _ = profile_nodes(path, runs=runs)
     by_op: dict[str, float] = {}
-    for (op, _), durations in per_node.items():
-        by_op[op] = by_op.get(op, 0.0) + float(np.median(durations))
-    return {"whole run": float(np.median(whole))} | dict(sorted(by_op.items(), key=lambda item: -item[1]))
+    for op, us in nodes.values():
+        by_op[op] = by_op.get(op, 0.0) + us
+    return {"whole run": whole} | dict(sorted(by_op.items(), key=lambda item: -item[1]))
 
 
 def main() -> int:
