@@ -38,11 +38,11 @@ from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
 from edgeopt.search.models import EdgeNet  # noqa: E402
 
-# Ops that are integer kernels or the quantizers at a graph's edges; anything else in an int8
-# graph runs in float.
+# Ops that are integer kernels (NhwcMaxPool is onnxruntime's uint8 max pool), quantizers or pure
+# data movement; anything else in an int8 graph runs in float.
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearGlobalAveragePool", "QLinearAdd",
                "QLinearMul", "QLinearSigmoid", "QLinearConcat", "QLinearAveragePool", "QLinearLeakyRelu",
-               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MaxPool", "Reshape",
+               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "NhwcMaxPool", "Reshape",
                "Flatten", "Transpose", "Concat"}
 
 
