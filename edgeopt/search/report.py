@@ -156,6 +156,15 @@ def write_report(path: Path, *, summary: dict) -> None:
                   "16-bit pairs, so here its host latency is a timing only and its outputs can differ "
                   "from the PyTorch model's. For a model to deploy on such a machine, optimize for "
                   "`--target host`, which gives 8-bit weights 7 bits of range.", ""]
+    base, chosen = s.get("base") or {}, s.get("selected") or {}
+    if (s.get("target_is_here") is False and base.get("host_ms") is not None
+            and chosen.get("host_ms") is not None and chosen["host_ms"] > base["host_ms"]):
+        # A user reads the host column as "is it faster?"; say why it can be slower here.
+        lines += [f"The selected model runs slower than the base on this machine ({chosen['host_ms']:.2f} vs "
+                  f"{base['host_ms']:.2f} ms): the search made it fast on the target, whose runtime is "
+                  "not this machine's. On an x86 CPU without VNNI, int8 depthwise layers run no faster "
+                  "than float ones, and every switch between float and int8 costs time (BENCHMARKS.md). "
+                  "For a model to run fast here, optimize for `--target host`.", ""]
     if s.get("kendall_tau") is not None:
         lines.append(f"Kendall tau between proxy and fine-tuned accuracy over the fine-tuned "
                      f"candidates: {s['kendall_tau']:.2f}.")

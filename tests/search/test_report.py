@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from edgeopt import LayerPlan, ModelPlan
 from edgeopt.budget import parse_budget
-from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame
+from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.select import Candidate
 
 
@@ -33,3 +33,26 @@ def test_trials_frame_has_one_row_per_candidate_with_violations():
     assert list(frame["trial"]) == [0, 1]
     assert list(frame["feasible"]) == [False, True]
     assert "violation[8ms]" in frame.columns
+
+
+def _summary(*, target_is_here: bool, base_host: float, selected_host: float) -> dict:
+    row = {"accuracy": 70.0, "macs": 2e6, "bytes": 4e5, "latency_ms": 3.0, "latency_source": "lut",
+           "host_spread_ms": 0.01}
+    return {"model": "m", "data": "d", "target": "pi4: a Pi", "target_is_here": target_is_here,
+            "budgets": ["50%"], "binds": True, "trials": 4, "sampler": "tpe", "seed": 0, "finetuned": 1,
+            "max_drop": 1.0, "min_speedup": 1.1, "proxy_spread": 10.0,
+            "base": row | {"latency_ms": 5.0, "host_ms": base_host},
+            "selected": row | {"host_ms": selected_host, "trial": 3}}
+
+
+def test_report_says_why_the_selected_model_is_slower_on_this_machine_than_the_base(tmp_path):
+    path = tmp_path / "report.md"
+    write_report(path, summary=_summary(target_is_here=False, base_host=0.72, selected_host=1.07))
+    text = path.read_text()
+    assert "| selected | 70.00 | 2.0 M | 400.0 KB | 3.00 (lut) | 1.07 ± 0.01 |" in text
+    assert "runs slower than the base on this machine (1.07 vs 0.72 ms)" in text
+    # Faster here, or the target is this machine: nothing to explain.
+    for kwargs in ({"target_is_here": False, "base_host": 1.07, "selected_host": 0.72},
+                   {"target_is_here": True, "base_host": 0.72, "selected_host": 1.07}):
+        write_report(path, summary=_summary(**kwargs))
+        assert "slower than the base" not in path.read_text()
