@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 import compare  # noqa: E402
 
+from edgeopt import model_cost  # noqa: E402
 from edgeopt.search.finetune import FinetuneConfig  # noqa: E402
 from edgeopt.search.training import evaluate, random_affine, train  # noqa: E402
 
@@ -65,8 +66,10 @@ def main() -> int:
     data, model = compare.side_setup(args.data, threads=args.threads, base_epochs=args.base_epochs)
     context = compare.side_context(model, data)
     plan = context.space.uniform(w_bits=8, a_bits=8, keep_ratio=args.keep)
-    print(json.dumps({"base_val": evaluate(model, data.val), "base_epochs": args.base_epochs, "keep": args.keep}),
-          flush=True)
+    example = data.example_input()
+    macs_share = model_cost(context.compress(plan), example).macs / model_cost(model, example).macs
+    print(json.dumps({"base_val": evaluate(model, data.val), "base_epochs": args.base_epochs, "keep": args.keep,
+                      "macs_share": round(macs_share, 4)}), flush=True)
     for name, kwargs in chosen.items():
         compressed = context.compress(plan)
         start = time.time()

@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -20,8 +20,9 @@ from edgeopt.budget import Budget, parse_budget
 from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
+from edgeopt.evaluators.latency import measure_model_latency
 from edgeopt.evaluators.onnx_export import export_onnx
-from edgeopt.hw_models.estimate import estimate_latency
+from edgeopt.hw_models.estimate import LatencyEstimate, estimate_latency
 from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import NM, ModelPlan
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, finetune, screen, screening
@@ -202,7 +203,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     context, study = prepare(model, data, target=target, budgets=budgets, search=search, out_dir=out_dir,
                              seed=search.seed, progress=progress)
     example, base_cost = context.example_input, context.base
-    base_latency = estimate_latency(model, example, target=target)
+    base_latency = _target_latency(model, example, target)
     base_violations = [b.violation({"macs": base_cost.macs, "latency_ms": base_latency.total_ms,
                                     "bytes": base_cost.bytes}[b.metric], base_cost.macs) for b in budgets]
     binds = any(v > 0 for v in base_violations)
@@ -245,6 +246,8 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     chosen = chosen[:config.top]
     tuned: list[Finetuned] = finetune(chosen, context, data=data, config=config, seed=search.seed,
                                       progress=progress)
+    if target.measurable:
+        tuned = _measured_here(tuned, context)
     by_trial = {t.candidate.trial: t for t in tuned}
     screened_by_trial = {c.trial: c for c in screened}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
@@ -297,6 +300,26 @@ def _hand_candidate(candidates: list[Candidate], starting: list[ModelPlan]) -> C
     return max(fits, key=lambda c: (c.macs, c.proxy_accuracy), default=None)
 
 
+def _target_latency(model: nn.Module, example: torch.Tensor, target) -> LatencyEstimate:
+    """The model's latency on the target: measured whole where the target is this machine."""
+    if target.measurable:
+        return measure_model_latency(model, example, threads=target.threads)
+    return estimate_latency(model, example, target=target)
+
+
+def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:
+    """Where the target is this machine, the finalists are timed whole before the selection rule
+    compares them: per-layer estimates charge every int8 layer its own float edges, which a
+    chain of int8 layers does not pay (BENCHMARKS.md, mnasnet), and can misrank close plans."""
+    measured = []
+    for t in tuned:
+        ms = _target_latency(t.model, context.example_input, context.target).total_ms
+        violations = tuple(context.violations(model_cost(t.model, context.example_input), ms))
+        candidate = replace(t.candidate, latency_ms=ms, violations=violations, latency_measured=True)
+        measured.append(Finetuned(candidate=candidate, model=t.model))
+    return measured
+
+
 def _host_latency(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[float, float]:
     from edgeopt.evaluators.latency import measure_latency
 
@@ -326,10 +349,14 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
         onnx_path = export_onnx(model_out, example, sel_dir / "model.onnx")
         (sel_dir / "plan.json").write_text(shown.plan.to_json())
         torch.save(model_out, sel_dir / "model.pt")
-        estimate = estimate_latency(model_out, example, target=context.target)
+        if shown.latency_measured:  # the timing the selection rule compared
+            latency_ms, latency_source = shown.latency_ms, "measured"
+        else:
+            estimate = _target_latency(model_out, example, context.target)
+            latency_ms, latency_source = estimate.total_ms, estimate.source
         host_ms, host_spread = _host_latency(model_out, example, onnx_path)
         row = {"accuracy": shown.best_accuracy, "macs": shown.macs, "bytes": shown.bytes,
-               "latency_ms": estimate.total_ms, "latency_source": estimate.source,
+               "latency_ms": latency_ms, "latency_source": latency_source,
                "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial,
                "host_outputs_exact": _host_outputs_exact(model_out, context)}
         if selected is not None:

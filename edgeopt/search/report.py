@@ -20,14 +20,14 @@ def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd
         row = {
             "trial": c.trial, "plan_key": c.plan.key(), "proxy_accuracy": c.proxy_accuracy,
             "screened_accuracy": c.screened_accuracy, "finetuned_accuracy": c.accuracy,
-            "latency_ms": c.latency_ms, "macs": c.macs, "effective_macs": c.effective_macs, "bytes": c.bytes,
-            "feasible": c.feasible,
+            "latency_ms": c.latency_ms, "latency_measured": c.latency_measured, "macs": c.macs,
+            "effective_macs": c.effective_macs, "bytes": c.bytes, "feasible": c.feasible,
         }
         for budget, violation in zip(budgets, c.violations):
             row[f"violation[{budget.text}]"] = violation
         rows.append(row)
     columns = ["trial", "plan_key", "proxy_accuracy", "screened_accuracy", "finetuned_accuracy", "latency_ms",
-               "macs", "effective_macs", "bytes", "feasible"]
+               "latency_measured", "macs", "effective_macs", "bytes", "feasible"]
     return pd.DataFrame(rows, columns=columns + [f"violation[{b.text}]" for b in budgets])
 
 
@@ -41,6 +41,7 @@ class ParetoInfo:
     latency_budget_ms: float | None
     selected: tuple[float, float] | None
     base: tuple[float, float]  # (latency_ms, accuracy) of the uncompressed model
+    latency_kind: str = "estimated"  # how the latencies drawn were obtained, for the axis label
 
 
 def pareto_info(candidates: list[Candidate], *, budgets: tuple[Budget, ...], selected: Candidate | None,
@@ -54,6 +55,8 @@ def pareto_info(candidates: list[Candidate], *, budgets: tuple[Budget, ...], sel
         latency_budget_ms=min(latency) if latency else None,
         selected=(selected.latency_ms, selected.best_accuracy) if selected else None,
         base=base,
+        latency_kind=("estimated; fine-tuned points and base measured here"
+                      if any(c.latency_measured for c in tuned) else "estimated"),
     )
 
 
@@ -80,7 +83,7 @@ def plot_pareto_png(info: ParetoInfo, path: Path, *, target: str) -> None:
     if info.selected:
         ax.scatter([info.selected[0]], [info.selected[1]], marker="*", c="#c44e52", s=220,
                    zorder=5, label="selected")
-    ax.set_xlabel(f"latency on {target} (ms, estimated)")
+    ax.set_xlabel(f"latency on {target} (ms, {info.latency_kind})")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -110,7 +113,7 @@ def plot_pareto_html(info: ParetoInfo, path: Path, *, target: str) -> None:
                                  marker={"symbol": "star", "color": "#c44e52", "size": 18}))
     if info.latency_budget_ms is not None:
         fig.add_vline(x=info.latency_budget_ms, line_dash="dash", line_color="#c44e52")
-    fig.update_layout(xaxis_title=f"latency on {target} (ms, estimated)", yaxis_title="top-1 accuracy (%)",
+    fig.update_layout(xaxis_title=f"latency on {target} (ms, {info.latency_kind})", yaxis_title="top-1 accuracy (%)",
                       template="plotly_white")
     fig.write_html(str(path), include_plotlyjs=True)
 

@@ -27,6 +27,7 @@ class Candidate:
     violations: tuple[float, ...] = ()  # one per budget; <= 0 means met
     screened_accuracy: float | None = None  # proxy-split top-1 after the short screening fine-tune
     accuracy: float | None = None  # validation top-1 after fine-tuning
+    latency_measured: bool = False  # latency_ms measured whole on this machine, not estimated
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property

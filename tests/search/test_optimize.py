@@ -86,6 +86,24 @@ def test_impossible_budget_lists_closest_and_still_writes_outputs(bundle, traine
 
 
 @pytest.mark.slow
+def test_on_this_machine_the_finalists_are_timed_whole_before_the_rule_compares_them(bundle, trained, tmp_path):
+    result = optimize(trained, bundle, target="host", budget="50ms", out=tmp_path, progress=False,
+                      search=SearchConfig(trials=6, seed=0, calib_batches=2), finetune_config=FAST_FT)
+    frame = result.trials
+    tuned = frame[frame["finetuned_accuracy"].notna()]
+    assert len(tuned) == 2
+    assert list(frame["latency_measured"]) == list(frame["finetuned_accuracy"].notna())
+    # The latency budget is judged on the measured time.
+    for _, row in tuned.iterrows():
+        assert row["violation[50ms]"] == pytest.approx(row["latency_ms"] / 50 - 1)
+    summary = result.summary
+    assert summary["base"]["latency_source"] == "measured"
+    assert summary["selected"]["latency_source"] == "measured"
+    assert summary["selected"]["latency_ms"] == result.selected.latency_ms
+    assert result.selected.latency_measured and result.selected.trial in set(tuned["trial"])
+
+
+@pytest.mark.slow
 def test_targets_choose_differently_where_hardware_differs(bundle, trained, tmp_path):
     plans = {}
     for target in ("pi4", "jetson-orin-nano"):
