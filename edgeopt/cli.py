@@ -190,7 +190,8 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="search trials in all (a resumed study counts those it has; default 40)")
     p.add_argument("--sampler", default="tpe", choices=sorted(SAMPLERS),
                    help="Optuna sampler: multivariate TPE, NSGA-II or random search (default tpe)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the sampler, calibration and fine-tuning (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, the sampler, calibration and fine-tuning (default 0)")
     p.add_argument("--proxy", default="heldout", choices=("heldout", "sensitivity"),
                    help="accuracy proxy: 'heldout' evaluates every candidate on held-out images; "
                         "'sensitivity' measures each layer's knobs once and combines them per candidate, "

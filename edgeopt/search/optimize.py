@@ -20,7 +20,7 @@ from edgeopt.budget import Budget, parse_budget
 from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
-from edgeopt.evaluators.latency import measure_model_latency
+from edgeopt.evaluators.latency import measure_latency, measure_model_latency
 from edgeopt.evaluators.onnx_export import export_onnx
 from edgeopt.hw_models.estimate import LatencyEstimate, estimate_latency
 from edgeopt.hw_models.targets import get_target
@@ -321,8 +321,6 @@ def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:
 
 
 def _host_latency(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[float, float]:
-    from edgeopt.evaluators.latency import measure_latency
-
     m = measure_latency(path, threads=1)
     return m.median_ms, m.spread_ms
 

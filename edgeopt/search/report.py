@@ -113,8 +113,8 @@ def plot_pareto_html(info: ParetoInfo, path: Path, *, target: str) -> None:
                                  marker={"symbol": "star", "color": "#c44e52", "size": 18}))
     if info.latency_budget_ms is not None:
         fig.add_vline(x=info.latency_budget_ms, line_dash="dash", line_color="#c44e52")
-    fig.update_layout(xaxis_title=f"latency on {target} (ms, {info.latency_kind})", yaxis_title="top-1 accuracy (%)",
-                      template="plotly_white")
+    fig.update_layout(xaxis_title=f"latency on {target} (ms, {info.latency_kind})",
+                      yaxis_title="top-1 accuracy (%)", template="plotly_white")
     fig.write_html(str(path), include_plotlyjs=True)
 
 

@@ -56,3 +56,14 @@ def test_report_says_why_the_selected_model_is_slower_on_this_machine_than_the_b
                    {"target_is_here": True, "base_host": 0.72, "selected_host": 1.07}):
         write_report(path, summary=_summary(**kwargs))
         assert "slower than the base" not in path.read_text()
+
+
+def test_the_plot_says_when_fine_tuned_points_were_measured_rather_than_estimated():
+    from dataclasses import replace
+
+    budgets = (parse_budget("8ms"),)
+    estimated = [_c(0, 90, 10, 0.25), _c(1, 85, 6, -0.25, tuned=87)]
+    assert pareto_info(estimated, budgets=budgets, selected=None, base=(12.0, 91.0)).latency_kind == "estimated"
+    measured = [estimated[0], replace(estimated[1], latency_ms=5.5, latency_measured=True)]
+    info = pareto_info(measured, budgets=budgets, selected=measured[1], base=(12.0, 91.0))
+    assert "measured" in info.latency_kind and info.selected == (5.5, 87)
