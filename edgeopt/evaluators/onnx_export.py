@@ -49,10 +49,17 @@ class _LayerQuant:
     bias: np.ndarray | None
     input_qparams: tuple[float, int] | None
     output_qparams: tuple[float, int] | None
+    placeholder: np.ndarray  # what the float export was given as the weight (see _plain)
 
 
-def _plain(layer: CompressedMixin) -> nn.Module:
-    """A plain Conv2d/Linear holding the layer's effective (masked, on-grid) weight and bias."""
+def _plain(layer: CompressedMixin, placeholder: torch.Tensor) -> nn.Module:
+    """A plain Conv2d/Linear holding a placeholder weight and the layer's effective bias.
+
+    The placeholder is random and unique to the layer, so that the exporter can neither merge two
+    layers' weights into one initializer (it deduplicates equal tensors: all-zero weights, as
+    timm's zero-initialized last BatchNorms fold into, lost their names that way) nor let the
+    layer go unnoticed; `_QDQWriter` finds each layer by it and writes the real weight.
+    """
     with torch.no_grad():
         if isinstance(layer, nn.Conv2d):
             plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
@@ -61,13 +68,13 @@ def _plain(layer: CompressedMixin) -> nn.Module:
                               padding_mode=layer.padding_mode)
         else:
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        plain.weight.copy_(layer.effective_weight())
+        plain.weight.copy_(placeholder)
         if layer.bias is not None:
             plain.bias.copy_(layer.effective_bias())
     return plain
 
 
-def _quant_info(fqn: str, layer: CompressedMixin) -> _LayerQuant:
+def _quant_info(fqn: str, layer: CompressedMixin, placeholder: torch.Tensor) -> _LayerQuant:
     with torch.no_grad():
         weight = layer.effective_weight()
         integer_w = layer.w_bits not in FLOAT_BITS
@@ -78,7 +85,35 @@ def _quant_info(fqn: str, layer: CompressedMixin) -> _LayerQuant:
             weight_scale=layer.weight_scale().cpu().numpy() if integer_w else None,
             bias=layer.effective_bias().cpu().numpy() if layer.bias is not None else None,
             input_qparams=qparams(layer.input_range), output_qparams=qparams(layer.output_range),
+            placeholder=placeholder.numpy(),
         )
+
+
+def _replicating_pools(model: nn.Module, example_input: torch.Tensor) -> None:
+    """Replace each AdaptiveAvgPool2d whose output is a whole multiple of its input (alexnet and
+    vgg at small inputs: 1x1 features pooled to 6x6 or 7x7) by the nearest-neighbour upsampling
+    it computes there, which ONNX has and the exporter's adaptive pooling lacks."""
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module, args):
+        sizes[module] = tuple(int(d) for d in args[0].shape[-2:])
+
+    pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools:
+        return
+    handles = [m.register_forward_pre_hook(record) for m in pools]
+    try:
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = {m: n for n, m in model.named_modules()}
+    for pool, (h, w) in sizes.items():
+        out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+        out = tuple(o if o is not None else i for o, i in zip(out, (h, w)))
+        if all(o % i == 0 for o, i in zip(out, (h, w))) and out != (h, w):
+            set_submodule(model, names[pool], nn.Upsample(scale_factor=(out[0] // h, out[1] // w), mode="nearest"))
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
@@ -89,21 +124,30 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     twin = copy.deepcopy(model).eval().cpu()
     infos = []
+    generator = torch.Generator().manual_seed(0)
     for fqn, layer in compressed_layers(twin).items():
-        infos.append(_quant_info(fqn, layer))
-        set_submodule(twin, fqn, _plain(layer))
+        placeholder = torch.randn(layer.weight.shape, generator=generator)
+        infos.append(_quant_info(fqn, layer, placeholder))
+        set_submodule(twin, fqn, _plain(layer, placeholder))
+    _replicating_pools(twin, example_input.cpu())
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             # The TorchScript exporter keeps parameter names and exports in about a second;
             # the dynamo one takes several and is not needed for plain conv/linear graphs.
+            # PRESERVE (the model is in eval mode) exports the same graph as EVAL without fusing
+            # a BatchNorm left after a conv into its weights, which would change the weight the
+            # QDQ rewrite replaces; onnxruntime fuses the float ones itself.
             torch.onnx.export(
                 twin, (example_input[:1].cpu(),), str(path), dynamo=False, opset_version=17,
+                training=torch.onnx.TrainingMode.PRESERVE,
                 input_names=["input"], output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             )
     except Exception as exc:
-        raise EdgeoptError(f"ONNX export failed ({type(exc).__name__}: {exc}). The model must be "
+        # The exporter's messages can carry the whole TorchScript graph: its first line says why.
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise EdgeoptError(f"ONNX export failed ({type(exc).__name__}: {why[:400]}). The model must be "
                            "traceable by torch.onnx.export.") from None
     proto = onnx.load(str(path))
     proto = onnx.version_converter.convert_version(proto, OPSET)
@@ -125,6 +169,7 @@ class _QDQWriter:
         self.graph = proto.graph
         self.inits = {init.name: init for init in self.graph.initializer}
         self.new_nodes: dict[int, list] = {}  # index of a node -> nodes to insert before it
+        self.integer_nodes: set[str] = set()  # names of the Conv/Gemm/MatMul nodes of integer layers
 
     # -- small builders ------------------------------------------------------------------
     def _const(self, name: str, array: np.ndarray, elem_type: int | None = None) -> str:
@@ -159,7 +204,7 @@ class _QDQWriter:
                     a.name == "transB" and a.i == 1 for a in node.attribute)
                 return i, node, list(node.input).index(name), transposed
         # A linear layer on a >2-D input becomes MatMul with a transposed copy of the weight.
-        target = info.weight.reshape(info.weight.shape[0], -1).T
+        target = info.placeholder.reshape(info.placeholder.shape[0], -1).T
         for i, node in enumerate(self.graph.node):
             if node.op_type == "MatMul" and node.input[1] in self.inits:
                 array = self.numpy_helper.to_array(self.inits[node.input[1]])
@@ -180,10 +225,52 @@ class _QDQWriter:
         self._drop_identity_relus()  # first: an Add that read such a Relu now reads dequantized inputs
         self._keep_float_adds()
         self._integer_pools()
+        self._keep_float_layers_float()
         used = {name for node in self.graph.node for name in node.input}
         keep = [init for init in self.graph.initializer if init.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
+
+    def _keep_float_layers_float(self) -> None:
+        """Stop QDQ runtimes from running a float layer as an integer one.
+
+        In the QDQ convention a Conv or Gemm whose input comes from a DequantizeLinear and whose
+        output goes (through Relu or Clip at most) to a QuantizeLinear is an integer kernel:
+        onnxruntime then rounds its float bias to int32 and quantizes its float weights to
+        per-tensor int8 (its WeightBiasQuantization pass) and fuses it into QLinearConv. A layer
+        the plan keeps in float between two int8 ones would silently run in int8 on the device,
+        at another accuracy than the one measured; a mixed plan's top-1 disagreed with the
+        PyTorch model on up to 6 of 32 inputs that way (mnasnet0_5). Such a layer reads its input
+        through Max(x, x), the same values by another producer, so the pattern does not match;
+        MatMul likewise, whose DQ-MatMul pairs onnxruntime also fuses.
+        """
+        made_by = {out: node for node in self.graph.node for out in node.output}
+        consumers: dict[str, list] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+
+        def reaches_quantizer(node) -> bool:
+            while len(node.output) == 1 and len(consumers.get(node.output[0], [])) == 1:
+                node = consumers[node.output[0]][0]
+                if node.op_type == "QuantizeLinear":
+                    return True
+                if node.op_type not in ("Relu", "Clip"):
+                    return False
+            return False
+
+        for index, node in reversed(list(enumerate(self.graph.node))):
+            if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.name in self.integer_nodes:
+                continue
+            producer = made_by.get(node.input[0])
+            if producer is None or producer.op_type != "DequantizeLinear":
+                continue
+            if node.op_type != "MatMul" and not reaches_quantizer(node):
+                continue
+            kept = f"{node.input[0]}_float_for_{node.name}"
+            self.graph.node.insert(index, self.onnx.helper.make_node(
+                "Max", [node.input[0], node.input[0]], [kept], name=f"{kept}_Max"))
+            node.input[0] = kept
 
     def _keep_float_adds(self) -> None:
         """Write each Add between dequantized inputs and a quantized output (directly or through a
@@ -333,6 +420,8 @@ class _QDQWriter:
     def _rewrite(self, info: _LayerQuant) -> None:
         onnx = self.onnx
         index, node, w_pos, transposed = self._find(info)
+        if info.integer:
+            self.integer_nodes.add(node.name)
         prefix = info.fqn
         axis = 1 if transposed else 0
         weight = info.weight.reshape(info.weight.shape[0], -1).T if transposed else info.weight
@@ -376,7 +465,8 @@ class _QDQWriter:
                     break
         if info.bias is not None and bias_holder is not None:
             bias_scale = (info.input_qparams[0] * info.weight_scale).astype(np.float32)
-            ints = np.rint(info.bias / bias_scale).astype(np.int32)
+            # Saturated as the PyTorch layer saturates it (a near-constant input gives a tiny scale).
+            ints = np.clip(np.rint(info.bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
             q = self._const(f"{prefix}.bias_quantized", ints)
             s = self._const(f"{prefix}.bias_scale", bias_scale)
             z = self._const(f"{prefix}.bias_zero_point", np.zeros_like(ints))

@@ -48,6 +48,8 @@ def pruned(channels: int, keep: float, groups: int = 1, round_to: int = 1) -> in
     counts them (which this package may not import): rounded to `round_to`, never zero."""
     per_group = channels // groups
     kept = max(1, round(per_group * keep))
+    if kept >= per_group:
+        return channels
     if round_to > 1 and groups == 1:
         kept = min(per_group, max(round_to, int(round(kept / round_to)) * round_to))
     return kept * groups

@@ -82,7 +82,7 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
                                "SearchSpace.from_model, which leaves unsafe groups dense.") from None
         if batches:
             recalibrate_batchnorm(compressed, batches)
-    folded = fold_batchnorm(compressed, graph)
+    folded = fold_batchnorm(compressed, graph, example_input)
     activations = following_activations(compressed, graph, folded)
 
     names = {module: name for name, module in compressed.named_modules()}

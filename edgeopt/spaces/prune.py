@@ -72,7 +72,18 @@ class TolerantDependencyGraph(tp.DependencyGraph):
                 for dep in node.dependencies:  # forget the mappings made before we knew
                     dep.index_mapping = [INDEX_MAPPING_PLACEHOLDER, INDEX_MAPPING_PLACEHOLDER]
             index_mapping.update_index_mapping(self)
+        # A grouped conv that pruning leaves with one channel per group looks depthwise to
+        # Torch-Pruning's type check, which then hands it the depthwise pruner (in and out
+        # channels coupled) and breaks the model (seen on resnext50_32x4d); each layer keeps
+        # the type it was traced with.
+        self._traced_types = {module: node.type for module, node in self.module2node.items()}
         return self
+
+    def get_pruner_of_module(self, module: nn.Module):
+        traced = getattr(self, "_traced_types", {}).get(module)
+        if traced is None or module.__class__ in self.CUSTOMIZED_PRUNERS:
+            return super().get_pruner_of_module(module)
+        return self.REGISTERED_PRUNERS.get(traced)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +144,7 @@ def _channel_groups(graph: tp.DependencyGraph, group) -> int:
     counts = [1]
     for dep, _ in group:
         module = dep.target.module
-        if isinstance(module, nn.Conv2d) and module.groups == module.out_channels:
+        if dep.target.type == tp.ops.OPTYPE.DEPTHWISE_CONV:
             continue  # depthwise: channels pair one to one, no grouping constraint
         pruner = graph.get_pruner_of_module(module)
         if pruner is None:
@@ -197,6 +208,8 @@ def kept_channels(channels: int, keep_ratio: float, *, channel_groups: int = 1, 
     """How many channels a group keeps: rounded to the target's multiple, never zero."""
     per_group = channels // channel_groups
     keep = max(1, round(per_group * keep_ratio))
+    if keep >= per_group:
+        return channels  # rounding never prunes a group the plan keeps whole
     if round_to > 1 and channel_groups == 1:
         keep = min(per_group, max(round_to, int(round(keep / round_to)) * round_to))
     return keep * channel_groups
