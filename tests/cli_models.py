@@ -34,3 +34,14 @@ class NeedsBigInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.conv(x).mean((2, 3)))
+
+
+class NoLayers(nn.Module):
+    """Scores from a fixed projection of the pooled input: no Conv2d or Linear to compress."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("projection", torch.randn(3, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)) @ self.projection

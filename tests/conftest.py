@@ -68,3 +68,20 @@ def example() -> torch.Tensor:
 def calib() -> list[torch.Tensor]:
     torch.manual_seed(2)
     return [torch.randn(8, 3, 16, 16) for _ in range(3)]
+
+
+# Lines the coverage tests print at the end of the run: each family's agreement with onnxruntime
+# and its largest score difference (tests/spaces/test_coverage.py).
+_COVERAGE_LINES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def coverage_log() -> list[str]:
+    return _COVERAGE_LINES
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _COVERAGE_LINES:
+        terminalreporter.section("coverage: compressed models in onnxruntime against PyTorch")
+        for line in _COVERAGE_LINES:
+            terminalreporter.write_line(line)

@@ -101,6 +101,34 @@ def test_untraceable_model_and_too_small_input(capsys, folder, tmp_path):
     _fails_cleanly(capsys, argv, "input")
 
 
+def test_out_that_is_a_file(capsys, folder, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("something of the user's")
+    _fails_cleanly(capsys, _base_args(folder, taken), "is a file", "folder")
+    assert taken.read_text() == "something of the user's"
+
+
+@pytest.mark.parametrize("trials", ["0", "-2"])
+def test_no_trials(capsys, folder, tmp_path, trials):
+    argv = _base_args(folder, tmp_path)
+    argv[argv.index("4")] = trials
+    _fails_cleanly(capsys, argv, "--trials", "at least 1")
+
+
+def test_model_with_nothing_to_compress(capsys, folder, tmp_path):
+    argv = _base_args(folder, tmp_path)
+    argv[argv.index("tests.cli_models:tiny")] = "tests.cli_models:NoLayers"
+    _fails_cleanly(capsys, argv, "nothing to compress")
+
+
+@pytest.mark.parametrize(("extra", "words"), [(["--normalize", "imagenett"], ["normalization"]),
+                                              (["--mean", "0.5"], ["--mean and --std together"]),
+                                              (["--mean", "a,b,c", "--std", "1,1,1"], ["--mean", "numbers"]),
+                                              (["--mean", "0.5,0.5", "--std", "1,1"], ["channel"])])
+def test_bad_normalization(capsys, folder, tmp_path, extra, words):
+    _fails_cleanly(capsys, _base_args(folder, tmp_path, *extra), *words)
+
+
 @pytest.mark.parametrize("text", ["not,a,table\n1,2,3\n", "\x00\x01garbage"])
 def test_bad_latency_table(capsys, folder, tmp_path, text):
     lut = tmp_path / "lut.csv"
@@ -138,6 +166,28 @@ def test_budget_no_candidate_meets_exits_nonzero_and_keeps_outputs(capsys, folde
     err = capsys.readouterr().err
     assert code == 3 and "closest" in err.lower() and "Traceback" not in err
     assert (tmp_path / "report.md").exists() and (tmp_path / "trials.csv").exists()
+
+
+@pytest.mark.slow
+def test_preprocessing_is_printed_recorded_and_exported_and_a_study_keeps_its_setup(capsys, folder, tmp_path):
+    argv = _base_args(folder, tmp_path, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25")
+    argv.remove("--quiet")
+    assert main(argv) in (0, 3)
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "of its MACs compressible" in first and "mean (0.500, 0.500, 0.500), std (0.250, 0.250, 0.250) from given values" in first
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and summary["preprocessing"]["input_size"] == [16, 16]
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(tmp_path / "selected" / "model.onnx"),
+                                providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["edgeopt.preprocessing"]) == summary["preprocessing"]
+    assert "from given values" in (tmp_path / "report.md").read_text()
+    # The same folder for another target: refused with what differs, nothing mixed or lost.
+    again = _base_args(folder, tmp_path, "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25")
+    again[again.index("pi4")] = "host"
+    _fails_cleanly(capsys, again, "made for another search", "target", "--out")
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 def _command(folder: Path, out: Path, trials: int) -> list[str]:

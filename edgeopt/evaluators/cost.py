@@ -11,6 +11,7 @@ import torch
 from thop.vision.basic_hooks import count_convNd, count_linear
 from torch import nn
 
+from edgeopt.canonical import canonical
 from edgeopt.layers import trace_layers
 from edgeopt.plan import FLOAT_BITS
 from edgeopt.spaces.quantize import CompressedConv2d, CompressedLinear, CompressedMixin
@@ -68,6 +69,7 @@ def model_bytes(model: nn.Module) -> int:
 def model_cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
     """MACs, parameters and bytes of one sample's forward pass."""
     one = example_input[:1]
+    model = canonical(model)  # MACs of nn.MultiheadAttention's projections count too
     counted = copy.deepcopy(model).eval()
     macs, _ = thop.profile(
         counted, inputs=(one,), verbose=False,

@@ -116,8 +116,17 @@ def _replicating_pools(model: nn.Module, example_input: torch.Tensor) -> None:
             set_submodule(model, names[pool], nn.Upsample(scale_factor=(out[0] // h, out[1] // w), mode="nearest"))
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
-    """Write `model` to `path` as ONNX (batch dimension dynamic) and return the path."""
+PREPROCESSING_KEY = "edgeopt.preprocessing"  # metadata: JSON of what an input needs (DataBundle.preprocessing)
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
+                preprocessing: dict | None = None) -> Path:
+    """Write `model` to `path` as ONNX (batch dimension dynamic) and return the path.
+
+    `preprocessing` (input size, mean, std, class names: `DataBundle.preprocessing`) is stored as
+    JSON in the model's metadata under `PREPROCESSING_KEY`, so that deployment code can read
+    what the model expects (onnxruntime: `session.get_modelmeta().custom_metadata_map`).
+    """
     import onnx  # heavy: only when exporting
 
     path = Path(path)
@@ -152,6 +161,11 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path)
     proto = onnx.load(str(path))
     proto = onnx.version_converter.convert_version(proto, OPSET)
     _QDQWriter(proto).write(infos)
+    if preprocessing is not None:
+        import json
+
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = PREPROCESSING_KEY, json.dumps(preprocessing)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
@@ -466,7 +480,8 @@ class _QDQWriter:
         if info.bias is not None and bias_holder is not None:
             bias_scale = (info.input_qparams[0] * info.weight_scale).astype(np.float32)
             # Saturated as the PyTorch layer saturates it (a near-constant input gives a tiny scale).
-            ints = np.clip(np.rint(info.bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            # In float64: float32 cannot hold 2^31 - 1, and a bound that rounds up wraps to -2^31.
+            ints = np.clip(np.rint(info.bias.astype(np.float64) / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
             q = self._const(f"{prefix}.bias_quantized", ints)
             s = self._const(f"{prefix}.bias_scale", bias_scale)
             z = self._const(f"{prefix}.bias_zero_point", np.zeros_like(ints))

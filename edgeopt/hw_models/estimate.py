@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.hw_models.lut import LatencyTable, LayerKey, storage_bits, weight_mb_of
 from edgeopt.hw_models.targets import HardwareTarget, LayerTimes, get_target
@@ -204,5 +205,5 @@ def estimate_latency(model: nn.Module, example_input: torch.Tensor, *,
     shapes the table lacks get the table's fitted roofline model, never an error. Bit widths and
     N:M patterns count only where the target's runtime accelerates them (`target.runs_as`).
     """
-    layers = trace_layers(model, example_input[:1])
+    layers = trace_layers(canonical(model), example_input[:1])
     return estimate_layers(layers, target=target, lut=lut)

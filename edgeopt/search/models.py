@@ -8,6 +8,8 @@
   (`torch.save(model)`; unpickling runs code from the file, so only load files you trust);
 - "package.module:factory": imported (the current directory is importable) and called with
   `num_classes=` when it takes that argument, else with no arguments;
+- "timm:NAME": any timm architecture ("timm:mobilenetv3_large_100"), built with random weights,
+  the data's number of classes and input channels (timm is an optional dependency);
 - a torchvision model name ("resnet18", "mobilenet_v3_small", ...), built with random weights
   and the data's number of classes; its first convolution is rebuilt for 1-channel data (mnist,
   digits). Pass `weights` with trained weights: compressing an untrained model says nothing.
@@ -38,7 +40,8 @@ EDGENET_VERSION = 1  # bump when the architecture or its training recipe changes
 DEFAULT_EPOCHS = 15.0
 DEFAULT_WIDTH = 16  # channels of the first layers; the others are multiples of it
 _FORMS = ("edgenet (the built-in demo model), a torchvision model name such as resnet18, "
-          "'package.module:factory', or a path to a saved TorchScript or whole-model file")
+          "timm:NAME for a timm architecture, 'package.module:factory', or a path to a saved "
+          "TorchScript or whole-model file")
 
 
 # --- edgenet ----------------------------------------------------------------------------------
@@ -304,6 +307,35 @@ def _torchvision(name: str, data: DataBundle) -> tuple[nn.Module, str]:
     return model, f"torchvision {name}{note}"
 
 
+def _timm(name: str, data: DataBundle) -> tuple[nn.Module, str]:
+    try:
+        import timm
+    except ImportError:
+        raise EdgeoptError(f"--model timm:{name} needs timm: pip install timm") from None
+    if not name:
+        raise EdgeoptError("--model timm: needs an architecture name, for example timm:mobilenetv3_large_100.")
+    channels, height, width = data.input_shape
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=data.num_classes, in_chans=channels)
+    except RuntimeError as exc:  # timm's "Unknown model (...)"
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {' or '.join('timm:' + c for c in close)}?" if close else ""
+        raise EdgeoptError(f"--model timm:{name}: {str(exc).splitlines()[0]}.{hint} `timm.list_models()` "
+                           "lists the architectures.") from None
+    except Exception as exc:  # noqa: BLE001 -- a builder that rejects these arguments
+        raise EdgeoptError(f"--model timm:{name}: timm could not build it for {data.num_classes} classes and "
+                           f"{channels} input channels ({type(exc).__name__}: {exc}).") from None
+    fixed = model.default_cfg.get("fixed_input_size", False) if hasattr(model, "default_cfg") else False
+    wanted = tuple(model.default_cfg.get("input_size", (channels, height, width))[1:]) if fixed else None
+    if wanted and wanted != (height, width):
+        try:  # vision transformers size their position embedding for one input size
+            model = timm.create_model(name, pretrained=False, num_classes=data.num_classes, in_chans=channels,
+                                      img_size=(height, width))
+        except Exception:  # noqa: BLE001 -- this architecture takes no img_size: check_model_fits says so
+            pass
+    return model, f"timm {name}"
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 
@@ -430,17 +462,15 @@ def resolve_model(spec: str | None, *, data: DataBundle, weights: str | None = N
         description = f"{path} ({kind}, {{params}} params)"
     elif path.is_dir():
         raise EdgeoptError(f"--model {text} is a folder; {_FORMS} is needed.")
+    elif text.lower().startswith("timm:"):
+        model, description = _timm(text[len("timm:"):].strip(), data)
+        description += " ({params} params)"
     elif ":" in text and not text.startswith(("/", ".", "~")):
         model = _from_factory(text, data)
         description = f"{text} ({type(model).__name__}, {{params}} params)"
     elif text.lower() in _torchvision_names():
         model, description = _torchvision(text.lower(), data)
         description += " ({params} params)"
-        if weights is None:
-            warnings.warn(f"--model {text} has random weights: compressing an untrained model tells "
-                          f"you nothing about accuracy. Pass --weights with trained weights.",
-                          stacklevel=2)
-            description += ", random weights (no --weights given)"
     elif "/" in text or os.sep in text or path.suffix.lower() in (".pt", ".pth", ".ts", ".pkl", ".jit"):
         raise EdgeoptError(f"--model {text}: no such file.")
     else:
@@ -450,5 +480,9 @@ def resolve_model(spec: str | None, *, data: DataBundle, weights: str | None = N
     if weights is not None:
         load_weights(model, weights, data=data)
         description += f", weights from {weights}"
+    elif description.startswith(("timm ", "torchvision ")):  # built here, so its weights are random
+        warnings.warn(f"--model {text} has random weights: compressing an untrained model tells "
+                      f"you nothing about accuracy. Pass --weights with trained weights.", stacklevel=2)
+        description += ", random weights (no --weights given)"
     check_model_fits(model, data)  # also gives lazy modules their shapes, so count after it
     return model.eval(), description.replace("{params}", f"{_params(model):,}")

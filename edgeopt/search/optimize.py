@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgeopt.budget import Budget, parse_budget
+from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
@@ -31,8 +32,8 @@ from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
 from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
-from edgeopt.search.study import (CONSTRAINTS, METRICS, finished, make_sampler, make_storage, open_study,
-                                  plan_params, trial_plan)
+from edgeopt.search.study import (CONSTRAINTS, METRICS, finished, fingerprint, make_sampler, make_storage,
+                                  open_study, plan_params, trial_plan)
 from edgeopt.search.training import evaluate
 from edgeopt.spaces.quantize import compressed_layers
 from edgeopt.spaces.space import Knobs, SearchSpace
@@ -62,6 +63,9 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.proxy not in PROXIES:
             raise EdgeoptError(f"Unknown proxy {self.proxy!r}; choose one of {', '.join(PROXIES)}.")
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise EdgeoptError(f"--trials must be a whole number of at least 1, got {self.trials!r}; the "
+                               "search starts with the plans a user would try by hand, so 6 or more is sensible.")
 
 
 @dataclass(frozen=True)
@@ -161,8 +165,16 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
     context = Context(model=model, space=space, example_input=example, calib=calib, target=target,
                       budgets=budgets, base=base, proxy=proxy, reduce_range=reduce_range)
     directions = ["maximize", "minimize"] + (["minimize"] if size_matters else [])
+    made_for = {
+        "target": f"{target.name} ({target.latency_note()})", "budgets": [str(b) for b in budgets],
+        "model": fingerprint(type(model).__name__, *model.state_dict().values()), "data": data.fingerprint,
+        "input_size": list(example.shape[1:]), "knobs": repr(space.knobs), "proxy": search.proxy,
+        "calibration": [search.seed, search.calib_batches, search.calib_batch_size],
+    }
     study = open_study(storage=make_storage(search.storage, out_dir), study_name=search.study_name,
-                       directions=directions, sampler=make_sampler(search.sampler, seed=seed, trials=search.trials))
+                       directions=directions, sampler=make_sampler(search.sampler, seed=seed, trials=search.trials),
+                       made_for=made_for,
+                       metric_names=["accuracy", "latency_ms"] + (["bytes"] if size_matters else []))
     return context, study
 
 
@@ -198,8 +210,14 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     if workers < 1:
         raise EdgeoptError(f"--workers must be at least 1, got {workers}.")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgeoptError(f"--out {out_dir} is a file; give a folder for the outputs (it is created if missing).")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeoptError(f"--out {out_dir}: cannot create the folder ({exc.strerror or exc}).") from None
+    # The form the plan names layers in (nn.MultiheadAttention split into Linear projections).
+    model = canonical(model).eval()
     context, study = prepare(model, data, target=target, budgets=budgets, search=search, out_dir=out_dir,
                              seed=search.seed, progress=progress)
     example, base_cost = context.example_input, context.base
@@ -212,10 +230,11 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
         # Start from what a user would try by hand, so the search is never worse than that.
         for plan in starting:
             study.enqueue_trial(plan_params(plan, context.space), skip_if_exists=True)
+    space_summary = context.space.summary()
     if progress:
-        print(f"edgeopt: model {model_name or type(model).__name__}; data {data.description}; "
-              f"target {target.name}; budget {', '.join(map(str, budgets))} "
-              f"({'binds' if binds else 'does not bind'} on the base model: "
+        print(f"edgeopt: model {model_name or type(model).__name__}, {space_summary.headline()}; data "
+              f"{data.description}; preprocessing {data.preprocessing_text()}; target {target.name}; budget "
+              f"{', '.join(map(str, budgets))} ({'binds' if binds else 'does not bind'} on the base model: "
               f"{base_cost.macs / 1e6:.1f} MMACs, {base_latency.total_ms:.2f} ms, {base_cost.bytes / 1e6:.2f} MB)",
               file=sys.stderr)
     procs = []
@@ -233,7 +252,8 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
 
     candidates = _candidates(study)
     if not candidates:
-        raise EdgeoptError("No trial finished; nothing to select. See the log above for why trials failed.")
+        raise EdgeoptError(f"No trial finished in the study in {out_dir}, so there is nothing to select: every "
+                           "trial was a duplicate or failed. Run with more --trials, or check the warnings above.")
     base_accuracy = evaluate(model, data.val)
     hand = _hand_candidate(candidates, starting)
     config = finetune_config
@@ -248,6 +268,9 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
                                       progress=progress)
     if target.measurable:
         tuned = _measured_here(tuned, context)
+    if not any(t.candidate.feasible for t in tuned):
+        tuned += _tune_the_rest(candidates, tuned, context, data=data, config=config, seed=search.seed,
+                                progress=progress)
     by_trial = {t.candidate.trial: t for t in tuned}
     screened_by_trial = {c.trial: c for c in screened}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
@@ -258,12 +281,22 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
 
     model_out = by_trial[shown.trial].model if shown and shown.trial in by_trial else (
         context.compress(shown.plan) if shown else None)
+    # What the saved model scores, and on what: a candidate that was not fine-tuned has only a
+    # proxy score, which says little of the model saved (pruned and untrained).
+    if shown is None:
+        shown_accuracy = None
+    elif shown.accuracy is not None:
+        shown_accuracy = (shown.accuracy, "validation, fine-tuned")
+    else:
+        shown_accuracy = (evaluate(model_out, data.val), "validation, not fine-tuned")
     summary = _write_outputs(
         out_dir, candidates=candidates, budgets=budgets, selected=selected, shown=shown, model_out=model_out,
-        context=context, tuned=tuned,
+        shown_accuracy=shown_accuracy, context=context, tuned=tuned,
         base={"accuracy": base_accuracy, "macs": base_cost.macs, "bytes": base_cost.bytes,
               "latency_ms": base_latency.total_ms, "latency_source": base_latency.source},
         header={"model": model_name or type(model).__name__, "data": data.description,
+                "preprocessing": data.preprocessing, "preprocessing_text": data.preprocessing_text(),
+                "space": space_summary.lines(),
                 "target": f"{target.name}: {target.description}", "target_is_here": target.measurable,
                 "budgets": [str(b) for b in budgets],
                 "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
@@ -320,6 +353,33 @@ def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:
     return measured
 
 
+def _tune_the_rest(candidates: list[Candidate], tuned: list[Finetuned], context: Context, *, data,
+                   config: FinetuneConfig, seed: int, progress: bool) -> list[Finetuned]:
+    """Fine-tune (and where the target is this machine, time) the candidates the estimate put
+    within every budget that have not been yet, when none of those fine-tuned met the budgets:
+    the run must not say that no candidate met them before it has tried every one that might.
+    On the host each is timed first (fine-tuning does not change a model's time) and only those
+    that meet the budgets are fine-tuned, at most `config.top` of them."""
+    done = {t.candidate.trial for t in tuned}
+    rest = [c for c in finetune_order(candidates, len(candidates), spread=config.proxy_spread)
+            if c.feasible and c.trial not in done]
+    if not rest:
+        return []
+    if progress:
+        print(f"None of the fine-tuned candidates met the budget{' when timed here' if context.target.measurable else ''}; "
+              f"trying the {len(rest)} other{'s' if len(rest) > 1 else ''} the estimate puts within it.", file=sys.stderr)
+    if context.target.measurable:
+        timed = []
+        for c in rest:
+            model = context.compress(c.plan)
+            ms = _target_latency(model, context.example_input, context.target).total_ms
+            if all(v <= 0 for v in context.violations(model_cost(model, context.example_input), ms)):
+                timed.append(c)
+        rest = timed
+    more = finetune(rest[:config.top], context, data=data, config=config, seed=seed, progress=progress)
+    return _measured_here(more, context) if context.target.measurable else more
+
+
 def _host_latency(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[float, float]:
     m = measure_latency(path, threads=1)
     return m.median_ms, m.spread_ms
@@ -334,17 +394,17 @@ def _host_outputs_exact(model: nn.Module, context: Context) -> bool:
     return not (full_range and int8_needs_reduce_range())
 
 
-def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model_out, context, tuned,
-                   base: dict, header: dict, base_model: nn.Module) -> dict:
+def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model_out, shown_accuracy, context,
+                   tuned, base: dict, header: dict, base_model: nn.Module) -> dict:
     example = context.example_input
     trials_frame(candidates, budgets).to_csv(out_dir / "trials.csv", index=False)
-    base_onnx = export_onnx(base_model, example, out_dir / "base.onnx")
+    base_onnx = export_onnx(base_model, example, out_dir / "base.onnx", preprocessing=header["preprocessing"])
     base["host_ms"], base["host_spread_ms"] = _host_latency(base_model, example, base_onnx)
     summary = {**header, "base": base, "selected": None, "closest": []}
     if shown is not None and model_out is not None:
         sel_dir = out_dir / "selected"
         sel_dir.mkdir(exist_ok=True)
-        onnx_path = export_onnx(model_out, example, sel_dir / "model.onnx")
+        onnx_path = export_onnx(model_out, example, sel_dir / "model.onnx", preprocessing=header["preprocessing"])
         (sel_dir / "plan.json").write_text(shown.plan.to_json())
         torch.save(model_out, sel_dir / "model.pt")
         if shown.latency_measured:  # the timing the selection rule compared
@@ -353,18 +413,25 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
             estimate = _target_latency(model_out, example, context.target)
             latency_ms, latency_source = estimate.total_ms, estimate.source
         host_ms, host_spread = _host_latency(model_out, example, onnx_path)
-        row = {"accuracy": shown.best_accuracy, "macs": shown.macs, "bytes": shown.bytes,
+        row = {"accuracy": shown_accuracy[0], "accuracy_of": shown_accuracy[1], "macs": shown.macs, "bytes": shown.bytes,
                "latency_ms": latency_ms, "latency_source": latency_source,
                "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial,
                "host_outputs_exact": _host_outputs_exact(model_out, context)}
         if selected is not None:
             summary["selected"] = row
     if selected is None:
+        # The saved one first, with the accuracy of what was saved.
+        listed = ([shown] if shown is not None else []) + [c for c in closest(candidates, 3)
+                                                           if shown is None or c.trial != shown.trial]
         summary["closest"] = [
-            {"trial": c.trial, "accuracy": c.best_accuracy, "latency_ms": c.latency_ms, "macs": c.macs,
+            {"trial": c.trial, "saved": c is shown,
+             "accuracy": shown_accuracy[0] if c is shown else c.best_accuracy,
+             "accuracy_of": shown_accuracy[1] if c is shown else (
+                 "validation, fine-tuned" if c.accuracy is not None else "proxy split, not fine-tuned"),
+             "latency_ms": c.latency_ms, "latency_measured": c.latency_measured, "macs": c.macs,
              "bytes": c.bytes, "excess": ", ".join(f"{b.text}: +{max(v, 0) * 100:.0f}%"
                                                    for b, v in zip(budgets, c.violations))}
-            for c in closest(candidates, 3)
+            for c in listed[:3]
         ]
     if len(tuned) >= 2:
         from scipy.stats import kendalltau

@@ -134,7 +134,11 @@ def write_report(path: Path, *, summary: dict) -> None:
     s = summary
     lines = [
         "# edgeopt report", "",
-        f"- model: {s['model']}", f"- data: {s['data']}", f"- target: {s['target']}",
+        f"- model: {s['model']}", f"- data: {s['data']}",
+        f"- preprocessing the exported model expects (also in its ONNX metadata, key "
+        f"`edgeopt.preprocessing`): {s.get('preprocessing_text', 'not recorded')}",
+        f"- search space: {(s.get('space') or ['not recorded'])[0]}",
+        f"- target: {s['target']}",
         f"- budget: {', '.join(s['budgets'])} ({'binds' if s['binds'] else 'does not bind'} on the base model)",
         f"- trials: {s['trials']} ({s['sampler']}, seed {s['seed']}); screened: {s.get('screened', 0)}; "
         f"fine-tuned: {s['finetuned']}",
@@ -149,7 +153,8 @@ def write_report(path: Path, *, summary: dict) -> None:
             lines.append(f"| {label} | no candidate met the budget | | | | |")
             continue
         host = f"{row['host_ms']:.2f} ± {row['host_spread_ms']:.2f}" if row.get("host_ms") is not None else "n/a"
-        lines.append(f"| {label} | {row['accuracy']:.2f} | {row['macs'] / 1e6:.1f} M | {_fmt_bytes(row['bytes'])} "
+        of = f" ({row['accuracy_of']})" if row.get("accuracy_of") else ""
+        lines.append(f"| {label} | {row['accuracy']:.2f}{of} | {row['macs'] / 1e6:.1f} M | {_fmt_bytes(row['bytes'])} "
                      f"| {row['latency_ms']:.2f} ({row['latency_source']}) | {host} |")
     lines += ["", "Accuracy is validation top-1 on data the search never saw; the base model's "
               "is measured the same way. Host latency: onnxruntime, median ± interquartile range.", ""]
@@ -183,10 +188,17 @@ def write_report(path: Path, *, summary: dict) -> None:
               + (f"Each of these {s['screened']} got {s['screen_epochs']:g} epochs of fine-tuning first and was "
                  "scored on the proxy split; fully fine-tuned: the one the rule above picks on those "
                  "scores, the hand plan, then the best scored." if s.get("screened") else ""), ""]
+    if len(s.get("space") or []) > 1:
+        lines += ["## What the search could not compress", "",
+                  "Layers left out of the search space and prune groups kept dense, with the reason:", ""]
+        lines += [f"- {line}" for line in s["space"][1:]]
+        lines.append("")
     if s.get("closest"):
         lines += ["## No candidate met the budget", "", "Closest candidates (relative excess per budget):", ""]
         for c in s["closest"]:
-            lines.append(f"- trial {c['trial']}: accuracy {c['accuracy']:.2f}, latency {c['latency_ms']:.2f} ms, "
+            saved = " (saved in selected/)" if c.get("saved") else ""
+            lines.append(f"- trial {c['trial']}{saved}: accuracy {c['accuracy']:.2f} ({c.get('accuracy_of', '')}), "
+                         f"latency {c['latency_ms']:.2f} ms ({'measured' if c.get('latency_measured') else 'estimated'}), "
                          f"MACs {c['macs'] / 1e6:.1f} M, size {_fmt_bytes(c['bytes'])}, excess {c['excess']}")
         lines.append("")
     path.write_text("\n".join(lines))

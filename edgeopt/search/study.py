@@ -26,6 +26,7 @@ CONSTRAINTS = "constraints"
 METRICS = "metrics"
 WORKER = "worker"  # host:pid of the process measuring the trial
 JOINED = "joined "  # study attribute per process that opened the study: JOINED + host:pid -> time
+MADE_FOR = "made for"  # study attribute: what the study's trials were measured for (see open_study)
 
 
 def _nm_label(nm: NM | None) -> str:
@@ -142,8 +143,33 @@ def make_storage(storage: str | None, out_dir: Path) -> optuna.storages.BaseStor
     return optuna.storages.JournalStorage(JournalFileBackend(str(out_dir / "study.journal")))
 
 
+def fingerprint(*parts: object) -> str:
+    """A short stable digest of tensors, bytes and reprs (a model's weights, say)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            digest.update(repr(part).encode())
+    return digest.hexdigest()[:16]
+
+
+def _made_for_mismatch(stored: dict, wanted: dict) -> list[str]:
+    return [f"{key}: the study has {stored.get(key)!r}, this run {value!r}"
+            for key, value in wanted.items() if stored.get(key) != value]
+
+
 def open_study(*, storage, study_name: str, directions: list[str],
-               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+               sampler: optuna.samplers.BaseSampler, made_for: dict | None = None,
+               metric_names: list[str] | None = None) -> optuna.Study:
+    """Open (or create) the study. `made_for` says what its trials are measured for (target,
+    budgets, model and data fingerprints, knobs, input size): a study made for something else is
+    refused, so that a resumed run never mixes trials of two setups. `metric_names` name the
+    objectives (optuna-dashboard shows them)."""
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
                                     sampler=sampler, load_if_exists=True)
@@ -154,6 +180,21 @@ def open_study(*, storage, study_name: str, directions: list[str],
                                   else optuna.study.StudyDirection.MINIMIZE for d in directions]:
         raise EdgeoptError(f"Study {study_name!r} exists with other objectives (a size budget "
                            "adds one); use another --study name or --out folder.")
+    if made_for is not None:
+        stored = study.user_attrs.get(MADE_FOR)
+        if stored is None:
+            study.set_user_attr(MADE_FOR, made_for)
+        elif differences := _made_for_mismatch(stored, made_for):
+            where = storage if isinstance(storage, str) else getattr(
+                getattr(storage, "_backend", None), "_file_path", "its storage")
+            raise EdgeoptError(
+                f"The study {study_name!r} in {where} was made for another search ("
+                + "; ".join(differences) + "). Its trials cannot be mixed with this run's: give another "
+                "--out folder (or --study name), or delete the old study to start afresh.")
+    if metric_names is not None and study.metric_names != metric_names:
+        with warnings.catch_warnings():  # experimental in Optuna 4 and 5, stable in use since 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names)
     if isinstance(storage, optuna.storages.RDBStorage):
         optuna.storages.fail_stale_trials(study)
     fail_orphans(study)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.layers import run_model, trace_layers
 from edgeopt.plan import ModelPlan
@@ -64,7 +65,8 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     if calibrate_model and any(lp.a_bits == 8 for lp in plan.layers.values()) and not batches:
         raise EdgeoptError("The plan has 8-bit activations, which need calib_data: pass a few "
                            "batches of real inputs (for example 4 batches of 32).")
-    compressed = copy.deepcopy(model).eval()
+    compressed = canonical(model)  # a copy already where it changes anything
+    compressed = (copy.deepcopy(compressed) if compressed is model else compressed).eval()
     graph = build_graph(compressed, example_input)
     if space is None:
         groups, layer_group = find_groups(graph)

@@ -7,19 +7,135 @@ we only decide how many channels each coupled group keeps and rank them by L1 ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import graph as tp_graph
+from torch_pruning.dependency import group as tp_group
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
 
+from edgeopt.canonical import SplitAttention
 from edgeopt.errors import EdgeoptError
 from edgeopt.layers import COMPRESSIBLE
 
 log = logging.getLogger(__name__)
+
+# Torch-Pruning maps channel indices through each reshape by multiplying them out (a flatten of
+# C x H x W gives C * H * W index objects) and back, every time its traversal of a group passes
+# a reshape. Through chains of reshapes (Swin's window partitions) the lists grow without bound,
+# and around split-and-sum blocks (ResNeSt, EfficientViT) the traversal passes the same reshapes
+# hundreds of times: resnest14d's 20 groups took 37 s. A group whose mappings make more index
+# objects than 8 times the elements of the model's largest activation (no index can be into
+# more; alexnet's classifier group passes its flatten 6 times) is given up as unprunable.
+MAPPED_INDICES_PER_ELEMENT = 8
+MIN_MAPPED_INDICES = 20_000
+
+
+class MappingExplodes(RuntimeError):
+    pass
+
+
+class _BoundedFlattenMapping(index_mapping._FlattenIndexMapping):
+    budget = remaining = MIN_MAPPED_INDICES  # set for each group (see _mapping_rules)
+
+    def __call__(self, idxs):
+        made = len(idxs) if self.reverse else len(idxs) * self._stride
+        _BoundedFlattenMapping.remaining -= made
+        if _BoundedFlattenMapping.remaining < 0:
+            raise MappingExplodes(f"mapping its channels through reshapes took over {_BoundedFlattenMapping.budget:,} "
+                                  "indices (chains of reshapes, or the same reshapes passed again and again)")
+        return super().__call__(idxs)
+
+
+def _bounded_group(limit: int):
+    """Torch-Pruning's Group, refusing to grow past `limit` dependencies: where index mappings
+    keep changing the indices around a cycle of the graph (maxvit's window and grid attention),
+    Torch-Pruning's traversal never settles and the group grows forever. Its check for an
+    operation already in the group looks only at the group's entries for the same layer and
+    pruning function, instead of comparing the indices of every entry (that scan took half of
+    efficientvit_m0's 95 s)."""
+
+    class BoundedGroup(tp_group.Group):
+        def add_dep(self, dep, idxs):
+            if len(self._group) >= limit:
+                raise MappingExplodes(f"its group passed {limit:,} dependencies without settling "
+                                      "(index mappings that keep changing around a cycle)")
+            super().add_dep(dep, idxs)
+            self.__dict__.setdefault("_by_op", {}).setdefault((dep.target, dep.handler), []).append(idxs)
+
+        def has_pruning_op(self, dep, idxs):
+            return any(known == idxs for known in self.__dict__.get("_by_op", {}).get((dep.target, dep.handler), ()))
+
+    return BoundedGroup
+
+
+@contextlib.contextmanager
+def _memoized_shape_inference():
+    """Torch-Pruning infers a node's channel count by walking the graph back to a layer, afresh
+    for every node it asks about and along every branch of every residual add: ten million calls
+    on swin_t for a few hundred reshapes. Within one model state the answers do not change, so
+    each node's is worked out once (it calls itself through these module attributes)."""
+    originals = {name: getattr(shape_infer, name)
+                 for name in ("infer_out_channels_recursively", "infer_in_channels_recursively")}
+    memo: dict = {}
+
+    def remembered(name):
+        def infer(graph, node, recursive_depth):
+            key = (name, node)
+            if key not in memo:
+                memo[key] = originals[name](graph, node, recursive_depth)
+            return memo[key]
+        return infer
+
+    for name in originals:
+        setattr(shape_infer, name, remembered(name))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(shape_infer, name, function)
+
+
+@contextlib.contextmanager
+def _bounded_flatten():
+    """Torch-Pruning builds its flatten mappings from this module attribute."""
+    original = index_mapping._FlattenIndexMapping
+    index_mapping._FlattenIndexMapping = _BoundedFlattenMapping
+    try:
+        yield
+    finally:
+        index_mapping._FlattenIndexMapping = original
+
+
+@contextlib.contextmanager
+def _mapping_rules(graph: TolerantDependencyGraph):
+    """While Torch-Pruning makes a group: its flatten mappings are bounded (they are built from
+    this module attribute), and its index mappings are worked out again only if a prune changed
+    the model since the last time. Torch-Pruning redoes them for every group it makes, by a
+    recursive shape inference over the whole graph: 1-2 s a group on swin_t, for results that
+    only pruning changes."""
+    original_update, original_group = index_mapping.update_index_mapping, tp_graph.Group
+
+    def update_once(target) -> None:
+        if target is graph and graph.mappings_fresh:
+            return
+        with _memoized_shape_inference():
+            original_update(target)
+        if target is graph:
+            graph.mappings_fresh = True
+
+    index_mapping.update_index_mapping, tp_graph.Group = update_once, _bounded_group(4 * len(graph.module2node) + 100)
+    _BoundedFlattenMapping.budget = _BoundedFlattenMapping.remaining = graph.mapping_budget
+    try:
+        with _bounded_flatten():
+            yield
+    finally:
+        index_mapping.update_index_mapping, tp_graph.Group = original_update, original_group
 
 
 class TolerantDependencyGraph(tp.DependencyGraph):
@@ -37,9 +153,27 @@ class TolerantDependencyGraph(tp.DependencyGraph):
         self._module2name = {module: name for name, module in model.named_modules()}
         self.ignored_params = []
         self._param_to_name, self.unwrapped_parameters = self._detect_unwrapped_parameters(None)
-        with torch.enable_grad():
-            self.module2node = self._trace(model, example_inputs, None, output_transform=None)
+        largest = [0]
+
+        def measure(module, args, output):
+            if isinstance(output, torch.Tensor):
+                largest[0] = max(largest[0], output[0].numel() if output.dim() > 1 else output.numel())
+
+        hooks = [m.register_forward_hook(measure) for m in model.modules()]
+        try:
+            with torch.enable_grad():
+                self.module2node = self._trace(model, example_inputs, None, output_transform=None)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.mapping_budget = max(MIN_MAPPED_INDICES, MAPPED_INDICES_PER_ELEMENT * largest[0])
         self._build_dependency(self.module2node)
+        with _memoized_shape_inference(), _bounded_flatten():
+            self._map_indices()
+        self.mappings_fresh = True
+        return self
+
+    def _map_indices(self) -> None:
         shape_infer.init_shape_information(self)
         self.failed_nodes: dict[object, str] = {}
         updates = {
@@ -72,18 +206,31 @@ class TolerantDependencyGraph(tp.DependencyGraph):
                 for dep in node.dependencies:  # forget the mappings made before we knew
                     dep.index_mapping = [INDEX_MAPPING_PLACEHOLDER, INDEX_MAPPING_PLACEHOLDER]
             index_mapping.update_index_mapping(self)
-        # A grouped conv that pruning leaves with one channel per group looks depthwise to
-        # Torch-Pruning's type check, which then hands it the depthwise pruner (in and out
-        # channels coupled) and breaks the model (seen on resnext50_32x4d); each layer keeps
-        # the type it was traced with.
-        self._traced_types = {module: node.type for module, node in self.module2node.items()}
-        return self
+        # Attention projections split their outputs into heads: pruning must narrow every head
+        # alike, or the reshape into heads would mix dimensions of different heads.
+        self.heads: dict[nn.Module, int] = {}
+        for module in self.model.modules():
+            if isinstance(module, SplitAttention):
+                self.heads.update({proj: module.num_heads for proj in (module.q_proj, module.k_proj, module.v_proj)})
+
+    mappings_fresh = False  # the index mappings match the model's current shapes (see _mapping_rules)
+
+    def get_pruning_group(self, module: nn.Module, pruning_fn, idxs):
+        with _mapping_rules(self):
+            return super().get_pruning_group(module, pruning_fn, idxs)
 
     def get_pruner_of_module(self, module: nn.Module):
-        traced = getattr(self, "_traced_types", {}).get(module)
-        if traced is None or module.__class__ in self.CUSTOMIZED_PRUNERS:
-            return super().get_pruner_of_module(module)
-        return self.REGISTERED_PRUNERS.get(traced)
+        """Torch-Pruning's pruner for the module, as it was when first asked (while tracing).
+
+        A grouped conv that pruning leaves with one channel per group looks depthwise to
+        Torch-Pruning's type check, which then hands it the depthwise pruner (in and out channels
+        coupled) and breaks the model (seen on resnext50_32x4d). Remembering the answer also
+        spares the type check, which shape inference asks millions of times on swin_t.
+        """
+        pruners = self.__dict__.setdefault("_pruners", {})
+        if module not in pruners:
+            pruners[module] = super().get_pruner_of_module(module)
+        return pruners[module]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +293,9 @@ def _channel_groups(graph: tp.DependencyGraph, group) -> int:
         module = dep.target.module
         if dep.target.type == tp.ops.OPTYPE.DEPTHWISE_CONV:
             continue  # depthwise: channels pair one to one, no grouping constraint
+        if module in graph.heads and graph.is_out_channel_pruning_fn(dep.handler):
+            counts.append(graph.heads[module])
+            continue
         pruner = graph.get_pruner_of_module(module)
         if pruner is None:
             continue
@@ -184,7 +334,6 @@ def find_groups(graph: TolerantDependencyGraph) -> tuple[list[PruneGroup], dict[
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
         except Exception as exc:  # Torch-Pruning cannot follow this layer's channels
             reason = f"Torch-Pruning cannot build its group ({type(exc).__name__}: {exc})"
-            log.info("Layer %s is not prunable: %s", names[module], reason)
             add(module, [names[module]], channels, 1, reason)
             continue
         members, reason = [], ""
@@ -198,8 +347,6 @@ def find_groups(graph: TolerantDependencyGraph) -> tuple[list[PruneGroup], dict[
                     reason = f"its channels are coupled with the model output {names[target]!r}"
                 if target not in outputs and names[target] not in members:
                     members.append(names[target])
-        if reason:
-            log.info("Group at %s is not prunable: %s", names[module], reason)
         add(module, members, channels, _channel_groups(graph, group), reason)
     return groups, layer_group
 
@@ -224,11 +371,14 @@ def _lowest_l1(graph: TolerantDependencyGraph, root: nn.Module, ratio: float, ro
     n_keep = kept_channels(channels, ratio, channel_groups=ch_groups, round_to=round_to)
     if n_keep >= channels:
         return []
+    per_group = channels // ch_groups
+    if root.weight.device.type == "meta":  # a structure-only copy (test-pruning): any channels will do
+        drop = torch.arange(per_group - n_keep // ch_groups)
+        return torch.cat([drop + g * per_group for g in range(ch_groups)]).tolist()
     scores = tp.importance.GroupMagnitudeImportance(p=1)(group)
     if scores is None:
-        log.info("Group at %s has no importance score; left dense.", graph._module2name[root])
+        log.debug("Group at %s has no importance score; left dense.", graph._module2name[root])
         return []
-    per_group = channels // ch_groups
     scores = scores.view(ch_groups, per_group).mean(dim=0)  # same channels go in every group
     drop = torch.argsort(scores)[: per_group - n_keep // ch_groups]
     return torch.cat([drop + g * per_group for g in range(ch_groups)]).tolist()
@@ -256,3 +406,4 @@ def prune_groups(graph: TolerantDependencyGraph, keep: dict[str, float], *, roun
         if idxs:
             pruner = graph.get_pruner_of_module(root)
             graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
+            graph.mappings_fresh = False  # shapes changed

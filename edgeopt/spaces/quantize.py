@@ -29,8 +29,9 @@ from edgeopt.plan import FLOAT_BITS, NM, LayerPlan
 from edgeopt.spaces.nm import nm_mask
 
 # Bump when what a compressed layer computes changes: results measured before (the sensitivity
-# table) are then measured again instead of reused. 2: ReLU-absorbing outputs, exact integer layers.
-NUMERICS_VERSION = 2
+# table) are then measured again instead of reused. 2: ReLU-absorbing outputs, exact integer layers;
+# 3: input scales wide enough for the int32 bias.
+NUMERICS_VERSION = 3
 INT8_MIN, INT8_MAX = -128, 127  # weights
 UINT8_MIN, UINT8_MAX = 0, 255  # activations
 
@@ -67,10 +68,10 @@ def quantize_weight(weight: torch.Tensor, bits: int, *, reduce_range: bool = Fal
     return fake_quantize(weight, scale.reshape((-1,) + (1,) * (weight.dim() - 1)), 0, INT8_MIN, INT8_MAX)
 
 
-def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """Asymmetric uint8 scale and zero point covering [lo, hi] and 0."""
+def activation_qparams(lo: float, hi: float, *, min_scale: float = 0.0) -> tuple[float, int]:
+    """Asymmetric uint8 scale and zero point covering [lo, hi] and 0 (the scale at least `min_scale`)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / (UINT8_MAX - UINT8_MIN), 1e-8)
+    scale = max((hi - lo) / (UINT8_MAX - UINT8_MIN), 1e-8, min_scale)
     zero_point = int(round(UINT8_MIN - lo / scale))
     return scale, max(UINT8_MIN, min(UINT8_MAX, zero_point))
 
@@ -97,8 +98,8 @@ class _Range(nn.Module):
     def calibrated(self) -> bool:
         return bool(torch.isfinite(self.lo))
 
-    def finish(self) -> None:
-        scale, zero_point = activation_qparams(float(self.lo), float(self.hi))
+    def finish(self, min_scale: float = 0.0) -> None:
+        scale, zero_point = activation_qparams(float(self.lo), float(self.hi), min_scale=min_scale)
         self.scale.fill_(scale)
         self.zero_point.fill_(zero_point)
 
@@ -335,7 +336,22 @@ def calibrate(model: nn.Module, batches) -> int:
     if seen == 0:
         raise EdgeoptError("calib_data held no batches; 8-bit activations need a few to calibrate.")
     for layer in layers:
-        layer.input_range.finish()
+        layer.input_range.finish(min_scale=_bias_headroom_scale(layer))
         if layer.output_range is not None:
             layer.output_range.finish()
     return seen
+
+
+# An integer kernel adds its bias to the int32 accumulator at scale_x * scale_w; a bias that needs
+# more than 2^30 steps there would saturate and leave the products no room (onnxruntime's int32 sum
+# then wraps around: seen as sign flips on a random mnasnet whose head input was near zero).
+_BIAS_STEPS = 2.0**30
+
+
+def _bias_headroom_scale(layer: CompressedMixin) -> float:
+    """The smallest input scale at which an integer layer's bias fits the accumulator."""
+    if not layer.integer or layer.bias is None:
+        return 0.0
+    with torch.no_grad():
+        needed = layer.bias.detach().abs() / (layer.weight_scale() * _BIAS_STEPS)
+    return float(needed.max())

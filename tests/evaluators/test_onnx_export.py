@@ -121,3 +121,34 @@ def test_spatial_means_pool_integers_and_agree(tmp_path):
     ops = [n.op_type for n in _runtime_nodes(path, tmp_path)]
     assert ops.count("QLinearGlobalAveragePool") == 3 and "ReduceMean" not in ops
     _assert_agrees(small, path)
+
+
+def test_preprocessing_is_stored_in_the_onnx_metadata(tiny, example, tmp_path):
+    import json
+
+    prep = {"input_size": [16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "class_names": ["a", "b"]}
+    path = export_onnx(tiny, example, tmp_path / "m.onnx", preprocessing=prep)
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["edgeopt.preprocessing"]) == prep
+
+
+def test_a_float_layer_between_int8_layers_stays_float_in_onnxruntime(tiny, example, calib, tmp_path):
+    space = SearchSpace.from_model(tiny, example)
+    layers = dict(space.uniform(w_bits=8, a_bits=8).layers)
+    layers["res1.0"] = LayerPlan()  # fp32, reading the int8 stem's output and feeding int8 res1.3
+    small = apply_plan(tiny, ModelPlan(layers=layers), example, calib_data=calib,
+                       reduce_range=int8_needs_reduce_range())
+    path = export_onnx(small, example, tmp_path / "mixed.onnx")
+    runtime = _runtime_nodes(path, tmp_path)
+    integer_convs = sum(1 for name, lp in layers.items() if lp.w_bits == 8 and name != "head")
+    # onnxruntime would otherwise quantize res1.0's weights to per-tensor int8 and run it as one.
+    assert sum(n.op_type == "QLinearConv" for n in runtime) == integer_convs
+    assert any(n.op_type in ("Conv", "FusedConv") for n in runtime)
+    x = torch.randn(64, *example.shape[1:])
+    with torch.no_grad():
+        ref = small(x).numpy()
+    got = _run(path, x)
+    # Float rounding of the fp32 layer may move a value across the next quantizer's rounding
+    # boundary, nothing more: the scores agree to a quantization step, not to int8 per-tensor error.
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.95
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()

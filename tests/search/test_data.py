@@ -217,3 +217,30 @@ def test_batches_of_any_dataset() -> None:
 
     got = list(batches(Squares(), 2))
     assert torch.cat([x for x, _ in got]).flatten().tolist() == [0, 1, 4, 9, 16]
+
+
+def test_normalization_presets_and_given_values() -> None:
+    default = load_data("digits")
+    assert default.normalization == "data" and abs(float(default.train.tensors[0].mean())) < 1e-3
+    none = load_data("digits", normalize="none")
+    assert none.mean == (0.0,) and none.std == (1.0,) and float(none.train.tensors[0].min()) >= 0.0
+    given = load_data("digits", normalize=((0.5,), (0.25,)))
+    assert given.normalization == "given"
+    raw = none.train.tensors[0]
+    assert torch.allclose(given.train.tensors[0], (raw - 0.5) / 0.25)
+    assert "from given values" in given.preprocessing_text()
+    with pytest.raises(EdgeoptError, match="3 values but the images have 1 channel"):
+        load_data("digits", normalize="imagenet")
+    with pytest.raises(EdgeoptError, match="Unknown normalization"):
+        load_data("digits", normalize="imagenett")
+    with pytest.raises(EdgeoptError, match="positive"):
+        load_data("digits", normalize=((0.5,), (0.0,)))
+
+
+def test_preprocessing_says_what_a_deployment_must_repeat(tmp_path: Path) -> None:
+    _folder(tmp_path, {"cat": 6, "dog": 6}, size=(12, 10))
+    data = load_data(str(tmp_path), input_size=8, normalize="imagenet")
+    prep = data.preprocessing
+    assert prep["input_size"] == [8, 8] and prep["channels"] == 3 and prep["color"] == "RGB"
+    assert prep["mean"] == pytest.approx([0.485, 0.456, 0.406]) and prep["normalization"] == "imagenet"
+    assert prep["class_names"] == ["cat", "dog"] and "center crop 8x8" in prep["resize"]

@@ -260,3 +260,22 @@ def test_model_for_rgb_on_grey_data_says_so(tmp_path: Path, monkeypatch: pytest.
     """)
     with pytest.raises(EdgeoptError, match=r"fails on the data's inputs, shape \(N, 1, 16, 16\).*channels"):
         resolve_model("user_models_c:rgb", data=_bundle())
+
+
+def test_timm_architecture_by_name() -> None:
+    pytest.importorskip("timm", reason="timm is a test dependency")
+    with pytest.warns(UserWarning, match="random weights"):
+        model, description = resolve_model("timm:mobilenetv3_small_050", data=_bundle(channels=1, size=32))
+    assert model.conv_stem.in_channels == 1 and model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    assert description.startswith("timm mobilenetv3_small_050") and "random weights" in description
+    with pytest.raises(EdgeoptError, match="Did you mean timm:mobilenetv3_small"):
+        resolve_model("timm:mobilenetv3_smal", data=_bundle())
+    with pytest.raises(EdgeoptError, match="needs an architecture name"):
+        resolve_model("timm:", data=_bundle())
+
+
+def test_timm_vision_transformer_is_sized_for_the_input() -> None:
+    pytest.importorskip("timm", reason="timm is a test dependency")
+    with pytest.warns(UserWarning):
+        model, _ = resolve_model("timm:deit_tiny_patch16_224", data=_bundle(channels=3, size=32))
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import onnxruntime as ort
 import pytest
+import torch
 
-from edgeopt import ModelPlan
+from edgeopt import EdgeoptError, ModelPlan
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.search.finetune import FinetuneConfig
 from edgeopt.search.optimize import SearchConfig, optimize
+from edgeopt.search.training import evaluate
 
 
 FAST_FT = FinetuneConfig(top=2, epochs=0.5, batch_size=32)
@@ -50,6 +52,19 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
                      search=SearchConfig(trials=13, seed=0, calib_batches=2), finetune_config=FAST_FT)
     assert len(again.trials) == 13
     assert set(frame["plan_key"]) <= set(again.trials["plan_key"])
+    # The study names its objectives and remembers what it was made for; started again for
+    # another target or budget, it refuses instead of mixing trials measured for two setups.
+    import optuna
+
+    study = optuna.load_study(study_name="edgeopt", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    assert study.metric_names == ["accuracy", "latency_ms"]
+    assert study.user_attrs["made for"]["target"].startswith("pi4")
+    for target, budget, word in (("host", "60%", "target"), ("pi4", "50%", "budgets")):
+        with pytest.raises(EdgeoptError, match=f"made for another search.*{word}.*another --out"):
+            optimize(trained, bundle, target=target, budget=budget, out=out, progress=False,
+                     search=SearchConfig(trials=13, seed=0, calib_batches=2), finetune_config=FAST_FT)
+    assert len(study.trials) == len(optuna.load_study(study_name="edgeopt", storage=study._storage).trials)
 
 
 @pytest.mark.slow
@@ -83,6 +98,39 @@ def test_impossible_budget_lists_closest_and_still_writes_outputs(bundle, traine
     assert result.summary["closest"] and all("+" in c["excess"] for c in result.summary["closest"])
     assert (tmp_path / "selected" / "model.onnx").exists() and (tmp_path / "trials.csv").exists()
     assert "No candidate met the budget" in (tmp_path / "report.md").read_text()
+    # The first closest is the model saved in selected/, with the accuracy of what was saved.
+    first = result.summary["closest"][0]
+    assert first["saved"] and first["accuracy_of"] in ("validation, fine-tuned", "validation, not fine-tuned")
+    saved = torch.load(tmp_path / "selected" / "model.pt", weights_only=False)
+    assert evaluate(saved, bundle.val) == pytest.approx(first["accuracy"])
+    assert "(saved in selected/)" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_candidates_estimated_within_budget_are_measured_before_none_is_said_to_meet_it(
+        bundle, trained, tmp_path, monkeypatch, capsys):
+    """Where the finalists measure over a latency budget the estimate said they meet, the other
+    candidates the estimate puts within it are timed and fine-tuned before the run gives up."""
+    from edgeopt.hw_models.estimate import LatencyEstimate
+    from edgeopt.search import optimize as optimize_module
+
+    real = optimize_module._target_latency
+    calls = []
+
+    def measured(model, example, target):
+        calls.append(1)
+        if len(calls) == 1:  # the base model
+            return real(model, example, target)
+        ms = 1e4 if len(calls) <= 1 + FAST_FT.top else 1e-3  # the first finalists measure over budget
+        return LatencyEstimate(total_ms=ms, layers=(), source="measured", target=target.name)
+
+    monkeypatch.setattr(optimize_module, "_target_latency", measured)
+    result = optimize(trained, bundle, target="host", budget="1000ms", out=tmp_path, progress=True,
+                      search=SearchConfig(trials=8, seed=0, calib_batches=2), finetune_config=FAST_FT)
+    assert "trying the" in capsys.readouterr().err
+    assert result.met_budget and result.selected.latency_measured and result.selected.latency_ms == 1e-3
+    tuned = result.trials[result.trials["finetuned_accuracy"].notna()]
+    assert len(tuned) == 2 * FAST_FT.top
 
 
 @pytest.mark.slow

@@ -1,41 +1,29 @@
-"""Every common architecture family: the space builds, and random plans apply, run and export."""
+"""Every torchvision family and 28 timm families: the space builds, and uniform and random plans
+apply, run, export and agree with onnxruntime (tests/coverage.py says how agreement is judged)."""
 
 from __future__ import annotations
 
-import onnxruntime as ort
 import pytest
 import torch
 import torchvision
 
-from edgeopt import SearchSpace, apply_plan, export_onnx
+from edgeopt import SearchSpace
+from tests.coverage import check_family
+from tests.coverage_families import TIMM, TORCHVISION
 
-ARCHITECTURES = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
-                 "regnet_x_400mf", "densenet121", "shufflenet_v2_x1_0", "convnext_tiny"]
+timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install -e '.[test]')")
+
+FAMILIES = {**{f"torchvision {k}": v for k, v in TORCHVISION.items()}, **{f"timm {k}": v for k, v in TIMM.items()}}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_random_plans_apply_run_and_export(arch, tmp_path):
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None, num_classes=7).eval()
-    example = torch.randn(1, 3, 32, 32)
-    calib = [torch.randn(16, 3, 32, 32) for _ in range(2)]
-    space = SearchSpace.from_model(model, example)
-    assert len(space.layers) > 10
-    assert space.prunable_groups, "every family has something prunable"
-    pruned_any = False
-    for seed in range(5):
-        plan = space.sample(seed=seed)
-        small = apply_plan(model, plan, example, calib_data=calib, space=space if seed % 2 else None)
-        with torch.no_grad():
-            out = small(example)
-        assert out.shape == (1, 7) and torch.isfinite(out).all()
-        pruned_any |= sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
-        path = export_onnx(small, example, tmp_path / f"{seed}.onnx")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (onnx_out,) = session.run(None, {"input": example.numpy()})
-        assert onnx_out.shape == (1, 7)
-    assert pruned_any
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_compresses_exports_and_agrees_with_onnxruntime(family, tmp_path, coverage_log):
+    build, size = FAMILIES[family]
+    result = check_family(family, build(), size, tmp_path)
+    coverage_log.append(f"{family} at {size}x{size}: from_model {result.from_model_seconds:.1f} s, {result.headline}")
+    coverage_log.extend(f"    {check.line()}" for check in result.plans)
+    assert result.plans and all(check.ok for check in result.plans), "\n".join(c.line() for c in result.plans)
 
 
 def test_shufflenet_shuffle_groups_are_left_dense_with_a_reason():

@@ -1,0 +1,202 @@
+"""The coverage check a new user's model gets: build the space, apply plans, export, run the ONNX
+in onnxruntime and compare its top-1 with the PyTorch model's (tests/spaces/test_coverage.py and
+bench/coverage.py both use it).
+
+Comparing two runtimes on a compressed model has to tell a bug from float rounding. Wherever a
+float computation feeds an 8-bit or 16-bit quantizer (a float layer of a mixed plan, or the
+SiLU, Hardswish, GELU, LayerNorm and softmax between integer layers), the last-bit differences of
+two float kernels move a value near a rounding boundary to the other side (onnxruntime's Sigmoid
+differs from PyTorch's in the last bit for most inputs), and a deep net carries the step on. So
+each model's own sensitivity is measured first: the PyTorch model is run again with the input of
+every quantizer, and the output of every float layer, nudged by one part in a million (about what
+another kernel's rounding does), three times. Integer chains are untouched by that (a value on the
+grid rounds back to it).
+
+- Where the nudge changes nothing but the float head's last bits (every quantizer reads integer
+  results), onnxruntime must give the same top-1 on every input and the same scores to 1e-4.
+- Elsewhere onnxruntime is judged as another float rounding of the same model: it may flip at
+  most one input more than the nudged PyTorch model flips itself (an integer-only plan none more),
+  and its largest score difference must stay within ten times the nudge's spread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeopt import SearchSpace, apply_plan, export_onnx
+from edgeopt.evaluators.cpu import int8_needs_reduce_range
+from edgeopt.plan import NM, ModelPlan
+from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
+
+NUDGE = 1e-6  # relative noise on quantizer inputs and float layer outputs: another kernel's rounding
+NUDGES = 3
+INPUTS = 32
+
+
+def randomize_zero_layers(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give all-zero Conv/Linear weights random values (ViT's zero-initialized head makes every
+    output 0, and a comparison of zeros cannot fail)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and not module.weight.any():
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / fan_in ** 0.5)
+    return model
+
+
+def fit_head(model: nn.Module, inputs: torch.Tensor, *, classes: int, seed: int = 0) -> bool:
+    """Fit the model's final Linear to random labels on `inputs` (ridge regression), so that its
+    scores are decided beyond float rounding as a trained model's are: a random network gives
+    near-tied scores for most inputs. Only where that Linear's output is the model's output."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        return False
+    head, seen = last[-1], {}
+    handle = head.register_forward_hook(lambda m, i, o: seen.update(x=i[0].detach(), y=o.detach()))
+    with torch.no_grad():
+        out = model(inputs)
+    handle.remove()
+    if "x" not in seen or seen["x"].dim() != 2 or not torch.equal(seen["y"], out):
+        return False
+    features = torch.cat([seen["x"], torch.ones(len(inputs), 1)], dim=1).double()
+    labels = torch.randint(0, classes, (len(inputs),), generator=torch.Generator().manual_seed(seed))
+    targets = torch.full((len(inputs), classes), -1.0, dtype=torch.float64)
+    targets[torch.arange(len(inputs)), labels] = classes - 1.0
+    ridge = 1e-4 * features.pow(2).sum(1).mean()
+    solution = torch.linalg.solve(features.T @ features + ridge * torch.eye(features.shape[1], dtype=torch.float64),
+                                  features.T @ targets)
+    with torch.no_grad():
+        head.weight.copy_(solution[:-1].T.float())
+        if head.bias is not None:
+            head.bias.copy_(solution[-1].float())
+    return True
+
+
+def integer_only(model: nn.Module) -> bool:
+    """Every quantized layer is an integer layer (integer weights and 8-bit activations)."""
+    return all(layer.integer for layer in compressed_layers(model).values()
+               if layer.w_bits != 32 or layer.a_bits != 32)
+
+
+@torch.no_grad()
+def _nudged(model: nn.Module, inputs: torch.Tensor, seed: int) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + NUDGE * torch.randn(x.shape, generator=generator))
+
+    def nudge_input(module, args):
+        if module.a_bits in (8, 16):  # the quantizer reads what a float computation made
+            return (noisy(args[0]), *args[1:])
+        return None
+
+    def nudge_output(module, args, output):
+        if isinstance(module, CompressedMixin) and module.integer and module.output_range is not None:
+            return output  # an integer kernel gives the same integers in every runtime
+        return noisy(output)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(nudge_output) for m in layers]
+    handles += [m.register_forward_pre_hook(nudge_input) for m in layers if isinstance(m, CompressedMixin)]
+    try:
+        return model(inputs).numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    name: str
+    integer_only: bool
+    flips: int  # inputs whose onnxruntime top-1 differs
+    own_flips: int  # inputs the PyTorch model itself flips under the nudge
+    max_diff: float  # largest |onnxruntime - PyTorch| score difference
+    own_spread: float  # largest score change the nudge causes
+    scale: float  # largest |score|
+    seconds: float
+
+    @property
+    def exact(self) -> bool:
+        """No quantizer reads a float computation: the nudge moved only the float head's bits."""
+        return self.own_spread <= 1e-5 * self.scale + 1e-7
+
+    @property
+    def ok(self) -> bool:
+        if self.exact:
+            return self.flips == 0 and self.max_diff <= 1e-4 * self.scale + 1e-6
+        allowed = self.own_flips + (0 if self.integer_only else 1)
+        return self.flips <= allowed and self.max_diff <= 10 * self.own_spread + 1e-4 * self.scale + 1e-6
+
+    def line(self) -> str:
+        kind = ("exact integer" if self.exact else "integer with float ops") if self.integer_only else "mixed"
+        return (f"{self.name} ({kind}): top-1 agrees on {INPUTS - self.flips}/{INPUTS} (the model flips "
+                f"{self.own_flips} itself under 1e-6 float noise), largest score difference {self.max_diff:.3g} "
+                f"(own spread {self.own_spread:.3g}, scores up to {self.scale:.3g}), {self.seconds:.1f} s")
+
+
+def check_plan(model: nn.Module, plan: ModelPlan, *, name: str, space: SearchSpace, example: torch.Tensor,
+               calib: list[torch.Tensor], inputs: torch.Tensor, out: Path) -> PlanCheck:
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    small = apply_plan(model, plan, example, calib_data=calib, space=space, reduce_range=int8_needs_reduce_range())
+    with torch.no_grad():
+        ref = small(inputs).numpy()
+    nudged = [_nudged(small, inputs, seed) for seed in range(1, NUDGES + 1)]
+    path = export_onnx(small, example, out / f"{name}.onnx")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # onnxruntime's notes on unused initializers are not for the user
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": inputs.numpy()})[0]
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    top = ref.argmax(1)
+    own = {int(i) for n in nudged for i in np.flatnonzero(n.argmax(1) != top)}
+    return PlanCheck(
+        name=name, integer_only=integer_only(small), flips=int((got.argmax(1) != top).sum()), own_flips=len(own),
+        max_diff=float(np.abs(got - ref).max()), own_spread=float(max(np.abs(n - ref).max() for n in nudged)),
+        scale=float(np.abs(ref).max()), seconds=time.perf_counter() - started)
+
+
+def coverage_plans(space: SearchSpace, *, random_plans: int = 3) -> dict[str, ModelPlan]:
+    """The plans the issue asks every family to pass: uniform w8a8, uniform w8a8 with keep 0.75
+    and 2:4, and random plans."""
+    plans = {"uniform w8a8": space.uniform(w_bits=8, a_bits=8),
+             "uniform w8a8 keep 0.75 2:4": space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75, nm=NM(n=2, m=4))}
+    for seed in range(random_plans):
+        plans[f"random plan {seed}"] = space.sample(seed=seed)
+    return plans
+
+
+@dataclass(frozen=True)
+class FamilyCheck:
+    family: str
+    from_model_seconds: float
+    headline: str
+    plans: tuple[PlanCheck, ...]
+
+
+def check_family(family: str, model: nn.Module, size: int, out: Path, *, classes: int = 10,
+                 random_plans: int = 3) -> FamilyCheck:
+    torch.manual_seed(0)
+    model = randomize_zero_layers(model.eval())
+    example = torch.randn(1, 3, size, size)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(INPUTS, 3, size, size, generator=generator)
+    fit_head(model, torch.cat([inputs, torch.randn(96, 3, size, size, generator=generator)]), classes=classes)
+    calib = [torch.randn(16, 3, size, size, generator=generator) for _ in range(2)]
+    started = time.perf_counter()
+    space = SearchSpace.from_model(model, example)
+    from_model_seconds = time.perf_counter() - started
+    checks = tuple(check_plan(model, plan, name=name.replace(" ", "_"), space=space, example=example, calib=calib,
+                              inputs=inputs, out=out)
+                   for name, plan in coverage_plans(space, random_plans=random_plans).items())
+    return FamilyCheck(family=family, from_model_seconds=from_model_seconds, headline=space.summary().headline(),
+                       plans=checks)
