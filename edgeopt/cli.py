@@ -43,8 +43,9 @@ def _targets(argv: Sequence[str]) -> int:
         acc = target.accelerates
         fast = (f"accelerates w{'/'.join(map(str, acc.w_bits))} a{'/'.join(map(str, acc.a_bits))}"
                 f" N:M {'/'.join(str(p) for p in acc.nm if p) or 'none'}, channels x{acc.channel_multiple}")
+        bundle = "" if target.deploy_note() is None else ", while the exported bundle runs onnxruntime"
         print(f"{target.name:<{width}}  {target.description}. {fast}. "
-              f"Latency: {target.latency_note()}.")
+              f"Latency: {target.latency_note()}; its figures are for {target.runtime}{bundle}.")
     return 0
 
 
@@ -340,8 +341,8 @@ def _print_outcome(result) -> None:
         print(f"selected: accuracy {sel['accuracy']:.2f}%, {sel['macs'] / 1e6:.1f} MMACs, "
               f"{sel['bytes'] / 1e6:.2f} MB, {sel['latency_ms']:.2f} ms on target ({sel['latency_source']}), "
               f"{sel['host_ms']:.2f} ms measured here (trial {sel['trial']})")
-        print(f"written:  {result.out_dir}/selected/model.onnx, plan.json, model.pt; report.md, trials.csv, "
-              "pareto.png, pareto.html")
+        print(f"written:  {result.out_dir}/selected/model.onnx, run.py, README.md (for the device), plan.json, "
+              "model.pt; report.md, trials.csv, pareto.png, pareto.html")
     else:
         print("No candidate met the budget. Closest:", file=sys.stderr)
         for c in s["closest"]:

@@ -26,6 +26,12 @@ PI4 = HardwareTarget(
     accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), channel_multiple=8),
     latency=TableLatency.shipped("pi4.csv"),
     threads=4,
+    runtime="ncnn (its published benchncnn figures, 4 threads, 1.5 GHz)",
+    # onnxruntime's int8 matrix kernels lean on dot-product instructions (SDOT/UDOT), which the
+    # A72 (ARMv8.0) lacks; ncnn has int8 kernels tuned for such cores (see DESIGN "Honest hardware").
+    runtime_note="onnxruntime's int8 kernels on the Pi 4's Cortex-A72 (ARMv8.0: no SDOT/UDOT dot-product "
+                 "instructions) may gain less over fp32 than ncnn's do, above all on depthwise convolutions, so "
+                 "the int8 speed-up these figures promise may be smaller with the bundle.",
 )
 
 HOST = HardwareTarget(
@@ -53,6 +59,10 @@ JETSON_ORIN_NANO = HardwareTarget(
         source_note="analytic roofline from NVIDIA's published Orin Nano 8 GB peaks (40 sparse INT8 "
                     "TOPS, 68 GB/s), 50% of peak reachable, 5 us per layer launch",
     ),
+    runtime="TensorRT (a roofline of the GPU's peaks, not a measurement)",
+    runtime_note="run.py runs the model with onnxruntime's CPU provider, far from the GPU's figures; build a "
+                 "TensorRT engine from model.onnx on the Jetson (trtexec --onnx=model.onnx --int8 --fp16 "
+                 "--sparsity=enable) to get them.",
 )
 
 for _target in (PI4, HOST, JETSON_ORIN_NANO):

@@ -61,9 +61,18 @@ class LayerTimes:
     overhead_ms: float = 0.0
 
 
+# What the deployment bundle edgeopt exports runs (selected/model.onnx with run.py).
+BUNDLE_RUNTIME = "onnxruntime"
+
+
 @dataclass(frozen=True, kw_only=True)
 class HardwareTarget:
-    """A device: what it is, what its runtime accelerates, and its latency model."""
+    """A device: what it is, what its runtime accelerates, and its latency model.
+
+    `runtime` names the runtime its latency figures are for. Where that is not the runtime the
+    exported bundle runs (onnxruntime), `runtime_note` says what this means for the bundle on
+    this device, and report.md and the bundle's README repeat it (`deploy_note`).
+    """
 
     name: str
     description: str  # one line: the device and runtime
@@ -71,6 +80,8 @@ class HardwareTarget:
     latency: LatencyModel
     threads: int = 1
     measurable: bool = False  # True where latency can be measured on this machine (host)
+    runtime: str = BUNDLE_RUNTIME
+    runtime_note: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or any(c.isspace() for c in self.name):
@@ -101,6 +112,17 @@ class HardwareTarget:
     def latency_note(self) -> str:
         return self.latency.describe()
 
+    def deploy_note(self) -> str | None:
+        """What a user deploying the exported bundle must know about this target's latency
+        figures, or None where they are for the runtime the bundle runs."""
+        if BUNDLE_RUNTIME in self.runtime.lower():
+            return None
+        note = f" {self.runtime_note.strip()}" if self.runtime_note.strip() else ""
+        return (f"The `{self.name}` latency figures are for {self.runtime}; the exported bundle (selected/model.onnx "
+                f"with run.py) runs {BUNDLE_RUNTIME}.{note} For figures measured on the device with the runtime "
+                f"you deploy with, run `optimize profile` there (--threads {self.threads}, as the target assumes) "
+                f"and pass the table it writes with --lut.")
+
     def runs_as(self, w_bits: int, a_bits: int, nm: NM | None) -> tuple[int, int, NM | None]:
         """The precision and sparsity a layer actually executes at on this runtime.
 
@@ -124,7 +146,10 @@ class HardwareTarget:
         from edgeopt.hw_models.estimate import TableLatency
 
         table = lut if isinstance(lut, LatencyTable) else TableLatency.load(lut)
-        return dataclasses.replace(self, latency=TableLatency(table))
+        # The table's figures are for the runtime it was measured with (`optimize profile`
+        # records it), no longer for the one the shipped figures came from.
+        runtime = table.meta.get("runtime", "").strip() or self.runtime
+        return dataclasses.replace(self, latency=TableLatency(table), runtime=runtime)
 
 
 _REGISTRY: dict[str, HardwareTarget] = {}

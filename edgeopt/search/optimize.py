@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from edgeopt.budget import Budget, parse_budget
 from edgeopt.canonical import canonical
+from edgeopt.deploy import write_bundle
 from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
@@ -298,6 +299,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
                 "preprocessing": data.preprocessing, "preprocessing_text": data.preprocessing_text(),
                 "space": space_summary.lines(),
                 "target": f"{target.name}: {target.description}", "target_is_here": target.measurable,
+                "deploy_note": target.deploy_note(),
                 "budgets": [str(b) for b in budgets],
                 "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
                 "proxy": search.proxy,
@@ -413,6 +415,10 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
             estimate = _target_latency(model_out, example, context.target)
             latency_ms, latency_source = estimate.total_ms, estimate.source
         host_ms, host_spread = _host_latency(model_out, example, onnx_path)
+        # run.py and the device README beside the model: selected/ is what goes to the device.
+        write_bundle(sel_dir, target=context.target, model=header["model"], preprocessing=header["preprocessing"],
+                     preprocessing_text=header["preprocessing_text"],
+                     latency=f"{latency_ms:.2f} ms ({latency_source})", budgets=header["budgets"])
         row = {"accuracy": shown_accuracy[0], "accuracy_of": shown_accuracy[1], "macs": shown.macs, "bytes": shown.bytes,
                "latency_ms": latency_ms, "latency_source": latency_source,
                "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial,

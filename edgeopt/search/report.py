@@ -158,12 +158,19 @@ def write_report(path: Path, *, summary: dict) -> None:
                      f"| {row['latency_ms']:.2f} ({row['latency_source']}) | {host} |")
     lines += ["", "Accuracy is validation top-1 on data the search never saw; the base model's "
               "is measured the same way. Host latency: onnxruntime, median ± interquartile range.", ""]
+    if s.get("selected") or any(c.get("saved") for c in s.get("closest") or []):
+        lines += ["selected/ is the bundle for the device: model.onnx, run.py (onnxruntime, numpy and Pillow "
+                  "only: classifies images or a camera frame and measures latency) and README.md (install, "
+                  "run, threads, profiling the device).", ""]
     if s.get("selected") and s["selected"].get("host_outputs_exact") is False:
         lines += ["The selected model keeps full-range 8-bit weights, as the target runs them. "
                   "onnxruntime on this machine (x86 without VNNI) sums int8 products in saturating "
                   "16-bit pairs, so here its host latency is a timing only and its outputs can differ "
                   "from the PyTorch model's. For a model to deploy on such a machine, optimize for "
                   "`--target host`, which gives 8-bit weights 7 bits of range.", ""]
+    if s.get("deploy_note"):
+        # The latency column is for the target's runtime; the bundle in selected/ may run another.
+        lines += [s["deploy_note"] + " selected/README.md says how.", ""]
     base, chosen = s.get("base") or {}, s.get("selected") or {}
     if (s.get("target_is_here") is False and base.get("host_ms") is not None
             and chosen.get("host_ms") is not None and chosen["host_ms"] > base["host_ms"]):

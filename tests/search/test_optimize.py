@@ -25,7 +25,7 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
     frame = result.trials
     assert len(frame) == 10 and frame["plan_key"].is_unique
     for name in ("trials.csv", "pareto.png", "pareto.html", "report.md", "selected/model.onnx",
-                 "selected/plan.json", "selected/model.pt"):
+                 "selected/plan.json", "selected/model.pt", "selected/run.py", "selected/README.md"):
         assert (out / name).exists(), name
     plan = ModelPlan.from_json((out / "selected" / "plan.json").read_text())
     assert plan == result.plan
@@ -41,6 +41,9 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
     assert session.run(None, {"input": x})[0].shape == (8, 4)
     report = (out / "report.md").read_text()
     assert "Selection rule" in report and "pi4" in report
+    # pi4's figures are for ncnn and the bundle runs onnxruntime: the report and the device README say so.
+    assert "figures are for ncnn" in report and "runs onnxruntime" in report
+    assert "optimize profile" in (out / "selected" / "README.md").read_text()
     # pi4 takes full-range int8 weights; where this machine's int8 kernels saturate on them (x86
     # without VNNI, as on CI) the summary and the report say the host figure is a timing only.
     int8 = any((lp.w_bits, lp.a_bits) == (8, 8) for lp in plan.layers.values())
