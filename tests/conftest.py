@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -70,18 +72,36 @@ def calib() -> list[torch.Tensor]:
     return [torch.randn(8, 3, 16, 16) for _ in range(3)]
 
 
-# Lines the coverage tests print at the end of the run: each family's agreement with onnxruntime
-# and its largest score difference (tests/spaces/test_coverage.py).
-_COVERAGE_LINES: list[str] = []
+# The coverage tests print, at the end of the run, each family's agreement with onnxruntime and
+# its largest score difference (tests/spaces/test_coverage.py). They travel as the reports' user
+# properties, which pytest-xdist brings back from its worker processes.
+COVERAGE_PROPERTY = "coverage"
 
 
-@pytest.fixture(scope="session")
-def coverage_log() -> list[str]:
-    return _COVERAGE_LINES
+def pytest_configure(config) -> None:
+    # Under pytest-xdist each of the workers gets one thread: the workers are the parallelism.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+@pytest.fixture
+def coverage_log(request):
+    """Lines a test adds here are printed in the run's summary, passed or failed."""
+    lines: list[str] = []
+    yield lines
+    if lines:
+        request.node.user_properties.append((COVERAGE_PROPERTY, "\n".join(lines)))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if _COVERAGE_LINES:
+    seen: dict[str, str] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for key, value in getattr(report, "user_properties", ()):
+                if key == COVERAGE_PROPERTY:
+                    seen.setdefault(report.nodeid, value)
+    if seen:
         terminalreporter.section("coverage: compressed models in onnxruntime against PyTorch")
-        for line in _COVERAGE_LINES:
-            terminalreporter.write_line(line)
+        for nodeid in sorted(seen):
+            for line in seen[nodeid].splitlines():
+                terminalreporter.write_line(line)

@@ -1,4 +1,4 @@
-"""Every torchvision family and 28 timm families: the space builds, and uniform and random plans
+"""Every torchvision family and 22 timm families: the space builds, and uniform and random plans
 apply, run, export and agree with onnxruntime (tests/coverage.py says how agreement is judged)."""
 
 from __future__ import annotations
