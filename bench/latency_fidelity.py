@@ -38,6 +38,7 @@ from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.latency import export_calibration_plans, measure_latency  # noqa: E402
 from edgeopt.hw_models import pi4 as pi4_model  # noqa: E402
 from edgeopt.hw_models.estimate import calibrate_table, estimate_layers  # noqa: E402
+from edgeopt.hw_models.graph import OpKey  # noqa: E402
 from edgeopt.hw_models.lut import LatencyTable  # noqa: E402
 from edgeopt.hw_models.profiler import device_description, model_keys, profile_keys  # noqa: E402
 from edgeopt.layers import trace_layers  # noqa: E402
@@ -75,7 +76,7 @@ def pi4_part(published_csv: Path) -> dict:
         start = time.perf_counter()
         estimate = estimate_latency(model, x, target=target)
         seconds = time.perf_counter() - start
-        keys_of[(row.model, row.precision)] = pi4_model.model_keys_224(row.torchvision, row.precision, size=size)
+        keys_of[(row.model, row.precision)] = pi4_model.model_points(row.torchvision, row.precision, size=size)
         results.append({"model": row.model, "torchvision": row.torchvision, "precision": row.precision,
                         "published_ms": row.latency_ms, "estimated_ms": estimate.total_ms,
                         "source": estimate.source, "estimate_s": seconds,
@@ -113,7 +114,7 @@ def pi4_part(published_csv: Path) -> dict:
     xnnpack = []
     for row in pi4_model.read_published(published_csv):
         if row.runtime.startswith("XNNPACK") and row.precision in ("FP32", "INT8"):
-            keys = pi4_model.model_keys_224(row.torchvision, row.precision)
+            keys = pi4_model.model_points(row.torchvision, row.precision)
             est = estimate_layers_keys(keys)
             xnnpack.append({"model": row.model, "precision": row.precision, "published_ms": row.latency_ms,
                             "estimated_ms": est, "error_pct": (est / row.latency_ms - 1) * 100})
@@ -142,10 +143,12 @@ def _lookup_time() -> float:
 
 
 def estimate_layers_keys(keys) -> float:
-    """The pi4 estimate of a model given as layer keys (all fp32 or all int8)."""
+    """The pi4 estimate of a model given as layer and op keys (`pi4.model_points`)."""
     target = get_target("pi4")
-    times = target.latency.layer_ms(keys, target)
-    return sum(times.ms) + times.overhead_ms
+    layers = [k for k in keys if not isinstance(k, OpKey)]
+    ops = [k for k in keys if isinstance(k, OpKey)]
+    times = target.latency.layer_ms(layers, target)
+    return sum(times.ms) + sum(target.latency.op_ms(ops, target) or []) + times.overhead_ms
 
 
 # -- host -----------------------------------------------------------------------------------------

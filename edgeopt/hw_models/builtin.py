@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from edgeopt.evaluators.cpu import cpu_flags
 from edgeopt.hw_models.accelerator import RooflineLatency
-from edgeopt.hw_models.estimate import TableLatency
+from edgeopt.hw_models.pi4 import Pi4Latency
 from edgeopt.hw_models.profiler import OnDemandProfile
 from edgeopt.hw_models.targets import Accelerates, HardwareTarget, register_target
 from edgeopt.plan import NM
@@ -24,7 +24,7 @@ PI4 = HardwareTarget(
                 "ncnn-class CPU runtime; int8 pays, fp16, bits below 8 and N:M do not; its "
                 "table is calibrated on published ncnn figures",
     accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), channel_multiple=8),
-    latency=TableLatency.shipped("pi4.csv"),
+    latency=Pi4Latency.shipped("pi4.csv"),
     threads=4,
     runtime="ncnn (its published benchncnn figures, 4 threads, 1.5 GHz)",
     # onnxruntime's int8 matrix kernels lean on dot-product instructions (SDOT/UDOT), which the

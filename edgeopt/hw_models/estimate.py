@@ -17,6 +17,7 @@ from torch import nn
 
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
+from edgeopt.hw_models.graph import TracedGraph, trace_graph
 from edgeopt.hw_models.lut import LatencyTable, LayerKey, storage_bits, weight_mb_of
 from edgeopt.hw_models.targets import HardwareTarget, LayerTimes, get_target
 from edgeopt.layers import LayerSpec, trace_layers
@@ -26,10 +27,11 @@ SOURCES = ("lut", "model", "measured")
 
 @dataclass(frozen=True, kw_only=True)
 class LayerLatency:
-    fqn: str
-    kind: str
+    fqn: str  # for an op between layers: the torch call and the module it ran in
+    kind: str  # conv/depthwise/grouped/linear, or pool/elementwise/copy for an op between layers
     ms: float
     source: str  # "lut": read from the table; "model": from the fitted or analytic model
+    runs: bool = True  # False: its result only reaches the output multiplied by zero (costs 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +45,7 @@ class LatencyEstimate:
     target: str
     overhead_ms: float = 0.0  # once per inference: runtime call, input/output
     spread_ms: float | None = None  # measured only: interquartile range
+    ops: tuple[LayerLatency, ...] = ()  # pools, adds, unfused activations, copies (targets that price them)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -51,6 +54,11 @@ class LatencyEstimate:
     def breakdown(self) -> dict[str, float]:
         """ms per layer, by module name."""
         return {layer.fqn: layer.ms for layer in self.layers}
+
+    @property
+    def ops_ms(self) -> float:
+        """The part of `total_ms` spent between the layers."""
+        return sum(op.ms for op in self.ops)
 
 
 # -- table-based latency --------------------------------------------------------------------------
@@ -183,16 +191,29 @@ def _resolve(target: str | HardwareTarget, lut: str | Path | LatencyTable | None
 
 def estimate_layers(layers: Sequence[LayerSpec], *, target: str | HardwareTarget = "pi4",
                     lut: str | Path | LatencyTable | None = None) -> LatencyEstimate:
-    """Latency of already traced layers (`edgeopt.layers.trace_layers`) on `target`."""
-    resolved = _resolve(target, lut)
+    """Latency of already traced layers (`edgeopt.layers.trace_layers`) on `target`: the layers
+    alone (`estimate_latency` adds what runs between them where the target prices it)."""
+    return _estimate(layers, _resolve(target, lut))
+
+
+def _estimate(layers: Sequence[LayerSpec], target: HardwareTarget, graph: TracedGraph | None = None
+              ) -> LatencyEstimate:
     keys = [LayerKey.from_spec(spec) for spec in layers]
-    times = resolved.latency.layer_ms(keys, resolved)
-    per_layer = tuple(LayerLatency(fqn=spec.fqn, kind=spec.kind, ms=t, source=s)
+    times = target.latency.layer_ms(keys, target)
+    dead = graph.dead if graph is not None else frozenset()
+    per_layer = tuple(LayerLatency(fqn=spec.fqn, kind=spec.kind, ms=0.0 if spec.fqn in dead else t, source=s,
+                                   runs=spec.fqn not in dead)
                       for spec, t, s in zip(layers, times.ms, times.sources))
-    total = sum(times.ms) + times.overhead_ms
-    source = "lut" if all(s == "lut" for s in times.sources) else "model"
-    return LatencyEstimate(total_ms=total, layers=per_layer, source=source, target=resolved.name,
-                           overhead_ms=times.overhead_ms)
+    ops: tuple[LayerLatency, ...] = ()
+    if graph is not None:
+        op_ms = target.latency.op_ms(graph.ops, target)
+        if op_ms is not None:
+            ops = tuple(LayerLatency(fqn=op.name, kind=op.kind, ms=t, source="model")
+                        for op, t in zip(graph.ops, op_ms))
+    total = sum(layer.ms for layer in per_layer) + sum(op.ms for op in ops) + times.overhead_ms
+    source = "lut" if all(s == "lut" for s in times.sources) and not ops else "model"
+    return LatencyEstimate(total_ms=total, layers=per_layer, source=source, target=target.name,
+                           overhead_ms=times.overhead_ms, ops=ops)
 
 
 def estimate_latency(model: nn.Module, example_input: torch.Tensor, *,
@@ -204,6 +225,14 @@ def estimate_latency(model: nn.Module, example_input: torch.Tensor, *,
     Layers are looked up in the target's table (or `lut`, a CSV written by `optimize profile`);
     shapes the table lacks get the table's fitted roofline model, never an error. Bit widths and
     N:M patterns count only where the target's runtime accelerates them (`target.runs_as`).
+    Where the target's latency model prices the ops between layers (`op_ms`: pi4), the model's
+    dataflow is traced too (`edgeopt.hw_models.graph`): pools, adds, activations no layer
+    absorbs and copies are added, and layers whose result is only ever multiplied by zero
+    cost nothing.
     """
-    layers = trace_layers(canonical(model), example_input[:1])
-    return estimate_layers(layers, target=target, lut=lut)
+    resolved = _resolve(target, lut)
+    model = canonical(model)
+    if callable(getattr(resolved.latency, "op_ms", None)):
+        graph = trace_graph(model, example_input[:1])
+        return _estimate(graph.layers, resolved, graph)
+    return _estimate(trace_layers(model, example_input[:1]), resolved)

@@ -1,24 +1,40 @@
 """The Raspberry Pi 4 latency model, calibrated on published whole-model measurements.
 
 Nobody here owns a Pi 4, so its table is estimated, not measured, and says so. The estimate is
-a per-layer roofline whose handful of constants are fitted to the published ncnn benchncnn
+a per-op roofline whose handful of constants are fitted to the published ncnn benchncnn
 figures for a Raspberry Pi 4 Model B at its stock 1.5 GHz with 4 threads (FP32 and INT8), for
 the models torchvision also has (../shared/data/pi4_published_latencies.csv in the development
 tree; the source of every figure is in that file):
 
-    layer ms = overhead + MACs / throughput(op class, precision)
-               + weight bytes / weight bandwidth + activation bytes / activation bandwidth
-               (+ a requantization cost per int8 output element)
+    conv/linear ms = overhead + MACs / throughput(op class, precision)
+                     + short-dot-product cost per output
+                     + weight bytes / weight bandwidth + activation bytes / activation bandwidth
+                     (+ a requantization cost per int8 output element)
+    other op ms    = overhead + bytes read and written / activation bandwidth
+                     (+ window taps / pooling throughput for a pool)
 
-MACs count channels rounded up to the NEON width. Each constant has a prior from the hardware
-(4x Cortex-A72 at 1.5 GHz: 8 fp32 MACs per cycle per core at peak, LPDDR4 at a few GB/s; no
-SDOT, so int8 gains 1.5-2x, not 4x) and the fit moves it only as far as the published figures
-demand (a ridge penalty in log space). The fitted model then writes `data/pi4.csv`, one row per
-distinct layer shape of common torchvision models at common input sizes and keep ratios, fp32
-and int8; shapes outside it get the table's roofline fit like any other table.
+MACs count channels rounded up to the NEON width, and a 3x3 stride-1 convolution's output
+positions rounded up to whole 6x6 tiles (ncnn runs those as Winograd F(6,3), which computes
+whole tiles: an 8x8 map costs what a 12x12 one does). Activations whose layer reads and writes
+no more than `CACHE_BYTES` stream from the L2 cache at `cache_gbps`, larger ones from DRAM at
+`act_gbps`. The ops between layers (pooling, residual adds, the activations no layer absorbs,
+concatenations, channel shuffles) and which layers never run (their result only multiplied by
+zero) come from `edgeopt.hw_models.graph.trace_graph`.
+
+Each constant has a prior from the hardware (4x Cortex-A72 at 1.5 GHz: 8 fp32 MACs per cycle
+per core at peak, LPDDR4 at a few GB/s, a 1 MB L2; no SDOT, so int8 gains 1.5-2x, not 4x; a
+few microseconds to dispatch a layer to 4 threads) and the fit moves it only as far as the
+published figures demand (a ridge penalty in log space). Some constants the 17 figures hardly
+move (the overheads, the L2 bandwidth, the pooling throughput, the pointwise short-dot-product
+cost): those stay near their priors, and BENCHMARKS.md ("pi4 ranks NAS-Bench-201") says how
+the priors were chosen. The fitted model then writes `data/pi4.csv`, one row per distinct layer
+shape of common torchvision models at common input sizes and keep ratios, fp32 and int8, with
+its constants in the header; `Pi4Latency` reads the table, prices shapes outside it and the
+other ops with those constants.
 
 On this runtime class N:M patterns and bits below 8 have no kernels (`pi4` does not list them as
-accelerated), so a 4-bit or 2:4 layer costs what its int8 or dense version costs.
+accelerated), so a 4-bit or 2:4 layer costs what its int8 or dense version costs. Ops other than
+convolutions and linear layers run in fp32 (ncnn's int8 covers convolutions and inner products).
 
 Regenerate the shipped table with
 
@@ -28,16 +44,25 @@ Regenerate the shipped table with
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeopt.errors import EdgeoptError
+from edgeopt.hw_models.estimate import TableLatency
+from edgeopt.hw_models.graph import OpKey, TracedGraph
 from edgeopt.hw_models.lut import LatencyTable, LayerKey, round_up, storage_bits
 
+if TYPE_CHECKING:
+    from edgeopt.hw_models.targets import HardwareTarget, LayerTimes
+
 CHANNEL_MULTIPLE = 8  # NEON: 4 fp32 lanes, ncnn packs int8 by 8
+WINOGRAD_TILE = 6  # ncnn's 3x3 stride-1 convolutions: Winograd F(6,3), 6x6 output tiles
+CACHE_BYTES = 512 * 1024  # a layer's activations up to here stay in the 1 MB L2 (half of it: weights share it)
 PRECISIONS = ((32, 32), (8, 8))
 
 # Published model names -> torchvision names. The ncnn "squeezenet" is v1.1, "mobilenet_v3" the
@@ -74,8 +99,13 @@ PRIORS: dict[str, tuple[float, float]] = {
     "gmacs_grouped": (4.0, 1.0), "gmacs_depthwise": (2.0, 1.0),
     "int8_conv3x3": (1.8, 0.4), "int8_conv": (1.5, 0.4), "int8_pointwise": (1.5, 0.4),
     "int8_grouped": (1.2, 0.4), "int8_depthwise": (1.2, 0.4),
-    "weight_gbps": (3.0, 1.0), "act_gbps": (6.0, 1.0), "layer_us": (40.0, 1.0),
+    "weight_gbps": (3.0, 1.0), "act_gbps": (6.0, 1.0), "layer_us": (3.0, 1.0),
     "requant_gelems": (2.0, 1.0), "short_reduction": (64.0, 1.0),
+    # Short dot products of pointwise GEMMs (1x1 convolutions, linear layers): ncnn's 1x1 kernel
+    # reads its input once per output tile, so a short one costs little more than its traffic.
+    "short_pointwise": (16.0, 1.0),
+    # What is not a conv/linear layer: dispatch, L2 bandwidth, pooling (taps per second).
+    "op_us": (2.0, 1.0), "cache_gbps": (40.0, 1.0), "gtaps_pool": (4.0, 1.0),
 }
 
 
@@ -84,6 +114,11 @@ class Pi4Model:
     """Fitted constants (see PRIORS for their meaning and units)."""
 
     params: dict[str, float]
+
+    def act_ms(self, nbytes: float, *, working_set: float | None = None) -> float:
+        """Moving activation bytes: from L2 when the op's working set fits, else from DRAM."""
+        fits = (nbytes if working_set is None else working_set) <= CACHE_BYTES
+        return nbytes / ((self.params["cache_gbps"] if fits else self.params["act_gbps"]) * 1e6)
 
     def layer_ms(self, key: LayerKey) -> float:
         p = self.params
@@ -96,6 +131,9 @@ class Pi4Model:
             macs = (key.positions * round_up(key.out_channels, m)
                     * round_up(key.in_channels // key.groups, m if key.groups == 1 else 1)
                     * key.kernel[0] * key.kernel[1])
+        if cls == "conv3x3":
+            (oh, ow), t = key.output_hw, WINOGRAD_TILE
+            macs = macs * (round_up(max(oh, 1), t) * round_up(max(ow, 1), t)) / key.positions
         gmacs = p[f"gmacs_{cls}"] * (p[f"int8_{cls}"] if integer else 1.0)
         w_bytes = key.weight_elements * (1 if integer else 4)
         in_elems = key.in_channels * key.input_hw[0] * key.input_hw[1]
@@ -104,21 +142,72 @@ class Pi4Model:
         compute = macs / (gmacs * 1e6)
         if key.kind != "depthwise":
             # GEMM kernels amortize loads over the dot product: short ones run below peak.
-            compute *= 1 + p["short_reduction"] / key.reduction
-        memory = w_bytes / (p["weight_gbps"] * 1e6) + act_bytes / (p["act_gbps"] * 1e6)
+            short = p["short_pointwise"] if cls == "pointwise" else p["short_reduction"]
+            compute *= 1 + short / key.reduction
+        memory = w_bytes / (p["weight_gbps"] * 1e6) + self.act_ms(act_bytes)
         ms = p["layer_us"] / 1e3 + compute + memory
         if integer:
             ms += out_elems / (p["requant_gelems"] * 1e6)
         return ms
 
-    def model_ms(self, keys: Iterable[LayerKey]) -> float:
-        return sum(self.layer_ms(k) for k in keys)
+    def op_ms(self, op: OpKey) -> float:
+        """A pool, elementwise op or copy between layers: always fp32 (see module docstring)."""
+        p = self.params
+        ms = p["op_us"] / 1e3 + self.act_ms((op.in_elements + op.out_elements) * 4)
+        if op.kind == "pool":
+            ms += op.taps * op.out_elements / (p["gtaps_pool"] * 1e6)
+        return ms
+
+    def model_ms(self, keys: Iterable[LayerKey | OpKey]) -> float:
+        return sum(self.op_ms(k) if isinstance(k, OpKey) else self.layer_ms(k) for k in keys)
+
+    @classmethod
+    def from_text(cls, text: str) -> Pi4Model | None:
+        """The constants as a table's `# constants:` header writes them; None if any is missing."""
+        try:
+            params = {k: float(v) for k, v in (item.split("=", 1) for item in text.split())}
+        except ValueError:
+            return None
+        return cls(params) if set(PRIORS) <= set(params) else None
+
+    def to_text(self) -> str:
+        return " ".join(f"{k}={v:.6g}" for k, v in self.params.items())
 
 
 def runs_as_pi4(key: LayerKey) -> LayerKey:
     """fp32 or int8: what ncnn-class runtimes on the A72 execute (see module docstring)."""
     integer = key.w_bits not in (32, 16) and key.a_bits == 8
     return key.with_precision(8, 8, None) if integer else key.with_precision(32, 32, None)
+
+
+class Pi4Latency(TableLatency):
+    """The pi4 target's latency: layers from the shipped table; shapes outside it, and the ops
+    between layers (`trace_graph`), from the fitted model whose constants the table's header
+    carries. A table without them (`with_lut` on a profile) prices layers only, as any table."""
+
+    def model(self) -> Pi4Model | None:
+        table = self.table
+        if getattr(self, "_model_of", None) is not table:
+            self._model = Pi4Model.from_text(table.meta.get("constants", ""))
+            self._model_of = table
+        return self._model
+
+    def describe(self) -> str:
+        return super().describe() + ("; ops between layers from its constants" if self.model() else "")
+
+    def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes:
+        times = super().layer_ms(keys, target)
+        model = self.model()
+        if model is None or self.table.calibration is not None:
+            return times
+        # A shape the table lacks gets the model that wrote the table, not a fit to the table.
+        ms = [t if s == "lut" else model.layer_ms(k.with_precision(*target.runs_as(k.w_bits, k.a_bits, k.nm)))
+              for k, t, s in zip(keys, times.ms, times.sources)]
+        return dataclasses.replace(times, ms=ms)
+
+    def op_ms(self, ops: Sequence[OpKey], target: HardwareTarget) -> list[float] | None:
+        model = self.model()
+        return None if model is None else [model.op_ms(op) for op in ops]
 
 
 # -- published data ----------------------------------------------------------------------------
@@ -163,23 +252,30 @@ def calibration_rows(rows: Iterable[Published]) -> list[Published]:
 INPUT_SIZES = {"squeezenet1_1": 227, "alexnet": 227}
 
 
-def model_keys_224(name: str, precision: str, *, size: int | None = None) -> list[LayerKey]:
-    """A torchvision model's layers at its benchmark input size, all fp32 or all int8."""
+def graph_keys(graph: TracedGraph, precision: str) -> list[LayerKey | OpKey]:
+    """What runs of a traced model, all its layers fp32 or all int8: the live layers' keys, then
+    the other ops."""
+    w, a = (8, 8) if precision == "INT8" else (32, 32)
+    layers = [LayerKey.from_spec(spec, w_bits=w, a_bits=a, nm=None) for spec in graph.layers
+              if spec.fqn not in graph.dead]
+    return [*layers, *graph.ops]
+
+
+def model_points(name: str, precision: str, *, size: int | None = None) -> list[LayerKey | OpKey]:
+    """`graph_keys` of a torchvision model at its benchmark input size: what `fit` takes."""
     import torch
     import torchvision
 
-    from edgeopt.layers import trace_layers
+    from edgeopt.hw_models.graph import trace_graph
 
     size = size or INPUT_SIZES.get(name, 224)
     model = torchvision.models.get_model(name, weights=None).eval()
-    layers = trace_layers(model, torch.zeros(1, 3, size, size))
-    w, a = (8, 8) if precision == "INT8" else (32, 32)
-    return [LayerKey.from_spec(spec, w_bits=w, a_bits=a, nm=None) for spec in layers]
+    return graph_keys(trace_graph(model, torch.zeros(1, 3, size, size)), precision)
 
 
-def fit(points: Sequence[tuple[list[LayerKey], float]], *, prior_weight: float = 1.0) -> Pi4Model:
-    """Fit the constants to (layers, published ms) points: log-error least squares plus the
-    priors' ridge penalty."""
+def fit(points: Sequence[tuple[list[LayerKey | OpKey], float]], *, prior_weight: float = 1.0) -> Pi4Model:
+    """Fit the constants to (layers and ops, published ms) points: log-error least squares plus
+    the priors' ridge penalty."""
     import numpy as np
     from scipy.optimize import least_squares
 
@@ -234,11 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m edgeopt.hw_models.pi4 PUBLISHED_CSV", file=sys.stderr)
         return 2
     published = calibration_rows(read_published(argv[0]))
-    points = [(model_keys_224(r.torchvision, r.precision), r.latency_ms) for r in published]
+    points = [(model_points(r.torchvision, r.precision), r.latency_ms) for r in published]
     model = fit(points)
     errors = [abs(model.model_ms(keys) / ms - 1) * 100 for keys, ms in points]
     meta = {
-        "origin": ("ESTIMATED, not measured: a per-layer roofline calibrated on published whole-model "
+        "origin": ("ESTIMATED, not measured: a per-op roofline calibrated on published whole-model "
                    "latencies (ncnn benchncnn, Raspberry Pi 4 Model B, 1.5 GHz, 4 threads, FP32/INT8; "
                    "Tencent/ncnn benchmark/README.md). Replace it with `optimize profile` run on a Pi."),
         "device": "Raspberry Pi 4 Model B (4x Cortex-A72 @ 1.5 GHz, no SDOT)",
@@ -246,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": "4",
         "calibrated_on": f"{len(points)} published figures; in-sample median abs error "
                          f"{sorted(errors)[len(errors) // 2]:.1f}%",
-        "constants": " ".join(f"{k}={v:.4g}" for k, v in model.params.items()),
+        "constants": model.to_text(),
     }
     table = build_table(model, meta=meta)
     out = Path(__file__).parent / "data" / "pi4.csv"

@@ -45,7 +45,12 @@ class Accelerates:
 
 
 class LatencyModel(Protocol):
-    """How a target turns layers into milliseconds (see `edgeopt.hw_models.estimate`)."""
+    """How a target turns layers into milliseconds (see `edgeopt.hw_models.estimate`).
+
+    A model may also have `op_ms(ops: list[OpKey], target) -> list[float] | None` to price what
+    runs between the layers (`edgeopt.hw_models.graph`); `estimate_latency` then traces the
+    model's dataflow and adds those ops and drops the layers that never run (pi4 does).
+    """
 
     def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes: ...
 
