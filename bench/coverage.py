@@ -29,7 +29,7 @@ TORCHVISION = [("alexnet", 64), ("vgg11", 32), ("resnet18", 32), ("resnext50_32x
                ("mobilenet_v2", 32), ("mobilenet_v3_small", 32), ("mobilenet_v3_large", 32), ("mnasnet0_5", 32),
                ("shufflenet_v2_x0_5", 32), ("efficientnet_b0", 32), ("efficientnet_v2_s", 32),
                ("regnet_x_400mf", 32), ("regnet_y_400mf", 32), ("convnext_tiny", 32), ("vit_b_16", 32),
-               ("swin_t", 64), ("swin_v2_t", 64), ("maxvit_t", 64)]
+               ("swin_t", 64), ("swin_v2_t", 64), ("maxvit_t", 224)]
 
 
 def _timm_models() -> list[tuple[str, int]]:
