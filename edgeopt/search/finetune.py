@@ -5,18 +5,28 @@ Before that, a wider set is screened (successive halving): each gets a short fin
 same recipe and is scored on the proxy split, and only the best go on to the full fine-tune. The
 proxy before any fine-tuning ranks pruned candidates poorly: fine-tuning recovers much of what
 pruning costs it (on the issue-5 benchmark the hand plan's proxy was 52.9 %, 61.8 % after
-fine-tuning), and a short fine-tune ranks them closer to the full one (BENCHMARKS.md)."""
+fine-tuning), and a short fine-tune ranks them closer to the full one (BENCHMARKS.md).
+
+Every result can be kept in a `FinetuneStore`, a folder keyed by everything that made it (the
+base model, the data, the calibration, the plan, the recipe, the seed): a run that is resumed
+after a crash, or another run on the same model and data, never trains the same thing twice."""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from edgeopt.errors import EdgeoptError
+from edgeopt.plan import ModelPlan
 from edgeopt.search.objective import Context
 from edgeopt.search.select import Candidate
+from edgeopt.search.study import fingerprint
 from edgeopt.search.training import NonFiniteLoss, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,50 @@ class FinetuneConfig:
         return self.epochs / 8 if self.screen_epochs is None else self.screen_epochs
 
 
+STORE_VERSION = 1  # bump when what a stored result means changes: old entries are then ignored
+
+
+class FinetuneStore:
+    """Fine-tuned results in a folder, one file per (context, plan, recipe, seed).
+
+    A screening result keeps only its proxy score; a full fine-tune keeps the whole model (its
+    compressed structure and fake-quantized weights, pickled: only load a store you made) and its
+    validation accuracy. Files are written aside and renamed, so a crash mid-write leaves no half
+    entry, and processes sharing the folder never read one.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._contexts: dict[int, str] = {}
+
+    def key(self, context: Context, data, plan: ModelPlan, *, epochs: float, config: FinetuneConfig,
+            seed: int, kind: str) -> str:
+        made = self._contexts.get(id(context))
+        if made is None:
+            # Everything but the plan and recipe that decides what fine-tuning produces and scores.
+            made = fingerprint(STORE_VERSION, type(context.model).__name__, *context.model.state_dict().values(),
+                               *context.calib, context.target.accelerates.channel_multiple, context.reduce_range,
+                               data.fingerprint, *data.proxy.tensors, *data.val.tensors)
+            self._contexts[id(context)] = made
+        return fingerprint(made, kind, plan.key(), float(epochs), config.lr, config.batch_size, seed)
+
+    def load(self, key: str) -> dict | None:
+        path = self.folder / f"{key}.pt"
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)  # our own file: a pickled model
+        except Exception as exc:  # noqa: BLE001 -- an unreadable entry is trained again, not fatal
+            log.warning("Ignoring the unreadable fine-tune result %s (%s); training it again.", path, exc)
+            return None
+
+    def save(self, key: str, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.folder / f"{key}.{os.getpid()}.partial"
+        torch.save(record, partial)
+        os.replace(partial, self.folder / f"{key}.pt")
+
+
 @dataclass(frozen=True)
 class Finetuned:
     candidate: Candidate  # with .accuracy set to the validation accuracy after fine-tuning
@@ -84,26 +138,44 @@ def screening(config: FinetuneConfig, available: int) -> bool:
 
 
 def screen(candidates: list[Candidate], context: Context, *, data, config: FinetuneConfig,
-           seed: int = 0, progress: bool = True) -> list[Candidate]:
+           seed: int = 0, progress: bool = True, store: FinetuneStore | None = None) -> list[Candidate]:
     """Each candidate with `screened_accuracy` set: proxy-split top-1 after `screen_length` epochs
     of fine-tuning (the proxy split, not validation, so that the final accuracy stays unbiased)."""
     out = []
     for i, candidate in enumerate(candidates, 1):
-        model = _tuned(candidate, context, data=data, config=config, epochs=config.screen_length, seed=seed,
-                       label=f"screen {i}/{len(candidates)}", progress=progress)
-        if model is not None:
-            out.append(candidate.screened(evaluate(model, data.proxy)))
+        key = store and store.key(context, data, candidate.plan, epochs=config.screen_length, config=config,
+                                  seed=seed, kind="screen")
+        record = store.load(key) if store else None
+        if record is None:
+            started = time.perf_counter()
+            model = _tuned(candidate, context, data=data, config=config, epochs=config.screen_length, seed=seed,
+                           label=f"screen {i}/{len(candidates)}", progress=progress)
+            record = {"diverged": model is None, "seconds": time.perf_counter() - started,
+                      "proxy_accuracy": None if model is None else evaluate(model, data.proxy)}
+            if store:
+                store.save(key, record)
+        if not record["diverged"]:
+            out.append(candidate.screened(record["proxy_accuracy"]))
     return out
 
 
 def finetune(candidates: list[Candidate], context: Context, *, data, config: FinetuneConfig,
-             seed: int = 0, progress: bool = True) -> list[Finetuned]:
+             seed: int = 0, progress: bool = True, store: FinetuneStore | None = None) -> list[Finetuned]:
     """Fine-tune each candidate in turn; one whose loss turns non-finite is dropped with a
-    warning and the others go on."""
+    warning and the others go on. With `store`, a result already there is loaded instead."""
     results = []
     for i, candidate in enumerate(candidates, 1):
-        model = _tuned(candidate, context, data=data, config=config, epochs=config.epochs, seed=seed,
-                       label=f"fine-tune {i}/{len(candidates)}", progress=progress)
-        if model is not None:
-            results.append(Finetuned(candidate.finetuned(evaluate(model, data.val)), model))
+        key = store and store.key(context, data, candidate.plan, epochs=config.epochs, config=config,
+                                  seed=seed, kind="full")
+        record = store.load(key) if store else None
+        if record is None:
+            started = time.perf_counter()
+            model = _tuned(candidate, context, data=data, config=config, epochs=config.epochs, seed=seed,
+                           label=f"fine-tune {i}/{len(candidates)}", progress=progress)
+            record = {"diverged": model is None, "seconds": time.perf_counter() - started, "model": model,
+                      "accuracy": None if model is None else evaluate(model, data.val)}
+            if store:
+                store.save(key, record)
+        if not record["diverged"]:
+            results.append(Finetuned(candidate.finetuned(record["accuracy"]), record["model"]))
     return results

@@ -22,13 +22,13 @@ from edgeopt.deploy import write_bundle
 from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
-from edgeopt.evaluators.latency import measure_latency, measure_model_latency
+from edgeopt.evaluators.latency import measure_latency
 from edgeopt.evaluators.onnx_export import export_onnx
-from edgeopt.hw_models.estimate import LatencyEstimate, estimate_latency
 from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import NM, ModelPlan
-from edgeopt.search.finetune import FinetuneConfig, Finetuned, finetune, screen, screening
+from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
+from edgeopt.search.objective import target_latency as _target_latency
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
@@ -194,12 +194,15 @@ def _spawn_workers(count: int, spec: dict, out_dir: Path) -> list[subprocess.Pop
 def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Sequence[str | Budget] = "50%",
              search: SearchConfig | None = None, finetune_config: FinetuneConfig | None = None,
              out: str | Path = "edgeopt-out", model_name: str | None = None, workers: int = 1,
-             search_only: bool = False, progress: bool = True) -> OptimizeResult | None:
+             search_only: bool = False, progress: bool = True,
+             finetuned_dir: str | Path | None = None) -> OptimizeResult | None:
     """Search compressed versions of `model` for `target` under `budget`, fine-tune the best,
     select one and export it to `out`. `data` is an `edgeopt.search.data.DataBundle`.
 
     `workers` local processes search one study; with `search_only` this process only adds
-    trials (a worker on another machine) and returns None.
+    trials (a worker on another machine) and returns None. Fine-tuned results are kept in
+    `finetuned_dir` (default `out`/finetuned): a resumed run, or another with the same model,
+    data and seed, loads what was already fine-tuned instead of training it again.
     """
     search = search or SearchConfig()
     finetune_config = finetune_config or FinetuneConfig()
@@ -258,20 +261,22 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     base_accuracy = evaluate(model, data.val)
     hand = _hand_candidate(candidates, starting)
     config = finetune_config
+    store = FinetuneStore(out_dir / "finetuned" if finetuned_dir is None else finetuned_dir)
     chosen = finetune_order(candidates, max(config.top, config.screen), spread=config.proxy_spread, hand=hand)
     screened: list[Candidate] = []
     if screening(config, len(chosen)):
-        screened = screen(chosen, context, data=data, config=config, seed=search.seed, progress=progress)
+        screened = screen(chosen, context, data=data, config=config, seed=search.seed, progress=progress,
+                          store=store)
         chosen = finalists(screened, config.top, hand=hand, max_drop=config.max_drop,
                            min_speedup=config.min_speedup)
     chosen = chosen[:config.top]
     tuned: list[Finetuned] = finetune(chosen, context, data=data, config=config, seed=search.seed,
-                                      progress=progress)
+                                      progress=progress, store=store)
     if target.measurable:
         tuned = _measured_here(tuned, context)
     if not any(t.candidate.feasible for t in tuned):
         tuned += _tune_the_rest(candidates, tuned, context, data=data, config=config, seed=search.seed,
-                                progress=progress)
+                                progress=progress, store=store)
     by_trial = {t.candidate.trial: t for t in tuned}
     screened_by_trial = {c.trial: c for c in screened}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
@@ -335,17 +340,10 @@ def _hand_candidate(candidates: list[Candidate], starting: list[ModelPlan]) -> C
     return max(fits, key=lambda c: (c.macs, c.proxy_accuracy), default=None)
 
 
-def _target_latency(model: nn.Module, example: torch.Tensor, target) -> LatencyEstimate:
-    """The model's latency on the target: measured whole where the target is this machine."""
-    if target.measurable:
-        return measure_model_latency(model, example, threads=target.threads)
-    return estimate_latency(model, example, target=target)
-
-
 def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:
-    """Where the target is this machine, the finalists are timed whole before the selection rule
-    compares them: per-layer estimates charge every int8 layer its own float edges, which a
-    chain of int8 layers does not pay (BENCHMARKS.md, mnasnet), and can misrank close plans."""
+    """Where the target is this machine, the finalists are timed whole again before the selection
+    rule compares them: one more measurement each, taken side by side after the search, so that a
+    burst of load during one trial's timing does not decide between close plans."""
     measured = []
     for t in tuned:
         ms = _target_latency(t.model, context.example_input, context.target).total_ms
@@ -356,7 +354,7 @@ def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:
 
 
 def _tune_the_rest(candidates: list[Candidate], tuned: list[Finetuned], context: Context, *, data,
-                   config: FinetuneConfig, seed: int, progress: bool) -> list[Finetuned]:
+                   config: FinetuneConfig, seed: int, progress: bool, store: FinetuneStore) -> list[Finetuned]:
     """Fine-tune (and where the target is this machine, time) the candidates the estimate put
     within every budget that have not been yet, when none of those fine-tuned met the budgets:
     the run must not say that no candidate met them before it has tried every one that might.
@@ -378,7 +376,7 @@ def _tune_the_rest(candidates: list[Candidate], tuned: list[Finetuned], context:
             if all(v <= 0 for v in context.violations(model_cost(model, context.example_input), ms)):
                 timed.append(c)
         rest = timed
-    more = finetune(rest[:config.top], context, data=data, config=config, seed=seed, progress=progress)
+    more = finetune(rest[:config.top], context, data=data, config=config, seed=seed, progress=progress, store=store)
     return _measured_here(more, context) if context.target.measurable else more
 
 

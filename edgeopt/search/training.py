@@ -19,11 +19,13 @@ a gradient scaler); evaluation always runs in float32, since that accuracy is wh
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +134,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch
           teacher: nn.Module | None = None, distill_weight: float = 0.5, temperature: float = 2.0,
           weight_decay: float = 0.01, seed: int = 0, device: torch.device | str | None = None,
           augment: Callable[[torch.Tensor], torch.Tensor] | None = None, amp: bool | None = None,
-          progress: str | None = None) -> TrainStats:
+          progress: str | None = None, checkpoint: str | Path | None = None) -> TrainStats:
     """Train `model` in place on (image, label) pairs; it ends in eval mode on its own device.
 
     `epochs` may be fractional (0.5 = half a pass). With `teacher`, the loss is
@@ -141,6 +143,13 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch
     CUDA when present; `amp` (default: on for CUDA) runs the forward pass under autocast.
     `progress` is the label of a progress bar on stderr (None: no bar). A NaN or infinite loss
     raises `NonFiniteLoss` at that step. The global random state is left as it was.
+
+    With `checkpoint` (a file path), the whole training state (weights, optimizer, schedule,
+    random state, the statistics so far) is written there after every epoch, and a run that finds
+    a checkpoint of the same recipe resumes after its last epoch: an interrupted run loses at
+    most one epoch, and a resumed one ends with the weights an uninterrupted run would have. A
+    checkpoint of another recipe (steps, batch size, learning rate, seed, ...) is an error, not
+    silently reused. The file stays when training ends; delete it to train anew.
     """
     _check(epochs, lr, batch_size, distill_weight, temperature)
     n = len(dataset)
@@ -171,6 +180,15 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch
     recent: deque[tuple[float, int, int]] = deque(maxlen=steps_per_epoch)  # (loss, correct, seen)
     first_loss = math.nan
     step = 0
+    epoch = 0
+    recipe = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
+              "lr": float(lr), "weight_decay": float(weight_decay), "seed": seed, "images": n,
+              "distill_weight": float(distill_weight) if teacher is not None else None,
+              "temperature": float(temperature) if teacher is not None else None,
+              "amp": None if amp_dtype is None else str(amp_dtype)}
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    saved = _load_checkpoint(checkpoint, recipe) if checkpoint is not None else None
+    done_before = 0.0  # seconds spent by the runs this one resumes
     started = time.perf_counter()
     fork_devices = [device] if device.type == "cuda" else []
     try:
@@ -179,7 +197,19 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch
             model.to(device).train()
             if teacher is not None:
                 teacher.to(device).eval()
-            epoch = 0
+            if saved is not None:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                scaler.load_state_dict(saved["scaler"])
+                torch.set_rng_state(saved["rng"])
+                if device.type == "cuda" and saved.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(saved["cuda_rng"], device)
+                step, epoch, first_loss = saved["step"], saved["epoch"], saved["first_loss"]
+                epoch_losses = list(saved["epoch_losses"])
+                recent.extend(tuple(r) for r in saved["recent"])
+                done_before = saved["seconds"]
+                bar.update(step)
             while step < total_steps:
                 epoch_sum, epoch_steps = 0.0, 0
                 for x, y in batches(dataset, batch_size, shuffle=True, seed=seed * 100_003 + epoch,
@@ -218,13 +248,22 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch
                         bar.set_postfix(loss=f"{value:.3f}", refresh=False)
                 epoch_losses.append(epoch_sum / max(1, epoch_steps))
                 epoch += 1
+                if checkpoint is not None:
+                    _save_checkpoint(checkpoint, {
+                        "recipe": recipe, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "step": step, "epoch": epoch, "first_loss": first_loss,
+                        "epoch_losses": epoch_losses, "recent": list(recent),
+                        "seconds": done_before + time.perf_counter() - started})
     finally:
         bar.close()
         model.eval()  # also re-snaps fake-quantized weights onto their grid
         model.to(home)
         if teacher is not None:
             teacher.to(teacher_home).train(teacher_was_training)
-    seconds = time.perf_counter() - started
+    seconds = done_before + time.perf_counter() - started
     return TrainStats(
         steps=step,
         epochs=step / steps_per_epoch,
@@ -237,6 +276,29 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: float, lr: float, batch
         device=str(device),
         amp=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
     )
+
+
+def _load_checkpoint(path: Path, recipe: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- a file we cannot read is reported, whatever broke it
+        raise EdgeoptError(f"The training checkpoint {path} cannot be read ({exc}); delete it to "
+                           f"train from the start.") from exc
+    if saved.get("recipe") != recipe:
+        differ = sorted(k for k in recipe if saved.get("recipe", {}).get(k) != recipe[k])
+        raise EdgeoptError(f"The training checkpoint {path} is of another recipe (it differs in "
+                           f"{', '.join(differ) or 'its format'}); delete it to train from the start, "
+                           f"or train with the recipe it was made with.")
+    return saved
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a crash while writing leaves the previous epoch's checkpoint whole
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,

@@ -71,6 +71,35 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rerun_loads_every_fine_tune_instead_of_training_it_again(bundle, trained, tmp_path, monkeypatch):
+    import edgeopt.search.finetune as finetune_module
+
+    config = FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
+    search = SearchConfig(trials=8, seed=0, calib_batches=2)
+    first = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "a", progress=False,
+                     search=search, finetune_config=config, finetuned_dir=tmp_path / "store")
+    stored = sorted((tmp_path / "store").glob("*.pt"))
+    assert len(stored) == 4 + 2  # four screenings, two full fine-tunes; no partial files left
+    assert not list((tmp_path / "store").glob("*.partial"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored fine-tune was trained again")
+
+    monkeypatch.setattr(finetune_module, "train", no_training)
+    # Another output folder (a fresh study, so the search runs again) sharing the store.
+    again = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "b", progress=False,
+                     search=search, finetune_config=config, finetuned_dir=tmp_path / "store")
+    assert again.plan == first.plan and again.selected.accuracy == first.selected.accuracy
+    assert sorted((tmp_path / "store").glob("*.pt")) == stored
+    # Another recipe is another result: it trains (here: reaches the patched train and fails).
+    with pytest.raises(AssertionError, match="trained again"):
+        optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "c", progress=False,
+                 search=search, finetune_config=FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4,
+                                                               screen_epochs=0.25, lr=1e-3),
+                 finetuned_dir=tmp_path / "store")
+
+
+@pytest.mark.slow
 def test_screening_fine_tunes_the_best_screened_candidates_fully(bundle, trained, tmp_path, capsys):
     config = FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
     result = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, progress=False,

@@ -178,3 +178,36 @@ def test_cuda_with_autocast() -> None:
     assert next(model.parameters()).device.type == "cpu"  # back where it came from
     assert next(teacher.parameters()).device.type == "cpu"
     assert evaluate(model, _blobs(seed=1)) > 95
+
+
+def test_a_checkpointed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+    import edgeopt.search.training as training
+
+    noisy = lambda x: x + 0.1 * torch.randn_like(x)  # noqa: E731 -- the resumed run must restore the RNG
+    settings = dict(epochs=3, lr=0.01, batch_size=32, seed=3, augment=noisy)
+    whole = _mlp()
+    whole_stats = train(whole, _blobs(), **settings)
+
+    real_batches = training.batches
+
+    def crash_in_third_epoch(dataset, batch_size, **kwargs):
+        if kwargs["seed"] == 3 * 100_003 + 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C, or a killed job, after two whole epochs
+        return real_batches(dataset, batch_size, **kwargs)
+
+    checkpoint = tmp_path / "train.ckpt"
+    monkeypatch.setattr(training, "batches", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_mlp(), _blobs(), checkpoint=checkpoint, **settings)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(training, "batches", real_batches)
+
+    resumed = _mlp(seed=7)  # other initial weights: the checkpoint's must replace them
+    resumed_stats = train(resumed, _blobs(), checkpoint=checkpoint, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    assert resumed_stats.steps == whole_stats.steps
+    assert resumed_stats.epoch_losses == whole_stats.epoch_losses
+    assert resumed_stats.first_loss == whole_stats.first_loss
+
+    with pytest.raises(EdgeoptError, match="another recipe .*lr"):
+        train(_mlp(), _blobs(), checkpoint=checkpoint, **{**settings, "lr": 0.02})

@@ -1,0 +1,529 @@
+"""Prove the search where hardware matters (issue 18): edgeopt against the hand plans, the standard
+tools and random search, at latency budgets, on data that can tell a point apart.
+
+    python bench/prove_base.py --model resnet20 && python bench/prove_base.py --model edgenet  # once
+    python bench/prove.py --base resnet20 --target host
+    python bench/prove.py --base edgenet --target host
+    python bench/prove.py --base edgenet --target pi4
+    python bench/prove.py --report          # prove.json and the Markdown tables from what is done
+
+One base model on one target is one run: the fp32 base's latency on the target sets three
+budgets (70 %, 50 % and 35 % of it), and these methods are compared at each:
+
+- edgeopt         `optimize` as the CLI runs it (TPE, its screening and fine-tuning), one run per budget;
+- hand            uniform keep 1, 0.875, 0.75, 0.625, 0.5 and 0.375, each fp32 and int8, each fine-tuned
+                  with edgeopt's finalists' recipe; at a budget the best is the most accurate that meets it;
+- standard_tools  onnxruntime.quantization.quantize_static (QDQ, per-channel, MinMax calibration on 256
+                  training images, its pre-processing first) on the fp32 ONNX of the base and of the
+                  hand family's fine-tuned fp32 pruned models: no edgeopt code on the quantization path;
+- random          search only, Optuna's RandomSampler, against edgeopt's TPE at 6 seeds each (50 %
+                  budget): hypervolume of the within-budget trials in (proxy top-1, target ms).
+
+Host latencies are onnxruntime medians on this machine (1 thread), every final model timed again in
+interleaved passes at the end (each keeps its best pass); pi4 latencies are edgeopt's pi4 estimate.
+Accuracy is top-1 on the 5,000 validation images, which neither the search, the fine-tuning nor the
+selection sees (they use the 48,000 training and 2,000 proxy images). Paired comparisons use exact
+McNemar tests on those images.
+
+Everything is cached by piece in --cache (outside the repository): each finished piece (the base,
+each hand member, each standard-tools model, each budget's edgeopt run, each search-only seed, the
+timing) is written to pieces.json at once, and every fine-tune goes to a store keyed by plan, recipe
+and seed (edgeopt.search.finetune.FinetuneStore) that edgeopt's runs and the hand family share: a
+run killed at any point resumes where it stopped, and nothing is trained twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from bench.compare import _cpu_name, hypervolume_2d, metered, study_trial_seconds  # noqa: E402
+from bench.prove_base import DEFAULT_CACHE, cifar_data, commit, load_base, machine  # noqa: E402
+from edgeopt.budget import parse_budget  # noqa: E402
+from edgeopt.evaluators.cost import model_cost  # noqa: E402
+from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
+from edgeopt.evaluators.latency import measure_latency  # noqa: E402
+from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
+from edgeopt.hw_models.estimate import estimate_latency  # noqa: E402
+from edgeopt.hw_models.targets import get_target  # noqa: E402
+from edgeopt.search.finetune import FinetuneConfig, FinetuneStore, finetune  # noqa: E402
+from edgeopt.search.optimize import SearchConfig, optimize, prepare  # noqa: E402
+from edgeopt.search.select import Candidate  # noqa: E402
+from edgeopt.search.training import predict  # noqa: E402
+
+RESULTS = ROOT / "results"
+BUDGETS = (70, 50, 35)  # percent of the fp32 base's latency on the target
+HAND_KEEPS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)
+HV_SEEDS = tuple(range(6))
+HV_BUDGET = 50
+CALIB_IMAGES = 256
+
+
+# --- pieces ------------------------------------------------------------------------------------------
+
+
+class Pieces:
+    """Finished pieces of one run, in a JSON file rewritten after each one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict = json.loads(path.read_text()) if path.exists() else {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.done
+
+    def __getitem__(self, name: str):
+        return self.done[name]
+
+    def put(self, name: str, value) -> None:
+        self.done[name] = value
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.done, indent=1, default=_json_default))
+        partial.replace(self.path)
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _correct_bits(predicted: torch.Tensor, labels: torch.Tensor) -> str:
+    """Which validation images a model gets right, as a string of 0/1 (for paired tests)."""
+    return "".join("1" if ok else "0" for ok in (predicted == labels).tolist())
+
+
+def mcnemar(a: str, b: str) -> dict:
+    """Exact McNemar test of two models' per-image correctness: p of a difference this large if
+    both were equally accurate (two-sided binomial test on the images they disagree on)."""
+    from scipy.stats import binomtest
+
+    only_a = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
+    only_b = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
+    return {"only_first_right": only_a, "only_second_right": only_b, "difference_points": 100 * (only_a - only_b) / len(a),
+            "p": p}
+
+
+# --- one base model on one target -----------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    base: str
+    target_name: str
+    args: argparse.Namespace
+
+    def __post_init__(self) -> None:
+        self.work = self.args.cache / "prove" / f"{self.base}-{self.target_name}"
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "onnx").mkdir(exist_ok=True)
+        self.pieces = Pieces(self.work / "pieces.json")
+        self.store = FinetuneStore(self.args.cache / "prove" / f"{self.base}-finetuned")
+        self.target = get_target(self.target_name)
+        self.data = cifar_data(self.args.cache)
+        self.model = load_base(self.base)
+        self.example = self.data.example_input()
+        self.labels = self.data.val.tensors[1]
+        self.recipe = FinetuneConfig(epochs=self.args.finetune_epochs)
+        self.search = SearchConfig(trials=self.args.trials, seed=0)
+        self._context = None
+
+    @property
+    def context(self):
+        """The context every search of this run builds (space, calibration): the hand family's plans
+        are compressed and fine-tuned in it exactly as edgeopt's candidates are."""
+        if self._context is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                self._context, _ = prepare(self.model, self.data, target=self.target,
+                                           budgets=(parse_budget("50%"),), search=self.search,
+                                           out_dir=Path(tmp), seed=0)
+        return self._context
+
+    def latency(self, model: torch.nn.Module) -> float:
+        """ms on the target: measured whole here (host), or the pi4 estimate."""
+        if self.target.measurable:
+            path = export_onnx(model, self.example, self.work / "onnx" / "_timing.onnx")
+            return measure_latency(path, threads=self.target.threads, repeats=100, min_time_s=0.5).median_ms
+        return estimate_latency(model, self.example, target=self.target).total_ms
+
+    def row(self, model: torch.nn.Module, name: str) -> dict:
+        predicted, labels = predict(model, self.data.val)
+        cost = model_cost(model, self.example)
+        onnx = export_onnx(model, self.example, self.work / "onnx" / f"{name}.onnx",
+                           preprocessing=self.data.preprocessing)
+        return {"accuracy": round(100 * float((predicted == labels).double().mean()), 2),
+                "correct": _correct_bits(predicted, labels), "macs": cost.macs, "bytes": cost.bytes,
+                "onnx": str(onnx), "latency_ms": self.latency(model)}
+
+    # -- the pieces, each cached --
+
+    def piece(self, name: str, make) -> dict:
+        if name not in self.pieces:
+            print(f"\n== {self.base} on {self.target_name}: {name}", file=sys.stderr, flush=True)
+            record: dict = {}
+            with metered(record):
+                value = make()
+            self.pieces.put(name, value | record)
+        return self.pieces[name]
+
+    def base_piece(self) -> dict:
+        def make():
+            row = self.row(self.model, "base")
+            row["estimate_ms"] = estimate_latency(self.model, self.example, target=self.target).total_ms
+            return row
+        return self.piece("base", make)
+
+    def budgets_ms(self) -> dict[int, float]:
+        base_ms = self.base_piece()["latency_ms"]
+        return {pct: round(base_ms * pct / 100, 4) for pct in BUDGETS}
+
+    def hand_piece(self, keep: float, bits: int) -> dict:
+        name = f"hand-k{keep:g}-{'int8' if bits == 8 else 'fp32'}"
+
+        def make():
+            context = self.context
+            plan = context.space.uniform(w_bits=bits, a_bits=bits, keep_ratio=keep)
+            metrics = context.measure(plan)
+            candidate = Candidate(trial=-1, plan=plan, proxy_accuracy=metrics["proxy_accuracy"],
+                                  latency_ms=metrics["latency_ms"], macs=metrics["macs"],
+                                  effective_macs=metrics["effective_macs"], bytes=metrics["bytes"],
+                                  violations=())
+            tuned = finetune([candidate], context, data=self.data, config=self.recipe, seed=0,
+                             progress=self.args.progress, store=self.store)
+            if not tuned:
+                return {"diverged": True}
+            row = self.row(tuned[0].model, name)
+            return row | {"keep": keep, "bits": bits, "proxy_accuracy": metrics["proxy_accuracy"],
+                          "trial_latency_ms": metrics["latency_ms"]}
+        return self.piece(name, make)
+
+    def standard_piece(self, source: str, keep: float) -> dict:
+        """quantize_static on an fp32 ONNX file: what a user does with onnxruntime alone."""
+        name = f"standard-k{keep:g}"
+
+        def make():
+            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            class Reader(CalibrationDataReader):
+                def __init__(self, images: np.ndarray) -> None:
+                    self.batches = iter([{"input": images[i:i + 32]} for i in range(0, len(images), 32)])
+
+                def get_next(self):
+                    return next(self.batches, None)
+
+            images = self.data.train.tensors[0][:CALIB_IMAGES].numpy()
+            fp32 = Path(self.pieces[source]["onnx"])
+            prepared = self.work / "onnx" / f"{name}-pre.onnx"
+            out = self.work / "onnx" / f"{name}.onnx"
+            quant_pre_process(str(fp32), str(prepared))
+            # The onnxruntime docs' advice: 7-bit weights on x86 without VNNI (8-bit ones saturate
+            # there); on the Pi's ARM kernels full range.
+            reduce = self.target.measurable and int8_needs_reduce_range()
+            quantize_static(str(prepared), str(out), Reader(images), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=reduce, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+            predicted, where = self._onnx_predict(out)
+            source_row = self.pieces[source]
+            row = {"accuracy": round(100 * float((predicted == self.labels).double().mean()), 2),
+                   "correct": _correct_bits(predicted, self.labels), "macs": source_row["macs"],
+                   "onnx": str(out), "source": source, "keep": keep, "reduce_range": reduce,
+                   "accuracy_of": where}
+            if self.target.measurable:
+                row["latency_ms"] = measure_latency(out, threads=self.target.threads, repeats=100,
+                                                    min_time_s=0.5).median_ms
+            else:
+                # pi4's estimate reads a torch model; the QDQ model quantizes every convolution and
+                # the classifier as edgeopt's uniform int8 plan of the same pruning does, so that
+                # plan's estimate stands for it.
+                row["latency_ms"] = self.hand_piece(keep, 8)["latency_ms"]
+                row["latency_note"] = "pi4 estimate of edgeopt's uniform int8 plan at the same keep"
+            return row
+        return self.piece(name, make)
+
+    def _onnx_predict(self, path: Path) -> tuple[torch.Tensor, str]:
+        """Top-1 on the validation images, and what computed it. For pi4, onnxruntime's ARM64
+        kernels (under emulation here): x86 without VNNI saturates on full-range int8 weights,
+        so its answer is not the Pi's."""
+        if not self.target.measurable:
+            return self._arm64_predict(path), "onnxruntime ARM64 (Cortex-A72 emulation)"
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        x = self.data.val.tensors[0].numpy()
+        scores = [session.run(None, {"input": x[i:i + 250]})[0] for i in range(0, len(x), 250)]
+        return torch.from_numpy(np.concatenate(scores).argmax(1)), "onnxruntime on this machine"
+
+    def _arm64_predict(self, path: Path) -> torch.Tensor:
+        import platform
+        import subprocess
+
+        runner = [sys.executable] if platform.machine().lower() in ("aarch64", "arm64") else [
+            str(ROOT.parent / "tools" / "arm64-onnxruntime" / "run")]
+        inputs, out = self.work / "val_inputs.npy", self.work / "arm64_predictions.npy"
+        if not inputs.exists():
+            np.save(inputs, self.data.val.tensors[0].numpy())
+        done = subprocess.run([*runner, str(ROOT / "arm64_predict.py"), str(path), str(inputs), str(out)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"The ARM64 onnxruntime could not run {path} ({done.stderr.strip()[-300:]}); pi4's standard-"
+                     f"tools models are scored with it: run tools/arm64-onnxruntime/setup first.")
+        return torch.from_numpy(np.load(out))
+
+    def edgeopt_piece(self, pct: int) -> dict:
+        name = f"edgeopt-{pct}"
+
+        def make():
+            budget_ms = self.budgets_ms()[pct]
+            out = self.work / name
+            result = optimize(self.model, self.data, target=self.target, budget=f"{budget_ms}ms",
+                              search=self.search, finetune_config=self.recipe, out=out,
+                              model_name=self.base, progress=self.args.progress, finetuned_dir=self.store.folder)
+            frame = result.trials
+            tuned = frame[frame["finetuned_accuracy"].notna()]
+            front = [{"trial": int(r.trial), "accuracy": float(r.finetuned_accuracy), "latency_ms": float(r.latency_ms),
+                      "feasible": bool(r.feasible)} for r in tuned.itertuples()]
+            row: dict = {"budget_ms": budget_ms, "finetuned": front, "met_budget": result.met_budget,
+                         "trial_seconds": study_trial_seconds(out), "trials": len(frame)}
+            if result.met_budget:
+                row |= self.row(result.model, name)
+                row["selection_latency_ms"] = result.selected.latency_ms
+                row["plan"] = _plan_summary(result.plan)
+            return row
+        return self.piece(name, make)
+
+    def hv_piece(self, sampler: str, seed: int) -> dict:
+        name = f"hv-{sampler}-{seed}"
+
+        def make():
+            import optuna
+
+            from edgeopt.search.study import CONSTRAINTS, METRICS, finished
+
+            out = self.work / "hv" / f"{sampler}-{seed}"
+            budget_ms = self.budgets_ms()[HV_BUDGET]
+            optimize(self.model, self.data, target=self.target, budget=f"{budget_ms}ms",
+                     search=SearchConfig(trials=self.args.trials, sampler=sampler, seed=seed),
+                     out=out, search_only=True, progress=self.args.progress)
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+            study = optuna.load_study(study_name="edgeopt", storage=storage)
+            points = [(t.user_attrs[METRICS]["proxy_accuracy"], t.user_attrs[METRICS]["latency_ms"])
+                      for t in finished(study) if all(v <= 0 for v in t.user_attrs[CONSTRAINTS])]
+            reference = (100.0 / self.data.num_classes, self.base_piece()["latency_ms"])
+            return {"hypervolume": hypervolume_2d(points, reference), "within_budget": len(points),
+                    "reference": list(reference), "trial_seconds": study_trial_seconds(out)}
+        return self.piece(name, make)
+
+    def timing_piece(self, names: list[str]) -> dict:
+        """Every final model timed again in interleaved passes (host only): one clock for all."""
+        def make():
+            best = {n: math.inf for n in names}
+            for _ in range(self.args.timing_passes):
+                for n in names:
+                    m = measure_latency(self.pieces[n]["onnx"], threads=self.target.threads, repeats=100,
+                                        min_time_s=0.5)
+                    best[n] = min(best[n], m.median_ms)
+            return {"ms": best, "passes": self.args.timing_passes}
+        return self.piece("timing", make)
+
+    def run(self) -> None:
+        self.base_piece()
+        for keep in HAND_KEEPS:
+            for bits in (32, 8):
+                self.hand_piece(keep, bits)
+        self.standard_piece("base", 1.0)
+        for keep in HAND_KEEPS[1:]:
+            self.standard_piece(f"hand-k{keep:g}-fp32", keep)
+        for pct in BUDGETS:
+            self.edgeopt_piece(pct)
+        for sampler in ("tpe", "random"):
+            for seed in HV_SEEDS:
+                self.hv_piece(sampler, seed)
+        if self.target.measurable:
+            self.timing_piece([n for n, v in self.pieces.done.items() if isinstance(v, dict) and "onnx" in v])
+
+
+def _plan_summary(plan) -> dict:
+    layers = list(plan.layers.values())
+    return {"layers": len(layers), "int8_layers": sum(1 for lp in layers if (lp.w_bits, lp.a_bits) == (8, 8)),
+            "float_layers": sum(1 for lp in layers if (lp.w_bits, lp.a_bits) == (32, 32)),
+            "keep_ratios": sorted({lp.keep_ratio for lp in layers})}
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+
+def summarize(base: str, target: str, pieces: dict) -> dict | None:
+    """The comparison at each budget and issue 18's targets, from one run's finished pieces."""
+    if "base" not in pieces:
+        return None
+    clock = pieces.get("timing", {}).get("ms", {})
+    ms = lambda name: clock.get(name, pieces[name].get("latency_ms"))  # noqa: E731
+    base_ms = pieces["base"]["latency_ms"]
+    hand = {n: p for n, p in pieces.items() if n.startswith("hand-") and not p.get("diverged")}
+    standard = {n: p for n, p in pieces.items() if n.startswith("standard-")}
+    out: dict = {"base": {"accuracy": pieces["base"]["accuracy"], "latency_ms": ms("base"),
+                          "macs": pieces["base"]["macs"], "bytes": pieces["base"]["bytes"]},
+                 "budgets": {}, "clock": "host: onnxruntime, 1 thread, interleaved passes" if clock else
+                 "pi4 estimate" if target == "pi4" else "host: onnxruntime, 1 thread, as each piece measured it"}
+    for name, p in list(hand.items()) + list(standard.items()):
+        out.setdefault("models", {})[name] = {k: p.get(k) for k in ("accuracy", "macs", "bytes", "seconds", "peak_rss_mb")} | {"latency_ms": ms(name)}
+    targets: dict = {}
+    for pct in BUDGETS:
+        limit = base_ms * pct / 100
+        meets = lambda group: {n: p for n, p in group.items() if ms(n) <= limit}  # noqa: E731
+        best_hand = max(meets(hand).items(), key=lambda kv: kv[1]["accuracy"], default=None)
+        best_std = max(meets(standard).items(), key=lambda kv: kv[1]["accuracy"], default=None)
+        entry: dict = {"budget_ms": round(limit, 4), "best_hand": None, "best_standard": None, "edgeopt": None}
+        for key, best in (("best_hand", best_hand), ("best_standard", best_std)):
+            if best:
+                entry[key] = {"name": best[0], "accuracy": best[1]["accuracy"], "latency_ms": ms(best[0])}
+        ed = pieces.get(f"edgeopt-{pct}")
+        if ed and ed.get("met_budget"):
+            name = f"edgeopt-{pct}"
+            entry["edgeopt"] = {"accuracy": ed["accuracy"], "latency_ms": ms(name),
+                                "selection_latency_ms": ed["selection_latency_ms"], "macs": ed["macs"],
+                                "meets_on_final_clock": ms(name) <= limit, "plan": ed["plan"],
+                                "seconds": ed["seconds"], "peak_rss_mb": ed["peak_rss_mb"]}
+            for key, best in (("best_hand", best_hand), ("best_standard", best_std)):
+                if best:
+                    entry[f"vs_{key}"] = mcnemar(ed["correct"], best[1]["correct"]) | {
+                        "speedup": round(ms(best[0]) / ms(name), 3)}
+            at_least = all(entry[k] is None or ed["accuracy"] >= entry[k]["accuracy"] for k in ("best_hand", "best_standard"))
+            targets[f"at_least_as_accurate_{pct}"] = at_least
+            if target == "host" and pct in (50, 35) and best_hand:
+                vs = entry["vs_best_hand"]
+                wins_accuracy = vs["difference_points"] >= 1.0 and vs["p"] < 0.05
+                wins_speed = vs["speedup"] >= 1.25 and ed["accuracy"] >= best_hand[1]["accuracy"] - 0.3
+                targets[f"beats_hand_{pct}"] = wins_accuracy or wins_speed
+        out["budgets"][pct] = entry
+    front = [f for pct in BUDGETS for f in pieces.get(f"edgeopt-{pct}", {}).get("finetuned", [])]
+    if front:
+        above = [n for n, p in list(hand.items()) + list(standard.items())
+                 if not any(f["accuracy"] >= p["accuracy"] and f["latency_ms"] <= ms(n) for f in front)]
+        out["above_edgeopt_front"] = above
+        targets["nothing_above_front"] = not above
+    hv = {s: [pieces[f"hv-{s}-{seed}"]["hypervolume"] for seed in HV_SEEDS if f"hv-{s}-{seed}" in pieces]
+          for s in ("tpe", "random")}
+    if len(hv["tpe"]) == len(hv["random"]) == len(HV_SEEDS):
+        wins = sum(t > r for t, r in zip(hv["tpe"], hv["random"]))
+        out["hypervolume"] = hv | {"tpe_wins": wins}
+        targets["hypervolume_5_of_6"] = wins >= 5
+    trial_s = [pieces[f"edgeopt-{pct}"]["trial_seconds"]["median_s"] for pct in BUDGETS if f"edgeopt-{pct}" in pieces]
+    if trial_s:
+        out["trial_median_s"] = trial_s
+        if base == "edgenet":
+            targets["trial_at_most_2s"] = max(trial_s) <= 2.0
+    out["targets"] = targets
+    return out
+
+
+def commit_models(base: str, target: str, pieces: dict, summary: dict) -> dict:
+    """Copy the ONNX of every model a budget's comparison names (edgeopt's, the best hand plan,
+    the best standard-tools model) into bench/results/models/prove/, with a manifest saying which
+    method and budget each is, so that any figure can be checked again on other data."""
+    folder = RESULTS / "models" / "prove" / f"{base}-{target}"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest: dict = {}
+    for pct, entry in summary["budgets"].items():
+        named = {"edgeopt": f"edgeopt-{pct}" if entry["edgeopt"] else None,
+                 "hand": (entry["best_hand"] or {}).get("name"), "standard_tools": (entry["best_standard"] or {}).get("name")}
+        for method, name in named.items():
+            if name is None:
+                continue
+            file = f"{name}.onnx"
+            shutil.copyfile(pieces[name]["onnx"], folder / file)
+            manifest.setdefault(file, {"piece": name, "accuracy": pieces[name]["accuracy"], "used_as": []})
+            manifest[file]["used_as"].append({"method": method, "budget_percent": pct})
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def report(args) -> dict:
+    runs = {}
+    for folder in sorted((args.cache / "prove").glob("*-*")):
+        if not (folder / "pieces.json").exists():
+            continue
+        base, target = folder.name.rsplit("-", 1)
+        pieces = json.loads((folder / "pieces.json").read_text())
+        summary = summarize(base, target, pieces)
+        if summary:
+            summary["committed_models"] = commit_models(base, target, pieces, summary)
+            runs[f"{base}/{target}"] = summary
+    result = {"runs": runs, "machine": machine() | {"cpu_name": _cpu_name()}, "commit": commit(),
+              "settings": {"trials": args.trials, "finetune_epochs": args.finetune_epochs, "budgets_percent": BUDGETS,
+                           "hand_keeps": HAND_KEEPS, "hv_seeds": len(HV_SEEDS), "hv_budget_percent": HV_BUDGET}}
+    path = RESULTS / "prove.json"
+    path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    print(markdown(runs))
+    print(f"wrote {path}", file=sys.stderr)
+    return result
+
+
+def markdown(runs: dict) -> str:
+    lines = []
+    for key, run in runs.items():
+        lines += [f"\n**{key}** (base {run['base']['accuracy']:.2f}% at {run['base']['latency_ms']:.3f} ms; {run['clock']})",
+                  "", "| budget | edgeopt top-1 / ms | best hand top-1 / ms | best standard tools top-1 / ms "
+                  "| edgeopt - hand (McNemar p) |", "|---|---|---|---|---|"]
+        for pct, b in run["budgets"].items():
+            cell = lambda e: "-" if not e else f"{e['accuracy']:.2f} / {e['latency_ms']:.3f}"  # noqa: E731
+            name = lambda e: "" if not e else f" ({e['name']})"  # noqa: E731
+            vs = b.get("vs_best_hand")
+            paired = "-" if not vs else f"{vs['difference_points']:+.2f} (p={vs['p']:.3g})"
+            lines.append(f"| {pct}% ({b['budget_ms']:.3f} ms) | {cell(b['edgeopt'])} | {cell(b['best_hand'])}{name(b['best_hand'])} "
+                         f"| {cell(b['best_standard'])}{name(b['best_standard'])} | {paired} |")
+        lines.append("")
+        lines.append("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in run["targets"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", choices=("edgenet", "resnet20"))
+    p.add_argument("--target", choices=("host", "pi4"))
+    p.add_argument("--report", action="store_true", help="only write prove.json from the finished pieces")
+    p.add_argument("--trials", type=int, default=SearchConfig().trials, help="search trials (default: optimize's)")
+    p.add_argument("--finetune-epochs", type=float, default=0.25,
+                   help="epochs of every full fine-tune, edgeopt's and the hand family's (default 0.25: "
+                        "12,000 images; screening takes an eighth of it)")
+    p.add_argument("--timing-passes", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if not args.report:
+        if not (args.base and args.target):
+            p.error("give --base and --target, or --report")
+        started = time.perf_counter()
+        Run(args.base, args.target, args).run()
+        print(f"{args.base} on {args.target}: done in {time.perf_counter() - started:.0f} s this sitting", file=sys.stderr)
+    report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
