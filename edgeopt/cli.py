@@ -247,7 +247,11 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="edgeopt-out", help="output folder (the study is stored here too)")
     p.add_argument("--storage", default=None, help="an Optuna storage URL; default: a journal file in --out")
     p.add_argument("--study", default="edgeopt", help="study name inside the storage")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes searching one study")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local worker processes searching one study and sharing its fine-tunes")
+    p.add_argument("--finetuned-dir", default=None,
+                   help="where fine-tuned results are kept (default: --out/finetuned); with several machines, "
+                        "a folder all of them reach")
     p.add_argument("--search-only", action="store_true",
                    help="only add trials to the study (a worker on another machine); no fine-tuning")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -289,7 +293,7 @@ def _search(argv: list[str]) -> int:
                 workers=args.workers, search_only=args.search_only, progress=not args.quiet,
                 search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
                                     storage=args.storage, study_name=args.study, proxy=args.proxy),
-                finetune_config=finetune_config,
+                finetune_config=finetune_config, finetuned_dir=args.finetuned_dir,
             )
     except BaseException as exc:
         # After Ctrl-C, whatever ends the run is the interruption: a KeyboardInterrupt that lands

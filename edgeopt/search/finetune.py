@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from edgeopt.plan import ModelPlan
 from edgeopt.search.objective import Context
 from edgeopt.search.select import Candidate
 from edgeopt.search.study import fingerprint
+from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.training import NonFiniteLoss, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,9 @@ class FinetuneStore:
             self._contexts[id(context)] = made
         return fingerprint(made, kind, plan.key(), float(epochs), config.lr, config.batch_size, seed)
 
+    def has(self, key: str) -> bool:
+        return (self.folder / f"{key}.pt").is_file()
+
     def load(self, key: str) -> dict | None:
         path = self.folder / f"{key}.pt"
         if not path.is_file():
@@ -115,20 +121,78 @@ class Finetuned:
     model: nn.Module
 
 
-def _tuned(candidate: Candidate, context: Context, *, data, config: FinetuneConfig, epochs: float,
+def _tuned(plan: ModelPlan, context: Context, *, data, lr: float, batch_size: int, epochs: float,
            seed: int, label: str, progress: bool) -> nn.Module | None:
-    """The candidate's compressed model after `epochs` of fine-tuning, or None (with a warning)
-    if its loss turned non-finite."""
-    model = context.compress(candidate.plan)
+    """The plan's compressed model after `epochs` of fine-tuning, or None (with a warning) if its
+    loss turned non-finite."""
+    model = context.compress(plan)
     if epochs > 0:
         try:
-            train(model, data.train, epochs=epochs, lr=config.lr, batch_size=config.batch_size,
-                  teacher=context.model, seed=seed,
-                  progress=f"{label} (trial {candidate.trial})" if progress else None)
+            train(model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, teacher=context.model,
+                  seed=seed, progress=label if progress else None)
         except NonFiniteLoss as exc:
-            log.warning("Dropped trial %d from %s: %s", candidate.trial, label.split()[0], exc)
+            log.warning("Dropped %s: %s", label, exc)
             return None
     return model
+
+
+def _result(spec: dict, context: Context, *, data, store: FinetuneStore | None, progress: bool) -> dict:
+    """What the task `spec` asks for: loaded from the store, or trained, scored and stored.
+    A screening is scored on the proxy split and keeps no weights; a full fine-tune is scored on
+    validation and keeps the model."""
+    record = store.load(spec["task"]) if store else None
+    if record is None:
+        started = time.perf_counter()
+        plan = ModelPlan.from_json(spec["plan"])
+        model = _tuned(plan, context, data=data, lr=spec["lr"], batch_size=spec["batch_size"], epochs=spec["epochs"],
+                       seed=spec["seed"], label=spec["label"], progress=progress)
+        full = spec["kind"] == "full"
+        score = None if model is None else evaluate(model, data.val if full else data.proxy)
+        record = {"diverged": model is None, "seconds": time.perf_counter() - started, "accuracy": score,
+                  "model": model if full else None}
+        if store:
+            store.save(spec["task"], record)
+    return record
+
+
+def task_work(context: Context, *, data, store: FinetuneStore, progress: bool) -> Callable[[dict], tuple[dict, float]]:
+    """What a process does with a fine-tune task it claimed: the result's attributes for the
+    study (accuracy, whether it diverged, training seconds) and its value."""
+    def work(spec: dict) -> tuple[dict, float]:
+        record = _result(spec, context, data=data, store=store, progress=progress)
+        return ({"accuracy": record["accuracy"], "diverged": record["diverged"],
+                 "train_seconds": round(record["seconds"], 3)}, record["accuracy"] or 0.0)
+    return work
+
+
+def task_specs(candidates: list[Candidate], kind: str, context: Context, *, data, config: FinetuneConfig,
+               seed: int, store: FinetuneStore | None) -> list[dict]:
+    """One fine-tune task per candidate: what to train, by which recipe, and its key in the store."""
+    epochs = config.screen_length if kind == "screen" else config.epochs
+    word = "screen" if kind == "screen" else "fine-tune"
+    return [{"task": store.key(context, data, c.plan, epochs=epochs, config=config, seed=seed, kind=kind) if store else None,
+             "kind": kind, "plan": c.plan.to_json(), "epochs": float(epochs), "lr": config.lr,
+             "batch_size": config.batch_size, "seed": seed, "trial": c.trial,
+             "label": f"{word} {i}/{len(candidates)} (trial {c.trial})"} for i, c in enumerate(candidates, 1)]
+
+
+def _results(candidates: list[Candidate], kind: str, context: Context, *, data, config: FinetuneConfig,
+             seed: int, progress: bool, store: FinetuneStore | None, tasks: FinetuneTasks | None) -> list[dict]:
+    """The result of fine-tuning each candidate (`kind` "screen" or "full"), in order. With
+    `tasks` (and a store all workers reach), the fine-tunes are queued in the study and done by
+    whichever process of it takes each; this one works on them too until all it needs are in."""
+    specs = task_specs(candidates, kind, context, data=data, config=config, seed=seed, store=store)
+    if tasks is None or store is None:
+        return [_result(spec, context, data=data, store=store, progress=progress) for spec in specs]
+
+    def on_wait(running: int) -> None:
+        if progress:
+            print(f"Waiting for {running} fine-tune{'s' if running != 1 else ''} other workers are running.",
+                  file=sys.stderr)
+
+    tasks.do(specs, stored=store.has, work=task_work(context, data=data, store=store, progress=progress),
+             on_wait=on_wait)
+    return [_result(spec, context, data=data, store=store, progress=progress) for spec in specs]  # loads them
 
 
 def screening(config: FinetuneConfig, available: int) -> bool:
@@ -138,44 +202,22 @@ def screening(config: FinetuneConfig, available: int) -> bool:
 
 
 def screen(candidates: list[Candidate], context: Context, *, data, config: FinetuneConfig,
-           seed: int = 0, progress: bool = True, store: FinetuneStore | None = None) -> list[Candidate]:
+           seed: int = 0, progress: bool = True, store: FinetuneStore | None = None,
+           tasks: FinetuneTasks | None = None) -> list[Candidate]:
     """Each candidate with `screened_accuracy` set: proxy-split top-1 after `screen_length` epochs
-    of fine-tuning (the proxy split, not validation, so that the final accuracy stays unbiased)."""
-    out = []
-    for i, candidate in enumerate(candidates, 1):
-        key = store and store.key(context, data, candidate.plan, epochs=config.screen_length, config=config,
-                                  seed=seed, kind="screen")
-        record = store.load(key) if store else None
-        if record is None:
-            started = time.perf_counter()
-            model = _tuned(candidate, context, data=data, config=config, epochs=config.screen_length, seed=seed,
-                           label=f"screen {i}/{len(candidates)}", progress=progress)
-            record = {"diverged": model is None, "seconds": time.perf_counter() - started,
-                      "proxy_accuracy": None if model is None else evaluate(model, data.proxy)}
-            if store:
-                store.save(key, record)
-        if not record["diverged"]:
-            out.append(candidate.screened(record["proxy_accuracy"]))
-    return out
+    of fine-tuning (the proxy split, not validation, so that the final accuracy stays unbiased).
+    One whose loss turned non-finite is left out."""
+    records = _results(candidates, "screen", context, data=data, config=config, seed=seed, progress=progress,
+                       store=store, tasks=tasks)
+    return [c.screened(r["accuracy"]) for c, r in zip(candidates, records) if not r["diverged"]]
 
 
 def finetune(candidates: list[Candidate], context: Context, *, data, config: FinetuneConfig,
-             seed: int = 0, progress: bool = True, store: FinetuneStore | None = None) -> list[Finetuned]:
-    """Fine-tune each candidate in turn; one whose loss turns non-finite is dropped with a
-    warning and the others go on. With `store`, a result already there is loaded instead."""
-    results = []
-    for i, candidate in enumerate(candidates, 1):
-        key = store and store.key(context, data, candidate.plan, epochs=config.epochs, config=config,
-                                  seed=seed, kind="full")
-        record = store.load(key) if store else None
-        if record is None:
-            started = time.perf_counter()
-            model = _tuned(candidate, context, data=data, config=config, epochs=config.epochs, seed=seed,
-                           label=f"fine-tune {i}/{len(candidates)}", progress=progress)
-            record = {"diverged": model is None, "seconds": time.perf_counter() - started, "model": model,
-                      "accuracy": None if model is None else evaluate(model, data.val)}
-            if store:
-                store.save(key, record)
-        if not record["diverged"]:
-            results.append(Finetuned(candidate.finetuned(record["accuracy"]), record["model"]))
-    return results
+             seed: int = 0, progress: bool = True, store: FinetuneStore | None = None,
+             tasks: FinetuneTasks | None = None) -> list[Finetuned]:
+    """Fine-tune each candidate; one whose loss turns non-finite is dropped with a warning and
+    the others go on. With `store`, a result already there is loaded instead."""
+    records = _results(candidates, "full", context, data=data, config=config, seed=seed, progress=progress,
+                       store=store, tasks=tasks)
+    return [Finetuned(c.finetuned(r["accuracy"]), r["model"]) for c, r in zip(candidates, records)
+            if not r["diverged"]]

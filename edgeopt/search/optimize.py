@@ -6,6 +6,8 @@ import json
 import logging
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,17 +26,19 @@ from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.evaluators.latency import measure_latency
 from edgeopt.evaluators.onnx_export import export_onnx
+from edgeopt.hw_models.estimate import LatencyEstimate
 from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import NM, ModelPlan
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
+from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
 from edgeopt.search.objective import target_latency as _target_latency
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
 from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
-from edgeopt.search.study import (CONSTRAINTS, METRICS, finished, fingerprint, make_sampler, make_storage,
-                                  open_study, plan_params, trial_plan)
+from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_orphans, finished, fingerprint, make_sampler,
+                                  make_storage, open_study, plan_params, trial_plan, worker_id)
 from edgeopt.search.training import evaluate
 from edgeopt.spaces.quantize import compressed_layers
 from edgeopt.spaces.space import Knobs, SearchSpace
@@ -241,42 +245,76 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
               f"{', '.join(map(str, budgets))} ({'binds' if binds else 'does not bind'} on the base model: "
               f"{base_cost.macs / 1e6:.1f} MMACs, {base_latency.total_ms:.2f} ms, {base_cost.bytes / 1e6:.2f} MB)",
               file=sys.stderr)
+    store = FinetuneStore(out_dir / "finetuned" if finetuned_dir is None else finetuned_dir)
+    tasks = FinetuneTasks(study._storage, search.study_name)
+    run = f"{worker_id()}:{uuid.uuid4().hex[:8]}"  # this call's local workers stop when it is marked done
     procs = []
     if workers > 1:
         procs = _spawn_workers(workers, {"model": model, "data": data, "target": target, "budgets": budgets,
-                                         "search": search}, out_dir)
+                                         "search": search, "store": store.folder, "parent": worker_id(), "run": run,
+                                         # the parent's threads: a fine-tune gives the same weights in any process
+                                         "threads": torch.get_num_threads()}, out_dir)
     try:
         run_search(context, study, search.trials, progress=progress)
+        if search_only:
+            return None
+        _wait_for_running_trials(study, progress=progress)
+        return _finish(model, data, target=target, budgets=budgets, search=search, config=finetune_config,
+                       context=context, study=study, starting=starting, store=store, tasks=tasks, out_dir=out_dir,
+                       model_name=model_name, space_summary=space_summary, base_latency=base_latency, binds=binds,
+                       progress=progress)
     finally:
+        tasks.mark_done(run)
         for proc in procs:
             if proc.wait() != 0:
                 log.warning("A worker process exited with status %s.", proc.returncode)
-    if search_only:
-        return None
 
+
+def _wait_for_running_trials(study: optuna.Study, *, progress: bool) -> None:
+    """Wait until no trial of the search is still being measured by another process, so that every
+    process of the study selects from the same trials (and so submits the same fine-tunes)."""
+    said = False
+    while True:
+        if isinstance(study._storage, optuna.storages.RDBStorage):
+            optuna.storages.fail_stale_trials(study)
+        fail_orphans(study)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        if progress and not said:
+            print(f"Waiting for {len(running)} trial{'s' if len(running) > 1 else ''} other workers are measuring.",
+                  file=sys.stderr)
+            said = True
+        time.sleep(0.5)
+
+
+def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, config: FinetuneConfig, context: Context,
+            study: optuna.Study, starting: list[ModelPlan], store: FinetuneStore, tasks: FinetuneTasks,
+            out_dir: Path, model_name: str | None, space_summary, base_latency: LatencyEstimate, binds: bool,
+            progress: bool) -> OptimizeResult:
+    """Screen, fine-tune, select and export, from the finished search."""
+    example, base_cost = context.example_input, context.base
     candidates = _candidates(study)
     if not candidates:
         raise EdgeoptError(f"No trial finished in the study in {out_dir}, so there is nothing to select: every "
                            "trial was a duplicate or failed. Run with more --trials, or check the warnings above.")
     base_accuracy = evaluate(model, data.val)
     hand = _hand_candidate(candidates, starting)
-    config = finetune_config
-    store = FinetuneStore(out_dir / "finetuned" if finetuned_dir is None else finetuned_dir)
     chosen = finetune_order(candidates, max(config.top, config.screen), spread=config.proxy_spread, hand=hand)
     screened: list[Candidate] = []
     if screening(config, len(chosen)):
         screened = screen(chosen, context, data=data, config=config, seed=search.seed, progress=progress,
-                          store=store)
+                          store=store, tasks=tasks)
         chosen = finalists(screened, config.top, hand=hand, max_drop=config.max_drop,
                            min_speedup=config.min_speedup)
     chosen = chosen[:config.top]
     tuned: list[Finetuned] = finetune(chosen, context, data=data, config=config, seed=search.seed,
-                                      progress=progress, store=store)
+                                      progress=progress, store=store, tasks=tasks)
     if target.measurable:
         tuned = _measured_here(tuned, context)
     if not any(t.candidate.feasible for t in tuned):
         tuned += _tune_the_rest(candidates, tuned, context, data=data, config=config, seed=search.seed,
-                                progress=progress, store=store)
+                                progress=progress, store=store, tasks=tasks)
     by_trial = {t.candidate.trial: t for t in tuned}
     screened_by_trial = {c.trial: c for c in screened}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
@@ -354,7 +392,8 @@ def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:
 
 
 def _tune_the_rest(candidates: list[Candidate], tuned: list[Finetuned], context: Context, *, data,
-                   config: FinetuneConfig, seed: int, progress: bool, store: FinetuneStore) -> list[Finetuned]:
+                   config: FinetuneConfig, seed: int, progress: bool, store: FinetuneStore,
+                   tasks: FinetuneTasks) -> list[Finetuned]:
     """Fine-tune (and where the target is this machine, time) the candidates the estimate put
     within every budget that have not been yet, when none of those fine-tuned met the budgets:
     the run must not say that no candidate met them before it has tried every one that might.
@@ -376,7 +415,8 @@ def _tune_the_rest(candidates: list[Candidate], tuned: list[Finetuned], context:
             if all(v <= 0 for v in context.violations(model_cost(model, context.example_input), ms)):
                 timed.append(c)
         rest = timed
-    more = finetune(rest[:config.top], context, data=data, config=config, seed=seed, progress=progress, store=store)
+    more = finetune(rest[:config.top], context, data=data, config=config, seed=seed, progress=progress, store=store,
+                    tasks=tasks)
     return _measured_here(more, context) if context.target.measurable else more
 
 

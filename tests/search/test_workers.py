@@ -84,3 +84,107 @@ def test_two_workers_on_postgresql_join_one_study(bundle, trained, tmp_path, pos
     done = finished(study)
     assert len(done) == 8 and len({t.user_attrs[PLAN_KEY] for t in done}) == 8
     assert len(joined(study)) == 2 and {t.user_attrs[WORKER] for t in done} <= set(joined(study))
+
+
+SCREENED = FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
+
+
+def _tasks_of(out: Path):
+    from optuna.storages.journal import JournalFileBackend
+
+    from edgeopt.search.tasks import FinetuneTasks
+
+    return FinetuneTasks(optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal"))), "edgeopt")
+
+
+@pytest.mark.slow
+def test_two_local_workers_share_the_fine_tunes_and_select_what_one_process_selects(bundle, trained, tmp_path):
+    from edgeopt.search.tasks import TASK
+
+    search = SearchConfig(trials=8, seed=0, calib_batches=2)
+    alone = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "alone", progress=False,
+                     search=search, finetune_config=SCREENED)
+    shared = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "shared", workers=2,
+                      progress=False, search=search, finetune_config=SCREENED)
+    tasks = _tasks_of(tmp_path / "shared")
+    done = tasks.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    keys = [t.user_attrs[TASK] for t in done]
+    # Four screenings and two full fine-tunes, each done exactly once, by either worker; the study says which.
+    assert len(keys) == 4 + 2 and len(set(keys)) == len(keys)
+    assert sorted(t.user_attrs["kind"] for t in done) == ["full"] * 2 + ["screen"] * 4
+    workers = {t.user_attrs[WORKER] for t in done}
+    assert workers <= set(joined(_journal_study(tmp_path / "shared")))
+    assert all((tmp_path / "shared" / "finetuned" / f"{k}.pt").is_file() for k in keys)
+    assert not tasks.study.get_trials(states=(optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING))
+    # The same candidates, the same fine-tunes: the same selection as one process alone.
+    assert shared.plan == alone.plan and shared.selected.accuracy == alone.selected.accuracy
+    assert shared.summary["finetuned"] == alone.summary["finetuned"] == 2
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_fine_tune_loses_only_that_fine_tune(bundle, trained, tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    from edgeopt.search.finetune import FinetuneStore, finetune, task_specs
+    from edgeopt.search.optimize import _candidates, _spawn_workers, prepare
+    from edgeopt.search.study import worker_id
+    from edgeopt.search.tasks import TASK
+
+    search = SearchConfig(trials=6, seed=0, calib_batches=2)
+    budgets = (__import__("edgeopt.budget", fromlist=["parse_budget"]).parse_budget("60%"),)
+    out = tmp_path / "run"
+    optimize(trained, bundle, target="pi4", budget="60%", out=out, search_only=True, progress=False, search=search)
+    context, study = prepare(trained, bundle, target=__import__("edgeopt").get_target("pi4"), budgets=budgets,
+                             search=search, out_dir=out, seed=0)
+    long = FinetuneConfig(top=1, epochs=20, batch_size=32)  # long enough to be killed in the middle
+    candidate = _candidates(study)[1]
+    store = FinetuneStore(tmp_path / "store")
+    tasks = _tasks_of(out)
+    tasks.submit(task_specs([candidate], "full", context, data=bundle, config=long, seed=0, store=store))
+    # A worker of this process takes the waiting task (its search is already complete) ...
+    (proc,) = _spawn_workers(2, {"model": trained, "data": bundle, "target": context.target, "budgets": budgets,
+                                 "search": search, "store": store.folder, "parent": worker_id(),
+                                 "run": "killed-worker-test", "threads": torch.get_num_threads()}, out)
+    child = f"{socket.gethostname()}:{proc.pid}"
+    deadline = time.monotonic() + 120
+    while not any(t.user_attrs.get(WORKER) == child for t in tasks.study.get_trials(
+            states=(optuna.trial.TrialState.RUNNING,))):
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never took the task"
+        time.sleep(0.1)
+    # ... and is killed while it trains.
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not store.has(tasks.study.get_trials()[0].user_attrs[TASK])
+    tuned = finetune([candidate], context, data=bundle, config=long, seed=0, progress=False, store=store, tasks=tasks)
+    tasks.mark_done("killed-worker-test")
+    trials = tasks.study.get_trials()
+    states = sorted((t.state.name, t.user_attrs.get(WORKER)) for t in trials)
+    # Only the killed fine-tune was lost: failed as the dead worker's, queued again, done here once.
+    assert states == [("COMPLETE", worker_id()), ("FAIL", child)]
+    assert len(tuned) == 1 and tuned[0].candidate.accuracy == trials[-1].user_attrs["accuracy"]
+    assert len(list(store.folder.glob("*.pt"))) == 1 and not list(store.folder.glob("*.partial"))
+
+
+def test_a_result_done_elsewhere_but_missing_here_says_to_share_the_folder(tmp_path):
+    from edgeopt import EdgeoptError
+    from edgeopt.search.tasks import FinetuneTasks
+
+    tasks = _tasks_of(tmp_path)
+    spec = {"task": "k1", "kind": "full"}
+    tasks.submit([spec])
+    tasks.submit([spec])  # queued once, however often submitted
+    claimed = tasks.claim()
+    assert claimed is not None and tasks.claim() is None
+    tasks.complete(claimed, {"accuracy": 50.0}, 50.0)  # done by "another machine", stored in its own folder
+    with pytest.raises(EdgeoptError, match="--finetuned-dir that all of them reach"):
+        tasks.do([spec], stored=lambda key: False, work=lambda s: ({}, 0.0))
+    # A failed task is queued again and done here.
+    failed_spec = {"task": "k2", "kind": "full"}
+    tasks.submit([failed_spec])
+    tasks.fail(tasks.claim(), "worker crashed")
+    done = set()
+    tasks.do([failed_spec], stored=done.__contains__, work=lambda s: (done.add(s["task"]) or {}, 1.0))
+    assert done == {"k2"} and isinstance(tasks, FinetuneTasks)
