@@ -29,6 +29,7 @@ from edgeopt.evaluators.onnx_export import export_onnx
 from edgeopt.hw_models.estimate import LatencyEstimate
 from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import NM, ModelPlan
+from edgeopt.search.allocate import allocate
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
@@ -234,10 +235,6 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
                                     "bytes": base_cost.bytes}[b.metric], base_cost.macs) for b in budgets]
     binds = any(v > 0 for v in base_violations)
     starting = _starting_plans(context.space)
-    if not study.trials:
-        # Start from what a user would try by hand, so the search is never worse than that.
-        for plan in starting:
-            study.enqueue_trial(plan_params(plan, context.space), skip_if_exists=True)
     space_summary = context.space.summary()
     if progress:
         print(f"edgeopt: model {model_name or type(model).__name__}, {space_summary.headline()}; data "
@@ -245,6 +242,12 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
               f"{', '.join(map(str, budgets))} ({'binds' if binds else 'does not bind'} on the base model: "
               f"{base_cost.macs / 1e6:.1f} MMACs, {base_latency.total_ms:.2f} ms, {base_cost.bytes / 1e6:.2f} MB)",
               file=sys.stderr)
+    if not study.trials:
+        # Start from what a user would try by hand, so the search is never worse than that, and
+        # from plans that spend each budget where it costs least (edgeopt.search.allocate).
+        allocated = _allocated_plans(context, data, search, budgets, out_dir, progress=progress) if binds else []
+        for plan in starting + allocated:
+            study.enqueue_trial(plan_params(plan, context.space), skip_if_exists=True)
     store = FinetuneStore(out_dir / "finetuned" if finetuned_dir is None else finetuned_dir)
     tasks = FinetuneTasks(study._storage, search.study_name)
     run = f"{worker_id()}:{uuid.uuid4().hex[:8]}"  # this call's local workers stop when it is marked done
@@ -358,17 +361,49 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
                           plan=selected.plan if selected else None, out_dir=out_dir, summary=summary)
 
 
+def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tuple[Budget, ...], out_dir: Path, *,
+                     progress: bool) -> list[ModelPlan]:
+    """Starting plans from the latency-aware allocation, per latency or MAC budget. The sensitivity
+    table it needs is the one `--proxy sensitivity` uses (same file, measured once)."""
+    wanted = [b for b in budgets if b.metric in ("latency_ms", "macs")]
+    if not wanted:
+        return []
+    table = measure_sensitivity(context.model, context.space, context.example_input, calib=context.calib,
+                                dataset=data.proxy, round_to=context.target.accelerates.channel_multiple,
+                                reduce_range=context.reduce_range, images=search.sensitivity_images,
+                                cache=out_dir / SENSITIVITY_FILE, progress=progress)
+
+    def metric_of(budget: Budget):
+        def metric(plan: ModelPlan) -> float:
+            model = context.compress(plan, calibrate_model=False)
+            if budget.metric == "macs":
+                return float(context.budget_macs(model_cost(model, context.example_input)))
+            return _target_latency(model, context.example_input, context.target).total_ms
+        return metric
+
+    plans: list[ModelPlan] = []
+    for budget in wanted:
+        if progress:
+            print(f"Allocating starting plans for {budget}: {'timing' if context.target.measurable else 'estimating'} "
+                  f"each single change ...", file=sys.stderr)
+        found = allocate(context.space, table, metric=metric_of(budget), limit=budget.limit(context.base.macs))
+        plans += [p for p in found if p not in plans]
+    return plans
+
+
 def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
+    """What a user tries by hand: uniform int8, uniform L1 pruning at the usual steps in int8 and
+    in fp32 (where int8 does not pay on the target's clock, as for depthwise convolutions on x86
+    without VNNI, pruning alone is the hand answer), and uniform 2:4 where the target runs it fast."""
     plans = []
+    keeps = [k for k in (0.875, 0.75, 0.625, 0.5) if k in space.knobs.keep_ratios]
     if (8, 8) in space.knobs.pairs:
         plans.append(space.uniform(w_bits=8, a_bits=8))
-        for keep in (0.875, 0.75, 0.625, 0.5):  # uniform L1 pruning at the usual steps, as by hand
-            if keep in space.knobs.keep_ratios:
-                plans.append(space.uniform(w_bits=8, a_bits=8, keep_ratio=keep))
-        # Where the target runs 2:4 sparsity fast (sparse tensor cores), a user tries it everywhere.
+        plans += [space.uniform(w_bits=8, a_bits=8, keep_ratio=keep) for keep in keeps]
         if NM(n=2, m=4) in space.knobs.nm:
             plans.append(space.uniform(w_bits=8, a_bits=8, nm=NM(n=2, m=4)))
-    return plans
+    plans += [space.uniform(keep_ratio=keep) for keep in keeps]
+    return [p for i, p in enumerate(plans) if p not in plans[:i]]
 
 
 def _hand_candidate(candidates: list[Candidate], starting: list[ModelPlan]) -> Candidate | None:

@@ -1,0 +1,126 @@
+"""Latency-aware allocation: starting plans that spend a budget where it costs the least accuracy.
+
+A user prunes every layer alike and quantizes every layer or none. Layers differ twice over: in
+what a change costs in accuracy (the sensitivity table, `edgeopt.search.sensitivity`: the share
+of proxy predictions one change alone alters) and in what it buys on the target's clock (on x86
+without VNNI an int8 dense convolution is faster than fp32, an int8 depthwise one is not; a
+late layer at low resolution costs less per MAC than an early one). HALP (Shen et al., 2022)
+allocates channels under a latency budget as a knapsack over importance and a latency table; HAWQ
+chooses precisions by per-layer sensitivity. This module does both at once, greedily:
+
+1. the budget's metric (latency on the target, or MACs) of the base with each single change
+   (each prunable group at the sensitivity table's keep levels, each layer at w8a8) gives what
+   that change saves; the other keep levels are interpolated;
+2. from the unchanged model, the move (one group to a lower keep ratio, or one layer to int8)
+   that saves the most metric per point of sensitivity is taken, again and again, until the sum
+   of savings reaches the budget;
+3. the first plans on the path that meet the budget, and 10% under it, when measured for real,
+   are the starting plans.
+
+The savings are taken as additive, which they are not quite (a layer's cost depends on the
+channels of its input and its output, and ops between layers do not shrink with them), so the
+path is only a ranking of moves: each plan it proposes is measured before it is taken, and the
+search measures it again and its sampler goes on from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from edgeopt.plan import LayerPlan, ModelPlan
+from edgeopt.search.sensitivity import SensitivityTable, _activations_key, _keep_levels, _weights_key
+from edgeopt.spaces.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+INT8 = (8, 8)
+MARGINS = (1.0, 0.9)  # starting plans at the budget and 10% under it (the savings are estimates)
+
+
+def _interp(levels: dict[float, float], keep: float) -> float:
+    xs = sorted(levels) + [1.0]
+    return float(np.interp(keep, xs, [levels[k] for k in sorted(levels)] + [0.0]))
+
+
+def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[ModelPlan], float],
+             limit: float) -> list[ModelPlan]:
+    """Plans whose metric (by the additive model) is at most `limit` times MARGINS, each with as
+    little sensitivity as the greedy path finds; [] when the base already meets `limit` or the
+    space cannot reach it."""
+    base_plan = space.uniform()
+    base = metric(base_plan)
+    if base <= limit:
+        return []
+    groups = {g.root: g for g in space.prunable_groups if len(space.keep_choices(g)) > 1}
+    # What each single change saves, measured where the table measured its drop.
+    saved_keep: dict[str, dict[float, float]] = {}
+    for root, group in groups.items():
+        saved_keep[root] = {}
+        for keep in _keep_levels(space.keep_choices(group)):
+            plan = ModelPlan(layers={**base_plan.layers, **{f: replace(base_plan[f], keep_ratio=keep)
+                                                             for f in group.layers}})
+            saved_keep[root][keep] = base - metric(plan)
+    saved_bits: dict[str, float] = {}
+    if INT8 in space.knobs.pairs:
+        for layer in space.layers:
+            plan = ModelPlan(layers={**base_plan.layers, layer.fqn: replace(base_plan[layer.fqn], w_bits=8, a_bits=8)})
+            saved_bits[layer.fqn] = base - metric(plan)
+
+    def bits_drop(fqn: str) -> float:
+        return table.drops.get(_weights_key(fqn, 8), 0.0) + table.drops.get(_activations_key(fqn, 8), 0.0)
+
+    keep_now = {root: 1.0 for root in groups}
+    int8_now: set[str] = set()
+    predicted = base
+    plans: list[ModelPlan] = []
+    targets = [limit * m for m in MARGINS]
+    while targets:
+        best = None  # (gain per drop, kind, name, value, gain)
+        for root, group in groups.items():
+            # Every lower keep ratio, not only the next: channel rounding makes some steps save
+            # nothing (a layer of 24 channels rounded to multiples of 8 keeps 24 at 0.875).
+            for lower in (k for k in space.keep_choices(group) if k < keep_now[root]):
+                gain = _interp(saved_keep[root], lower) - _interp(saved_keep[root], keep_now[root])
+                cost = table.keep_drop(root, lower) - table.keep_drop(root, keep_now[root])
+                if gain > 0:
+                    score = gain / max(cost, 1e-3)
+                    if best is None or score > best[0]:
+                        best = (score, "keep", root, lower, gain)
+        for fqn, gain in saved_bits.items():
+            if fqn not in int8_now and gain > 0:
+                score = gain / max(bits_drop(fqn), 1e-3)
+                if best is None or score > best[0]:
+                    best = (score, "bits", fqn, None, gain)
+        if best is None:
+            break  # nothing left that saves anything
+        _, kind, name, value, gain = best
+        if kind == "keep":
+            keep_now[name] = value
+        else:
+            int8_now.add(name)
+        predicted -= gain
+        # Where the additive model says the budget is reached, the plan is measured for real;
+        # short of it (the savings overlap), the path goes on.
+        while targets and predicted <= targets[0]:
+            plan = _plan(space, keep_now, int8_now)
+            if metric(plan) > targets[0]:
+                break
+            plans.append(plan)
+            targets.pop(0)
+    log.info("Allocated %d starting plan(s) for the budget %.4g (base %.4g).", len(plans), limit, base)
+    return [p for i, p in enumerate(plans) if p not in plans[:i]]
+
+
+def _plan(space: SearchSpace, keep: dict[str, float], int8: set[str]) -> ModelPlan:
+    ratios = {}
+    for group in space.groups:
+        for fqn in group.layers:
+            ratios[fqn] = keep.get(group.root, 1.0)
+    return ModelPlan(layers={
+        layer.fqn: LayerPlan(w_bits=8 if layer.fqn in int8 else 32, a_bits=8 if layer.fqn in int8 else 32,
+                             keep_ratio=ratios.get(layer.fqn, 1.0))
+        for layer in space.layers})

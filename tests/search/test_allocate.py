@@ -1,0 +1,63 @@
+"""The latency-aware allocation: it spends a budget where the sensitivity table says it costs least."""
+
+from __future__ import annotations
+
+import torch
+
+from edgeopt import SearchSpace, apply_plan
+from edgeopt.evaluators.cost import model_cost
+from edgeopt.search.allocate import allocate
+from edgeopt.search.sensitivity import SensitivityTable, _activations_key, _keep_key, _keep_levels, _weights_key
+from tests.conftest import TinyNet
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = TinyNet(num_classes=4).eval()
+    example = torch.randn(2, 3, 16, 16)
+    space = SearchSpace.from_model(model, example)
+
+    def macs(plan) -> float:
+        return float(model_cost(apply_plan(model, plan, example, space=space, calibrate_model=False), example).macs)
+
+    return space, macs
+
+
+def _table(space: SearchSpace, *, keep_drop, bits_drop) -> SensitivityTable:
+    drops, levels = {}, {}
+    for group in space.prunable_groups:
+        levels[group.root] = _keep_levels(space.keep_choices(group))
+        for keep in levels[group.root]:
+            drops[_keep_key(group.root, keep)] = keep_drop(group.root) * (1 - keep)
+    for layer in space.layers:
+        for bits in (4, 8):
+            drops[_weights_key(layer.fqn, bits)] = drops[_activations_key(layer.fqn, bits)] = bits_drop(layer.fqn)
+    return SensitivityTable(base_top1=90.0, drops=drops, chance=25.0, keep_levels=levels)
+
+
+def test_the_budget_goes_where_a_change_costs_least_and_is_met_when_measured():
+    space, macs = _setup()
+    base = macs(space.uniform())
+    limit = 0.6 * base
+    # res1's group (the residual stream) is very sensitive, every other group cheap to prune.
+    fragile = next(g.root for g in space.prunable_groups if "res1" in g.root or "stem" in g.root)
+    table = _table(space, keep_drop=lambda root: 40.0 if root == fragile else 0.5, bits_drop=lambda fqn: 0.1)
+    plans = allocate(space, table, metric=macs, limit=limit)
+    assert plans, "no plan met the budget"
+    assert all(macs(plan) <= limit for plan in plans)  # measured, not only by the additive model
+    keep = space.group_keep(plans[0])
+    assert fragile not in keep  # the fragile group is left whole
+    uniform = next(space.uniform(keep_ratio=k) for k in sorted(space.knobs.keep_ratios, reverse=True)
+                   if macs(space.uniform(keep_ratio=k)) <= limit)
+    assert table.score(plans[0], space) > table.score(uniform, space)
+    # With the fragile group the cheap one instead, the allocation moves with the table.
+    other = _table(space, keep_drop=lambda root: 0.5 if root == fragile else 40.0, bits_drop=lambda fqn: 0.1)
+    assert space.group_keep(allocate(space, other, metric=macs, limit=limit)[0]).get(fragile, 1.0) < 1.0
+
+
+def test_nothing_to_allocate_where_the_base_meets_the_budget_or_nothing_can():
+    space, macs = _setup()
+    table = _table(space, keep_drop=lambda root: 1.0, bits_drop=lambda fqn: 0.1)
+    base = macs(space.uniform())
+    assert allocate(space, table, metric=macs, limit=base * 1.01) == []
+    assert allocate(space, table, metric=macs, limit=1.0) == []  # one MAC: no plan reaches it
