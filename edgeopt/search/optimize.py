@@ -65,6 +65,8 @@ class SearchConfig:
     # measured once, a candidate scored from them (cheap trials on large models).
     proxy: str = "heldout"
     sensitivity_images: int = 512
+    # Start from the hand plans and the allocated ones (False: the sampler alone, as a baseline).
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         if self.proxy not in PROXIES:
@@ -242,7 +244,7 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
               f"{', '.join(map(str, budgets))} ({'binds' if binds else 'does not bind'} on the base model: "
               f"{base_cost.macs / 1e6:.1f} MMACs, {base_latency.total_ms:.2f} ms, {base_cost.bytes / 1e6:.2f} MB)",
               file=sys.stderr)
-    if not study.trials:
+    if not study.trials and search.warm_start:
         # Start from what a user would try by hand, so the search is never worse than that, and
         # from plans that spend each budget where it costs least (edgeopt.search.allocate).
         allocated = _allocated_plans(context, data, search, budgets, out_dir, progress=progress) if binds else []
