@@ -323,7 +323,7 @@ class Run:
             budget_ms = self.budgets_ms()[HV_BUDGET]
             optimize(self.model, self.data, target=self.target, budget=f"{budget_ms}ms",
                      search=SearchConfig(trials=self.args.trials, sampler=sampler, seed=seed,
-                                         warm_start=sampler != "random"),
+                                         start="none" if sampler == "random" else "allocated"),
                      out=out, search_only=True, progress=self.args.progress)
             storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
             study = optuna.load_study(study_name="edgeopt", storage=storage)

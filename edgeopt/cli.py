@@ -243,6 +243,10 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-spread", type=float, default=10.0,
                    help="proxy accuracy points below the most accurate candidate within which faster "
                         "Pareto candidates are fine-tuned too (default 10)")
+    p.add_argument("--start", default="allocated", choices=("allocated", "hand", "none"),
+                   help="where the search starts: the hand plans and plans allocated for the budget (default), "
+                        "the hand plans only (skips the allocation's sensitivity table and timings, whose cost "
+                        "grows with the model), or the sampler alone")
     p.add_argument("--lut", default=None, help="a latency table from 'optimize profile' for the target")
     p.add_argument("--out", default="edgeopt-out", help="output folder (the study is stored here too)")
     p.add_argument("--storage", default=None, help="an Optuna storage URL; default: a journal file in --out")
@@ -292,7 +296,8 @@ def _search(argv: list[str]) -> int:
                 model, data, target=target, budget=budgets, out=args.out, model_name=description,
                 workers=args.workers, search_only=args.search_only, progress=not args.quiet,
                 search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
-                                    storage=args.storage, study_name=args.study, proxy=args.proxy),
+                                    storage=args.storage, study_name=args.study, proxy=args.proxy,
+                                    start=args.start),
                 finetune_config=finetune_config, finetuned_dir=args.finetuned_dir,
             )
     except BaseException as exc:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 
 PROXIES = ("heldout", "sensitivity")
+STARTS = ("allocated", "hand", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,10 +66,14 @@ class SearchConfig:
     # measured once, a candidate scored from them (cheap trials on large models).
     proxy: str = "heldout"
     sensitivity_images: int = 512
-    # Start from the hand plans and the allocated ones (False: the sampler alone, as a baseline).
-    warm_start: bool = True
+    # Where the search starts: "allocated" (the hand plans and the plans allocated for the budget),
+    # "hand" (the hand plans only: the allocation's cost grows with the model, BENCHMARKS.md), or
+    # "none" (the sampler alone, as a baseline).
+    start: str = "allocated"
 
     def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise EdgeoptError(f"Unknown start {self.start!r}; choose one of {', '.join(STARTS)}.")
         if self.proxy not in PROXIES:
             raise EdgeoptError(f"Unknown proxy {self.proxy!r}; choose one of {', '.join(PROXIES)}.")
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
@@ -244,10 +249,11 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
               f"{', '.join(map(str, budgets))} ({'binds' if binds else 'does not bind'} on the base model: "
               f"{base_cost.macs / 1e6:.1f} MMACs, {base_latency.total_ms:.2f} ms, {base_cost.bytes / 1e6:.2f} MB)",
               file=sys.stderr)
-    if not study.trials and search.warm_start:
+    if not study.trials and search.start != "none":
         # Start from what a user would try by hand, so the search is never worse than that, and
         # from plans that spend each budget where it costs least (edgeopt.search.allocate).
-        allocated = _allocated_plans(context, data, search, budgets, out_dir, progress=progress) if binds else []
+        allocated = (_allocated_plans(context, data, search, budgets, out_dir, progress=progress)
+                     if binds and search.start == "allocated" else [])
         for plan in starting + allocated:
             study.enqueue_trial(plan_params(plan, context.space), skip_if_exists=True)
     store = FinetuneStore(out_dir / "finetuned" if finetuned_dir is None else finetuned_dir)
