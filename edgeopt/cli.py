@@ -287,7 +287,7 @@ def _search(argv: list[str]) -> int:
                                      min_speedup=args.min_speedup, proxy_spread=args.proxy_spread)
     data = load_data(args.data, input_size=args.input_size, seed=args.seed, normalize=_normalization(args))
     model, description = resolve_model(args.model, data=data, weights=args.weights, progress=not args.quiet)
-    interrupted = f"\nInterrupted. Every finished trial is saved in the study in {args.out}; run the same " \
+    interrupted = f"\nInterrupted. Every finished trial and fine-tune is saved (the study in {args.out}); run the same " \
                   "command again to continue where it stopped."
     ctrl_c = threading.Event()
     try:
