@@ -156,21 +156,22 @@ class Run:
                                            out_dir=Path(tmp), seed=0)
         return self._context
 
-    def latency(self, model: torch.nn.Module) -> float:
-        """ms on the target: measured whole here (host), or the pi4 estimate."""
-        if self.target.measurable:
-            path = export_onnx(model, self.example, self.work / "onnx" / "_timing.onnx")
-            return measure_latency(path, threads=self.target.threads, repeats=100, min_time_s=0.5).median_ms
-        return estimate_latency(model, self.example, target=self.target).total_ms
+    def onnx_ms(self, path: Path) -> float:
+        """Median ms of an ONNX file on this machine, at the target's threads."""
+        return measure_latency(path, threads=self.target.threads, repeats=100, min_time_s=0.5).median_ms
 
     def row(self, model: torch.nn.Module, name: str) -> dict:
+        """Validation top-1 and per-image correctness, costs, the exported ONNX, and the latency on
+        the target: that ONNX measured here (host), or the pi4 estimate."""
         predicted, labels = predict(model, self.data.val)
         cost = model_cost(model, self.example)
         onnx = export_onnx(model, self.example, self.work / "onnx" / f"{name}.onnx",
                            preprocessing=self.data.preprocessing)
+        latency = (self.onnx_ms(onnx) if self.target.measurable
+                   else estimate_latency(model, self.example, target=self.target).total_ms)
         return {"accuracy": round(100 * float((predicted == labels).double().mean()), 2),
                 "correct": _correct_bits(predicted, labels), "macs": cost.macs, "bytes": cost.bytes,
-                "onnx": str(onnx), "latency_ms": self.latency(model)}
+                "onnx": str(onnx), "latency_ms": latency}
 
     # -- the pieces, each cached --
 
@@ -247,8 +248,7 @@ class Run:
                    "onnx": str(out), "source": source, "keep": keep, "reduce_range": reduce,
                    "accuracy_of": where}
             if self.target.measurable:
-                row["latency_ms"] = measure_latency(out, threads=self.target.threads, repeats=100,
-                                                    min_time_s=0.5).median_ms
+                row["latency_ms"] = self.onnx_ms(out)
             else:
                 # pi4's estimate reads a torch model; the QDQ model quantizes every convolution and
                 # the classifier as edgeopt's uniform int8 plan of the same pruning does, so that
@@ -340,9 +340,7 @@ class Run:
             best = {n: math.inf for n in names}
             for _ in range(self.args.timing_passes):
                 for n in names:
-                    m = measure_latency(self.pieces[n]["onnx"], threads=self.target.threads, repeats=100,
-                                        min_time_s=0.5)
-                    best[n] = min(best[n], m.median_ms)
+                    best[n] = min(best[n], self.onnx_ms(self.pieces[n]["onnx"]))
             return {"ms": best, "passes": self.args.timing_passes}
         return self.piece("timing", make)
 

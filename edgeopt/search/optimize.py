@@ -38,7 +38,7 @@ from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
 from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
-from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_orphans, finished, fingerprint, make_sampler,
+from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_dead_trials, finished, fingerprint, make_sampler,
                                   make_storage, open_study, plan_params, trial_plan, worker_id)
 from edgeopt.search.training import evaluate
 from edgeopt.spaces.quantize import compressed_layers
@@ -286,9 +286,7 @@ def _wait_for_running_trials(study: optuna.Study, *, progress: bool) -> None:
     process of the study selects from the same trials (and so submits the same fine-tunes)."""
     said = False
     while True:
-        if isinstance(study._storage, optuna.storages.RDBStorage):
-            optuna.storages.fail_stale_trials(study)
-        fail_orphans(study)
+        fail_dead_trials(study)
         running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         if not running:
             return

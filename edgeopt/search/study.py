@@ -195,9 +195,7 @@ def open_study(*, storage, study_name: str, directions: list[str],
         with warnings.catch_warnings():  # experimental in Optuna 4 and 5, stable in use since 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(metric_names)
-    if isinstance(storage, optuna.storages.RDBStorage):
-        optuna.storages.fail_stale_trials(study)
-    fail_orphans(study)
+    fail_dead_trials(study)
     # Which processes (machines) worked on the study, even those that found it already done.
     study.set_user_attr(JOINED + worker_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return study
@@ -227,16 +225,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def local_worker_gone(worker: str) -> bool:
+    """Whether `worker` (a worker_id) is a process of this machine that no longer exists; a
+    worker of another machine, or an unsigned one, is never said to be gone."""
+    name, _, pid = worker.rpartition(":")
+    return name == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail the running trials whose worker is gone: stale heartbeats in a database storage (any
+    machine), vanished processes of this machine (any storage)."""
+    with warnings.catch_warnings():  # experimental in Optuna 4 and 5; it skips storages without heartbeats
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    fail_orphans(study)
+
+
 def fail_orphans(study: optuna.Study) -> int:
     """Mark as failed the running trials whose worker process on this machine is gone (a run
     killed mid-trial): their plans become free again and they stop counting. Workers on other
     machines are left alone; an RDB storage's heartbeat covers those."""
-    host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker = trial.user_attrs.get(WORKER, "")
-        name, _, pid = worker.rpartition(":")
-        if name == host and pid.isdigit() and not _alive(int(pid)):
+        if local_worker_gone(trial.user_attrs.get(WORKER, "")):
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             failed += 1
     return failed

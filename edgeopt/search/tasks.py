@@ -19,17 +19,16 @@ in the store, working on any waiting task meanwhile.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import optuna
 from optuna.trial import TrialState
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.search.study import WORKER, worker_id
+from edgeopt.search.study import WORKER, local_worker_gone, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,6 @@ DONE = "done "  # tasks-study attribute per run of optimize: DONE + its run toke
 HEARTBEAT_S = 20.0
 STALE_S = 120.0
 POLL_S = 0.5
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FinetuneTasks:
@@ -108,14 +97,12 @@ class FinetuneTasks:
     def requeue_orphans(self) -> int:
         """Fail and queue again the running tasks whose worker is gone: its process on this
         machine no longer exists, or its heartbeat is older than STALE_S (any machine)."""
-        host, now, count = socket.gethostname(), time.time(), 0
+        now, count = time.time(), 0
         for trial in self._trials(TrialState.RUNNING):
-            name, _, pid = trial.user_attrs.get(WORKER, "").rpartition(":")
             beat = trial.user_attrs.get(HEARTBEAT)
             if beat is None and trial.datetime_start is not None:
                 beat = trial.datetime_start.timestamp()  # claimed a moment ago, not yet signed
-            dead = (name == host and pid.isdigit() and not _alive(int(pid))) or (
-                beat is not None and now - beat > STALE_S)
+            dead = local_worker_gone(trial.user_attrs.get(WORKER, "")) or (beat is not None and now - beat > STALE_S)
             if dead:
                 log.warning("Fine-tune task %d (worker %s) was left unfinished; queued again.",
                             trial.number, trial.user_attrs.get(WORKER, "?"))
@@ -201,17 +188,13 @@ class FinetuneTasks:
     def run_done(self, run: str) -> bool:
         return bool(self.study.user_attrs.get(DONE + run))
 
-    def done_by(self) -> dict[str, str]:
-        """Task key -> the worker that completed it."""
-        return {t.user_attrs[TASK]: t.user_attrs.get(WORKER, "?") for t in self._trials(TrialState.COMPLETE)}
 
-
-class _quiet_optuna:
+@contextmanager
+def _quiet_optuna():
     """create_study logs a line per call; the tasks study is opened by every process."""
-
-    def __enter__(self) -> None:
-        self.level = optuna.logging.get_verbosity()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    def __exit__(self, *exc) -> None:
-        optuna.logging.set_verbosity(self.level)
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
