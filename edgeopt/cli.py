@@ -79,6 +79,14 @@ def _add_data_options(p: argparse.ArgumentParser, *, what: str) -> None:
     p.add_argument("--std", default=None, help="per-channel standard deviations, e.g. 0.229,0.224,0.225")
 
 
+def _input_scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise EdgeoptError(f"--input-scales {text!r}: give numbers separated by commas, for example "
+                           "1,0.75,0.5.") from None
+
+
 def _normalization(args: argparse.Namespace):
     """What load_data's `normalize` gets from --normalize, --mean and --std."""
     if (args.mean is None) != (args.std is None):
@@ -247,6 +255,13 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="where the search starts: the hand plans and plans allocated for the budget (default), "
                         "the hand plans only (skips the allocation's sensitivity table and timings, whose cost "
                         "grows with the model), or the sampler alone")
+    p.add_argument("--input-scales", default="1,0.875,0.75,0.625,0.5",
+                   help="shares of the input size the model may run at, searched with the per-layer knobs "
+                        "(default 1,0.875,0.75,0.625,0.5; sizes are rounded to the network's stride; 1 keeps "
+                        "the input size fixed, as a fixed camera or a position embedding needs)")
+    p.add_argument("--no-depth", dest="depth", action="store_false",
+                   help="never drop a residual block (by default each block with an identity shortcut may be "
+                        "dropped, leaving the shortcut)")
     p.add_argument("--lut", default=None, help="a latency table from 'optimize profile' for the target")
     p.add_argument("--out", default="edgeopt-out", help="output folder (the study is stored here too)")
     p.add_argument("--storage", default=None, help="an Optuna storage URL; default: a journal file in --out")
@@ -297,7 +312,8 @@ def _search(argv: list[str]) -> int:
                 workers=args.workers, search_only=args.search_only, progress=not args.quiet,
                 search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
                                     storage=args.storage, study_name=args.study, proxy=args.proxy,
-                                    start=args.start),
+                                    start=args.start, input_scales=_input_scales(args.input_scales),
+                                    depth=args.depth),
                 finetune_config=finetune_config, finetuned_dir=args.finetuned_dir,
             )
     except BaseException as exc:

@@ -24,6 +24,8 @@ A_BITS: tuple[int, ...] = (32, 16, 8)
 FLOAT_BITS: frozenset[int] = frozenset({32, 16})
 # Channel keep ratios in steps of 1/8, from dense (1.0) down to a quarter.
 KEEP_RATIOS: tuple[float, ...] = tuple(k / 8 for k in range(8, 1, -1))
+# The share of the given input size a model may run at (edgeopt.spaces.resolution).
+INPUT_SCALES: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,15 +117,28 @@ class LayerPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelPlan:
-    """A `LayerPlan` per layer, keyed by the module's exact fully qualified name."""
+    """A `LayerPlan` per layer, keyed by the module's exact fully qualified name; the share of the
+    given input size the model runs at (`input_scale`, one of INPUT_SCALES); and the residual
+    blocks dropped, leaving their shortcut (`dropped`, module names: edgeopt.spaces.depth)."""
 
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
+    input_scale: float = 1.0
+    dropped: frozenset[str] = frozenset()
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
         if self.version != PLAN_VERSION:
             raise EdgeoptError(f"Plan version {self.version!r} is not supported; this edgeopt "
                                f"reads version {PLAN_VERSION}.")
+        if isinstance(self.input_scale, bool) or not isinstance(self.input_scale, (int, float)):
+            raise EdgeoptError(f"input_scale must be a number, got {self.input_scale!r}.")
+        snapped = next((s for s in INPUT_SCALES if math.isclose(s, self.input_scale, abs_tol=1e-9)), None)
+        if snapped is None:
+            raise EdgeoptError(f"input_scale={self.input_scale!r} is not allowed; choose one of {list(INPUT_SCALES)}.")
+        object.__setattr__(self, "input_scale", snapped)
+        if isinstance(self.dropped, str) or not all(isinstance(b, str) and b for b in self.dropped):
+            raise EdgeoptError(f"dropped must be a list of block names, got {self.dropped!r}.")
+        object.__setattr__(self, "dropped", frozenset(self.dropped))
         if not isinstance(self.layers, Mapping):
             raise EdgeoptError("ModelPlan.layers must map layer names to LayerPlan objects.")
         for name, layer in self.layers.items():
@@ -137,7 +152,8 @@ class ModelPlan:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ModelPlan):
             return NotImplemented
-        return self.version == other.version and dict(self.layers) == dict(other.layers)
+        return (self.version == other.version and dict(self.layers) == dict(other.layers)
+                and self.input_scale == other.input_scale and self.dropped == other.dropped)
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -146,17 +162,23 @@ class ModelPlan:
         return self.layers[fqn]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "layers": {k: v.to_dict() for k, v in self.layers.items()}}
+        return {"version": self.version, "input_scale": self.input_scale, "dropped": sorted(self.dropped),
+                "layers": {k: v.to_dict() for k, v in self.layers.items()}}
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelPlan:
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
             raise EdgeoptError('A plan must be a JSON object like {"version": 1, "layers": {...}}.')
-        unknown = set(data) - {"version", "layers"}
+        unknown = set(data) - {"version", "input_scale", "dropped", "layers"}
         if unknown:
-            raise EdgeoptError(f"Unknown plan fields {sorted(map(str, unknown))}; allowed: version, layers.")
+            raise EdgeoptError(f"Unknown plan fields {sorted(map(str, unknown))}; allowed: version, input_scale, "
+                               "dropped, layers.")
+        dropped = data.get("dropped", [])
+        if not isinstance(dropped, (list, tuple)):
+            raise EdgeoptError(f"dropped must be a list of block names, got {dropped!r}.")
         return cls(
             version=data.get("version", PLAN_VERSION),
+            input_scale=data.get("input_scale", 1.0), dropped=frozenset(dropped),
             layers={name: LayerPlan.from_dict(layer) for name, layer in data["layers"].items()},
         )
 
@@ -172,6 +194,13 @@ class ModelPlan:
         return cls.from_dict(data)
 
     def key(self) -> str:
-        """A stable digest of the plan: equal plans share it across processes (cache keys)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A stable digest of the plan: equal plans share it across processes (cache keys). A plan
+        at the full input size and depth has the digest it had before those knobs existed, so
+        stores of fine-tuned models made then stay valid."""
+        data = self.to_dict()
+        if self.input_scale == 1.0:
+            del data["input_scale"]
+        if not self.dropped:
+            del data["dropped"]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

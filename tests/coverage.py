@@ -35,6 +35,7 @@ from edgeopt import SearchSpace, apply_plan, export_onnx
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.plan import NM, ModelPlan
 from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
+from edgeopt.input_size import input_for, input_size
 
 NUDGE = 1e-6  # relative noise on quantizer inputs and float layer outputs: another kernel's rounding
 NUDGES = 3
@@ -125,6 +126,7 @@ class PlanCheck:
     scale: float  # largest |score|
     seconds: float
     flip_leads: tuple[float, ...] = ()  # how far PyTorch's top-1 led onnxruntime's, per flipped input
+    overflow: bool = False  # PyTorch's float16 activations overflowed: not compared (check_plan says why)
 
     @property
     def exact(self) -> bool:
@@ -133,6 +135,8 @@ class PlanCheck:
 
     @property
     def ok(self) -> bool:
+        if self.overflow:
+            return True
         if self.exact:
             return self.flips == 0 and self.max_diff <= 1e-4 * self.scale + 1e-6
         beyond_own = [lead for lead in self.flip_leads if lead > 2 * self.own_spread]
@@ -144,6 +148,9 @@ class PlanCheck:
         return 10 * self.own_spread + 1e-4 * self.scale + 1e-6
 
     def line(self) -> str:
+        if self.overflow:
+            return (f"{self.name}: a float16 activation overflows in PyTorch (onnxruntime's scores stay finite): "
+                    f"not compared, {self.seconds:.1f} s")
         kind = ("exact integer" if self.exact else "integer with float ops") if self.integer_only else "mixed"
         flipped = f", flipped leads up to {max(self.flip_leads):.3g}" if self.flips else ""
         return (f"{self.name} ({kind}): top-1 agrees on {INPUTS - self.flips}/{INPUTS} (the model flips "
@@ -164,12 +171,24 @@ def check_plan(model: nn.Module, plan: ModelPlan, *, name: str, space: SearchSpa
     options = ort.SessionOptions()
     options.log_severity_level = 3  # onnxruntime's notes on unused initializers are not for the user
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": inputs.numpy()})[0]
+    # The torch model resizes a full-size input itself (a plan's input scale); the ONNX takes
+    # the model's size, as a deployed one is fed.
+    got = session.run(None, {"input": input_for(small, inputs).numpy()})[0]
     assert got.shape == ref.shape, (got.shape, ref.shape)
+    # A random-weight model can overflow a float16 activation (timm's mobileone at 16x16 reaches
+    # 4.6e5 before a w4a16 layer): PyTorch then gives inf/NaN, while onnxruntime's scores stay
+    # finite. Such a plan (one with float16 activations) is reported, not compared; any other
+    # non-finite score fails below.
+    overflow = bool((~np.isfinite(ref)).any()) and any(lp.a_bits == 16 for lp in plan.layers.values())
+    if plan.input_scale != 1.0:
+        name += " at {}x{}".format(*input_size(small))
     top, got_top = ref.argmax(1), got.argmax(1)
     own = {int(i) for n in nudged for i in np.flatnonzero(n.argmax(1) != top)}
     rows = np.flatnonzero(got_top != top)
     leads = ref[rows, top[rows]] - ref[rows, got_top[rows]]
+    if overflow:
+        return PlanCheck(name=name, integer_only=False, flips=0, own_flips=0, max_diff=0.0, own_spread=0.0,
+                         scale=float("inf"), seconds=time.perf_counter() - started, overflow=True)
     return PlanCheck(
         name=name, integer_only=integer_only(small), flips=len(rows), own_flips=len(own),
         max_diff=float(np.abs(got - ref).max()), own_spread=float(max(np.abs(n - ref).max() for n in nudged)),
@@ -179,9 +198,13 @@ def check_plan(model: nn.Module, plan: ModelPlan, *, name: str, space: SearchSpa
 
 def coverage_plans(space: SearchSpace, *, random_plans: int = 3) -> dict[str, ModelPlan]:
     """The plans the issue asks every family to pass: uniform w8a8, uniform w8a8 with keep 0.75
-    and 2:4, and random plans."""
-    plans = {"uniform w8a8": space.uniform(w_bits=8, a_bits=8),
-             "uniform w8a8 keep 0.75 2:4": space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75, nm=NM(n=2, m=4))}
+    and 2:4 (and every other residual block dropped, where the family has them), and random
+    plans (each at a random input scale, each droppable block dropped or not at random)."""
+    pruned = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75, nm=NM(n=2, m=4))
+    plans = {"uniform w8a8": space.uniform(w_bits=8, a_bits=8), "uniform w8a8 keep 0.75 2:4": pruned}
+    if space.blocks:
+        plans = {"uniform w8a8": plans["uniform w8a8"], "uniform w8a8 keep 0.75 2:4 every other block dropped":
+                 space.settled(ModelPlan(layers=pruned.layers, dropped=space.blocks[::2]))}
     for seed in range(random_plans):
         plans[f"random plan {seed}"] = space.sample(seed=seed)
     return plans
@@ -193,6 +216,7 @@ class FamilyCheck:
     from_model_seconds: float
     headline: str
     plans: tuple[PlanCheck, ...]
+    blocks: int = 0  # residual blocks a plan may drop
 
 
 def check_family(family: str, model: nn.Module, size: int, out: Path, *, classes: int = 10,
@@ -213,4 +237,4 @@ def check_family(family: str, model: nn.Module, size: int, out: Path, *, classes
                               inputs=inputs, out=out)
                    for name, plan in (coverage_plans(space, random_plans=random_plans) if plans else {}).items())
     return FamilyCheck(family=family, from_model_seconds=from_model_seconds, headline=space.summary().headline(),
-                       plans=checks)
+                       plans=checks, blocks=len(space.blocks))

@@ -253,3 +253,9 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(folder, tmp_path):
 @pytest.mark.parametrize("extra", [["--screen", "-1"], ["--screen-epochs", "-0.5"]])
 def test_bad_screening(capsys, folder, tmp_path, extra):
     _fails_cleanly(capsys, _base_args(folder, tmp_path, *extra), "screen")
+
+
+@pytest.mark.parametrize(("scales", "words"), [("0.3", ["input-scales", "0.3"]), ("0.75", ["input-scales", "1.0"]),
+                                               ("big", ["input-scales", "numbers"])])
+def test_bad_input_scales(capsys, folder, tmp_path, scales, words):
+    _fails_cleanly(capsys, _base_args(folder, tmp_path, "--input-scales", scales), *words)

@@ -128,7 +128,10 @@ class Preprocess:
         import numpy as np
 
         self.np = np
-        self.height, self.width = (int(v) for v in prep["input_size"])
+        # The size the data's images were prepared at; a model searched at a smaller input scale
+        # takes `input_size` and is fed those images resized once more (`input_resize`).
+        self.height, self.width = (int(v) for v in prep.get("data_size", prep["input_size"]))
+        self.model_height, self.model_width = (int(v) for v in prep["input_size"])
         self.channels = int(prep.get("channels", len(prep["mean"])))
         self.resize = str(prep.get("resize", ""))
         self.mean = np.asarray(prep["mean"], dtype=np.float32).reshape(-1, 1, 1)
@@ -148,7 +151,18 @@ class Preprocess:
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         # float32 throughout, as the training tensors were: the same inputs to the last bit.
         x = pixels.astype(self.np.float32) / self.np.float32(255.0)
+        if (self.model_height, self.model_width) != (self.height, self.width):
+            x = self._to_model_size(x)
         return ((x - self.mean) / self.std)[None].astype(self.np.float32)
+
+    def _to_model_size(self, x):
+        """Antialiased bilinear on the float image, channel by channel: what the PyTorch model
+        does to a full-size input (torch's antialiased bilinear follows PIL's)."""
+        from PIL import Image
+
+        size = (self.model_width, self.model_height)
+        return self.np.stack([self.np.asarray(Image.fromarray(c).resize(size, Image.BILINEAR))
+                              for c in x]).astype(self.np.float32)
 
     def _resize(self, image, path: Path):
         from PIL import Image

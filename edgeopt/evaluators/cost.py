@@ -15,6 +15,7 @@ from edgeopt.canonical import canonical
 from edgeopt.layers import trace_layers
 from edgeopt.plan import FLOAT_BITS
 from edgeopt.spaces.quantize import CompressedConv2d, CompressedLinear, CompressedMixin
+from edgeopt.input_size import input_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +68,9 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def model_cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
-    """MACs, parameters and bytes of one sample's forward pass."""
-    one = example_input[:1]
+    """MACs, parameters and bytes of one sample's forward pass, at the model's own input size
+    (a plan's input scale)."""
+    one = input_for(model, example_input[:1])
     model = canonical(model)  # MACs of nn.MultiheadAttention's projections count too
     counted = copy.deepcopy(model).eval()
     macs, _ = thop.profile(

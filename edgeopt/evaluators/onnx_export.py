@@ -34,6 +34,7 @@ from edgeopt.errors import EdgeoptError
 from edgeopt.plan import FLOAT_BITS
 from edgeopt.spaces.fold import set_submodule
 from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
+from edgeopt.input_size import input_for, preprocessing_for
 
 OPSET = 21  # int4 QuantizeLinear/DequantizeLinear
 
@@ -125,9 +126,16 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
 
     `preprocessing` (input size, mean, std, class names: `DataBundle.preprocessing`) is stored as
     JSON in the model's metadata under `PREPROCESSING_KEY`, so that deployment code can read
-    what the model expects (onnxruntime: `session.get_modelmeta().custom_metadata_map`).
+    what the model expects (onnxruntime: `session.get_modelmeta().custom_metadata_map`). A model
+    made to run at a smaller input size (a plan's input scale) is exported at that size, and its
+    metadata says so: `input_size` is then the model's, and `data_size` and `input_resize` say
+    what the training images were and how they were brought to it.
     """
     import onnx  # heavy: only when exporting
+
+    example_input = input_for(model, example_input)
+    if preprocessing is not None:
+        preprocessing = preprocessing_for(model, preprocessing)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from edgeopt.hw_models.graph import TracedGraph, trace_graph
 from edgeopt.hw_models.lut import LatencyTable, LayerKey, storage_bits, weight_mb_of
 from edgeopt.hw_models.targets import HardwareTarget, LayerTimes, get_target
 from edgeopt.layers import LayerSpec, trace_layers
+from edgeopt.input_size import input_for
 
 SOURCES = ("lut", "model", "measured")
 
@@ -228,9 +229,11 @@ def estimate_latency(model: nn.Module, example_input: torch.Tensor, *,
     Where the target's latency model prices the ops between layers (`op_ms`: pi4), the model's
     dataflow is traced too (`edgeopt.hw_models.graph`): pools, adds, activations no layer
     absorbs and copies are added, and layers whose result is only ever multiplied by zero
-    cost nothing.
+    cost nothing. A model made to run at a smaller input size (a plan's input scale) is
+    estimated at that size.
     """
     resolved = _resolve(target, lut)
+    example_input = input_for(model, example_input[:1])
     model = canonical(model)
     if callable(getattr(resolved.latency, "op_ms", None)):
         graph = trace_graph(model, example_input[:1])

@@ -9,9 +9,11 @@ allocates channels under a latency budget as a knapsack over importance and a la
 chooses precisions by per-layer sensitivity. This module does both at once, greedily:
 
 1. the budget's metric (latency on the target, or MACs) of the base with each single change
-   (each prunable group at the sensitivity table's keep levels, each layer at w8a8) gives what
-   that change saves; the other keep levels are interpolated;
-2. from the unchanged model, the move (one group to a lower keep ratio, or one layer to int8)
+   (each prunable group at the sensitivity table's keep levels, each layer at w8a8, each smaller
+   input size, each residual block dropped) gives what that change saves; the other keep levels
+   are interpolated;
+2. from the unchanged model, the move (one group to a lower keep ratio, one layer to int8, the
+   input to a smaller size, or one block dropped)
    that saves the most metric per point of sensitivity is taken, again and again, until the sum
    of savings reaches the budget;
 3. the first plans on the path that meet the budget, and 10% under it, when measured for real,
@@ -32,7 +34,9 @@ from dataclasses import replace
 import numpy as np
 
 from edgeopt.plan import LayerPlan, ModelPlan
-from edgeopt.search.sensitivity import SensitivityTable, _activations_key, _keep_levels, _weights_key
+from edgeopt.search.sensitivity import (SensitivityTable, _activations_key, _keep_levels, _weights_key, drop_key,
+                                        input_key)
+from edgeopt.spaces.depth import inside
 from edgeopt.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -70,17 +74,31 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
             plan = ModelPlan(layers={**base_plan.layers, layer.fqn: replace(base_plan[layer.fqn], w_bits=8, a_bits=8)})
             saved_bits[layer.fqn] = base - metric(plan)
 
+    # A smaller input: each scale the table measured, on the whole model.
+    scales = [1.0, *(s for s in space.input_scales if input_key(s) in table.drops)]
+    saved_scale = {scale: base - metric(ModelPlan(layers=base_plan.layers, input_scale=scale)) if scale != 1.0 else 0.0
+                   for scale in scales}
+    scale_drop = {scale: table.drops[input_key(scale)] if scale != 1.0 else 0.0 for scale in scales}
+
+    # Dropping a residual block: each block the table measured.
+    saved_block = {block: base - metric(ModelPlan(layers=base_plan.layers, dropped={block}))
+                   for block in space.blocks if drop_key(block) in table.drops}
+
     def bits_drop(fqn: str) -> float:
         return table.drops.get(_weights_key(fqn, 8), 0.0) + table.drops.get(_activations_key(fqn, 8), 0.0)
 
     keep_now = {root: 1.0 for root in groups}
     int8_now: set[str] = set()
+    scale_now = 1.0
+    dropped_now: set[str] = set()
     predicted = base
     plans: list[ModelPlan] = []
     targets = [limit * m for m in MARGINS]
     while targets:
         best = None  # (gain per drop, kind, name, value, gain)
         for root, group in groups.items():
+            if all(inside(f, dropped_now) for f in group.layers):
+                continue  # gone with a dropped block
             # Every lower keep ratio, not only the next: channel rounding makes some steps save
             # nothing (a layer of 24 channels rounded to multiples of 8 keeps 24 at 0.875).
             for lower in (k for k in space.keep_choices(group) if k < keep_now[root]):
@@ -91,22 +109,37 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
                     if best is None or score > best[0]:
                         best = (score, "keep", root, lower, gain)
         for fqn, gain in saved_bits.items():
-            if fqn not in int8_now and gain > 0:
+            if fqn not in int8_now and gain > 0 and not inside(fqn, dropped_now):
                 score = gain / max(bits_drop(fqn), 1e-3)
                 if best is None or score > best[0]:
                     best = (score, "bits", fqn, None, gain)
+        for lower in (s for s in scales if s < scale_now):
+            gain = saved_scale[lower] - saved_scale[scale_now]
+            if gain > 0:
+                score = gain / max(scale_drop[lower] - scale_drop[scale_now], 1e-3)
+                if best is None or score > best[0]:
+                    best = (score, "input", None, lower, gain)
+        for block, gain in saved_block.items():
+            if block not in dropped_now and gain > 0 and not any(inside(block, [d]) for d in dropped_now):
+                score = gain / max(table.drops[drop_key(block)], 1e-3)
+                if best is None or score > best[0]:
+                    best = (score, "drop", block, None, gain)
         if best is None:
             break  # nothing left that saves anything
         _, kind, name, value, gain = best
         if kind == "keep":
             keep_now[name] = value
+        elif kind == "input":
+            scale_now = value
+        elif kind == "drop":
+            dropped_now.add(name)
         else:
             int8_now.add(name)
         predicted -= gain
         # Where the additive model says the budget is reached, the plan is measured for real;
         # short of it (the savings overlap), the path goes on.
         while targets and predicted <= targets[0]:
-            plan = _plan(space, keep_now, int8_now)
+            plan = _plan(space, keep_now, int8_now, scale_now, dropped_now)
             if metric(plan) > targets[0]:
                 break
             plans.append(plan)
@@ -115,12 +148,13 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
     return [p for i, p in enumerate(plans) if p not in plans[:i]]
 
 
-def _plan(space: SearchSpace, keep: dict[str, float], int8: set[str]) -> ModelPlan:
+def _plan(space: SearchSpace, keep: dict[str, float], int8: set[str], input_scale: float,
+          dropped: set[str]) -> ModelPlan:
     ratios = {}
     for group in space.groups:
         for fqn in group.layers:
             ratios[fqn] = keep.get(group.root, 1.0)
-    return ModelPlan(layers={
+    return space.settled(ModelPlan(layers={
         layer.fqn: LayerPlan(w_bits=8 if layer.fqn in int8 else 32, a_bits=8 if layer.fqn in int8 else 32,
                              keep_ratio=ratios.get(layer.fqn, 1.0))
-        for layer in space.layers})
+        for layer in space.layers}, input_scale=input_scale, dropped=dropped))

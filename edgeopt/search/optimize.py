@@ -28,7 +28,7 @@ from edgeopt.evaluators.latency import measure_latency
 from edgeopt.evaluators.onnx_export import export_onnx
 from edgeopt.hw_models.estimate import LatencyEstimate
 from edgeopt.hw_models.targets import get_target
-from edgeopt.plan import NM, ModelPlan
+from edgeopt.plan import INPUT_SCALES, NM, ModelPlan
 from edgeopt.search.allocate import allocate
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.tasks import FinetuneTasks
@@ -42,6 +42,7 @@ from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_dead_trials, finish
                                   make_storage, open_study, plan_params, trial_plan, worker_id)
 from edgeopt.search.training import evaluate
 from edgeopt.spaces.quantize import compressed_layers
+from edgeopt.input_size import input_for, preprocessing_for, resize_text
 from edgeopt.spaces.space import Knobs, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,17 @@ class SearchConfig:
     # "hand" (the hand plans only: the allocation's cost grows with the model, BENCHMARKS.md), or
     # "none" (the sampler alone, as a baseline).
     start: str = "allocated"
+    # The shares of the given input size a plan may run at (edgeopt.spaces.resolution); (1.0,)
+    # keeps the input size fixed.
+    input_scales: tuple[float, ...] = INPUT_SCALES
+    depth: bool = True  # residual blocks with an identity shortcut may be dropped
 
     def __post_init__(self) -> None:
+        try:
+            scales = Knobs(input_scales=self.input_scales).input_scales
+        except EdgeoptError as exc:
+            raise EdgeoptError(f"--input-scales: {exc}") from None
+        object.__setattr__(self, "input_scales", scales)
         if self.start not in STARTS:
             raise EdgeoptError(f"Unknown start {self.start!r}; choose one of {', '.join(STARTS)}.")
         if self.proxy not in PROXIES:
@@ -163,7 +173,8 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
     example = data.example_input()
     base = model_cost(model, example)
     size_matters = any(b.metric == "bytes" for b in budgets)
-    space = SearchSpace.from_model(model, example).restrict(target_knobs(target, size_matters=size_matters))
+    space = (SearchSpace.from_model(model, example).restrict(target_knobs(target, size_matters=size_matters))
+             .restrict(Knobs(input_scales=search.input_scales, depth=search.depth)))
     calib = _calibration_batches(data.train, batches=search.calib_batches, batch_size=search.calib_batch_size,
                                  seed=search.seed)
     reduce_range = target.measurable and int8_needs_reduce_range()
@@ -495,13 +506,16 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
             latency_ms, latency_source = estimate.total_ms, estimate.source
         host_ms, host_spread = _host_latency(model_out, example, onnx_path)
         # run.py and the device README beside the model: selected/ is what goes to the device.
-        write_bundle(sel_dir, target=context.target, model=header["model"], preprocessing=header["preprocessing"],
-                     preprocessing_text=header["preprocessing_text"],
+        write_bundle(sel_dir, target=context.target, model=header["model"],
+                     preprocessing=preprocessing_for(model_out, header["preprocessing"]),
+                     preprocessing_text=header["preprocessing_text"] + resize_text(model_out),
                      latency=f"{latency_ms:.2f} ms ({latency_source})", budgets=header["budgets"])
         row = {"accuracy": shown_accuracy[0], "accuracy_of": shown_accuracy[1], "macs": shown.macs, "bytes": shown.bytes,
                "latency_ms": latency_ms, "latency_source": latency_source,
                "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial,
-               "host_outputs_exact": _host_outputs_exact(model_out, context)}
+               "host_outputs_exact": _host_outputs_exact(model_out, context),
+               "input_size": list(input_for(model_out, example).shape[-2:]), "input_scale": shown.plan.input_scale,
+               "dropped_blocks": sorted(shown.plan.dropped)}
         if selected is not None:
             summary["selected"] = row
     if selected is None:

@@ -18,7 +18,8 @@ def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd
     rows = []
     for c in candidates:
         row = {
-            "trial": c.trial, "plan_key": c.plan.key(), "proxy_accuracy": c.proxy_accuracy,
+            "trial": c.trial, "plan_key": c.plan.key(), "input_scale": c.plan.input_scale,
+            "proxy_accuracy": c.proxy_accuracy,
             "screened_accuracy": c.screened_accuracy, "finetuned_accuracy": c.accuracy,
             "latency_ms": c.latency_ms, "latency_measured": c.latency_measured, "macs": c.macs,
             "effective_macs": c.effective_macs, "bytes": c.bytes, "feasible": c.feasible,
@@ -26,7 +27,7 @@ def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd
         for budget, violation in zip(budgets, c.violations):
             row[f"violation[{budget.text}]"] = violation
         rows.append(row)
-    columns = ["trial", "plan_key", "proxy_accuracy", "screened_accuracy", "finetuned_accuracy", "latency_ms",
+    columns = ["trial", "plan_key", "input_scale", "proxy_accuracy", "screened_accuracy", "finetuned_accuracy", "latency_ms",
                "latency_measured", "macs", "effective_macs", "bytes", "feasible"]
     return pd.DataFrame(rows, columns=columns + [f"violation[{b.text}]" for b in budgets])
 
@@ -158,6 +159,18 @@ def write_report(path: Path, *, summary: dict) -> None:
                      f"| {row['latency_ms']:.2f} ({row['latency_source']}) | {host} |")
     lines += ["", "Accuracy is validation top-1 on data the search never saw; the base model's "
               "is measured the same way. Host latency: onnxruntime, median ± interquartile range.", ""]
+    gone = (s.get("selected") or {}).get("dropped_blocks")
+    if gone:
+        lines += [f"The selected model drops {len(gone)} residual block{'s' if len(gone) > 1 else ''}, each left as "
+                  f"its shortcut: {', '.join(gone)} (plan.json, `dropped`).", ""]
+    chosen_size = (s.get("selected") or {}).get("input_size")
+    if chosen_size and chosen_size != list((s.get("preprocessing") or {}).get("input_size", chosen_size)):
+        h, w = chosen_size
+        lines += [f"The selected model runs at a smaller input: {h}x{w} (input scale "
+                  f"{s['selected']['input_scale']:g} of the data's). In PyTorch it resizes a full-size input "
+                  f"itself; the exported model.onnx takes {h}x{w}: resize the data's images to it (bilinear, "
+                  "antialiased, as PIL's resize does; run.py does it, and the ONNX metadata's `input_size`, "
+                  "`data_size` and `input_resize` say so).", ""]
     if s.get("selected") or any(c.get("saved") for c in s.get("closest") or []):
         lines += ["selected/ is the bundle for the device: model.onnx, run.py (onnxruntime, numpy and Pillow "
                   "only: classifies images or a camera frame and measures latency) and README.md (install, "

@@ -2,8 +2,9 @@
 
 For a large model, running the held-out evaluation in every trial dominates the search
 (BENCHMARKS.md, "Search cost"). This proxy measures, once per search, what each single change
-costs on its own: every non-trivial bit width and N:M pattern of every layer, and a few keep
-ratios of every prune group (the others interpolated; keeping everything costs nothing). Each
+costs on its own: every non-trivial bit width and N:M pattern of every layer, a few keep ratios
+of every prune group (the others interpolated; keeping everything costs nothing), each
+smaller input size, and each droppable residual block. Each
 change is applied to the otherwise untouched model with `apply_plan` (so BatchNorm re-estimation
 and activation calibration are the search's own) and scored by how many of the proxy images'
 top-1 predictions it changes (percent). Disagreement with the base model, unlike the change in
@@ -45,6 +46,7 @@ from edgeopt.plan import LayerPlan, ModelPlan
 from edgeopt.search.training import predict
 from edgeopt.spaces import quantize
 from edgeopt.spaces.apply import apply_plan
+from edgeopt.spaces.depth import inside
 from edgeopt.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,14 @@ def _nm_key(fqn: str, nm) -> str:
 
 def _keep_key(root: str, keep: float) -> str:
     return f"keep{keep:g} {root}"
+
+
+def input_key(scale: float) -> str:
+    return f"input{scale:g}"
+
+
+def drop_key(block: str) -> str:
+    return f"drop {block}"
 
 
 @dataclass(frozen=True)
@@ -94,15 +104,20 @@ class SensitivityTable:
 
     def changed(self, plan: ModelPlan, space: SearchSpace) -> list[float]:
         """The measured (or interpolated) drop of each change `plan` makes."""
-        drops = []
+        drops = [self.drops[drop_key(block)] for block in sorted(plan.dropped)]
         for fqn, lp in plan.layers.items():
+            if inside(fqn, plan.dropped):
+                continue  # gone with its block
             if lp.w_bits != 32:
                 drops.append(self.drops[_weights_key(fqn, lp.w_bits)])
             if lp.a_bits != 32:
                 drops.append(self.drops[_activations_key(fqn, lp.a_bits)])
             if lp.nm is not None:
                 drops.append(self.drops[_nm_key(fqn, lp.nm)])
-        drops += [self.keep_drop(root, keep) for root, keep in space.group_keep(plan).items()]
+        whole = {g.root for g in space.groups if all(inside(f, plan.dropped) for f in g.layers)}
+        drops += [self.keep_drop(root, keep) for root, keep in space.group_keep(plan).items() if root not in whole]
+        if plan.input_scale != 1.0:
+            drops.append(self.drops[input_key(plan.input_scale)])
         return drops
 
     def score(self, plan: ModelPlan, space: SearchSpace) -> float:
@@ -149,6 +164,11 @@ def changes(space: SearchSpace) -> Iterator[tuple[str, ModelPlan]]:
         for keep in _keep_levels(space.keep_choices(group)):
             plan = ModelPlan(layers={fqn: LayerPlan(keep_ratio=keep) for fqn in group.layers})
             yield _keep_key(group.root, keep), plan
+    for scale in space.input_scales:
+        if scale != 1.0:
+            yield input_key(scale), ModelPlan(input_scale=scale)
+    for block in space.blocks:
+        yield drop_key(block), ModelPlan(dropped={block})
 
 
 def _keep_levels(choices: tuple[float, ...]) -> list[float]:
@@ -217,7 +237,8 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
 
     # The table measures 8-bit weights and 8-bit activations apart and combines them, so its single
     # changes may lie outside a space narrowed to (w_bits, a_bits) pairs such as w8a8.
-    singles = SearchSpace(space.layers, space.groups, knobs=replace(space.knobs, precisions=None))
+    singles = SearchSpace(space.layers, space.groups, knobs=replace(space.knobs, precisions=None),
+                          input_sizes=space.input_sizes, blocks=space.blocks)
     bar = tqdm(total=len(todo), initial=len(drops), desc="sensitivity", unit="change", disable=not progress,
                file=sys.stderr)
     for name, plan in todo:

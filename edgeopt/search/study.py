@@ -44,6 +44,9 @@ def _precision_label(pair: tuple[int, int]) -> str:
     return f"w{pair[0]}a{pair[1]}"
 
 
+DEPTH = ("keep", "drop")  # each droppable residual block's choices
+
+
 def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
     """One categorical parameter per prune group and per layer knob (fixed names, so every
     sampler, NSGA-II included, sees the same space in every trial)."""
@@ -63,7 +66,10 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
             keep_ratio=keep.get(layer.fqn, 1.0),
             nm=_nm_from_label(trial.suggest_categorical(f"nm/{layer.fqn}", nm)) if len(nm) > 1 else None,
         )
-    return ModelPlan(layers=layers)
+    scales = space.input_scales
+    scale = trial.suggest_categorical("input_scale", scales) if len(scales) > 1 else 1.0
+    dropped = {block for block in space.blocks if trial.suggest_categorical(f"depth/{block}", DEPTH) == "drop"}
+    return space.settled(ModelPlan(layers=layers, input_scale=scale, dropped=dropped))
 
 
 def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
@@ -78,6 +84,10 @@ def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
             params[f"q/{layer.fqn}"] = _precision_label((lp.w_bits, lp.a_bits))
         if len(space.nm_choices(layer)) > 1:
             params[f"nm/{layer.fqn}"] = _nm_label(lp.nm)
+    if len(space.input_scales) > 1:
+        params["input_scale"] = plan.input_scale
+    for block in space.blocks:
+        params[f"depth/{block}"] = "drop" if block in plan.dropped else "keep"
     return params
 
 

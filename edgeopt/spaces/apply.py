@@ -16,6 +16,9 @@ from edgeopt.plan import ModelPlan
 from edgeopt.spaces.fold import fold_batchnorm, following_activations, set_submodule
 from edgeopt.spaces.prune import build_graph, find_groups, output_layers, prune_groups
 from edgeopt.spaces.quantize import calibrate, compress_module
+from edgeopt.spaces.depth import drop_blocks, inside, residual_blocks
+from edgeopt.input_size import set_input_size
+from edgeopt.spaces.resolution import supported_sizes, total_stride
 from edgeopt.spaces.space import SearchSpace
 
 
@@ -59,7 +62,10 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     applying many plans to one model should do. `calibrate_model=False` builds the structure
     alone (shapes, bits, masks: all that costs and latency depend on) without re-estimating
     BatchNorm or calibrating activations, so its outputs mean nothing; a search whose accuracy
-    proxy does not run the model (per-layer sensitivity) needs no more.
+    proxy does not run the model (per-layer sensitivity) needs no more. A plan's `input_scale`
+    below 1 makes the model resize its input to that size first (`edgeopt.spaces.resolution`):
+    calibration, evaluation and training then feed it full-size data as it is. The residual
+    blocks in `plan.dropped` are replaced by their shortcut (`edgeopt.spaces.depth`).
     """
     batches = list(calib_data) if calib_data is not None and calibrate_model else []
     if calibrate_model and any(lp.a_bits == 8 for lp in plan.layers.values()) and not batches:
@@ -71,8 +77,15 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     if space is None:
         groups, layer_group = find_groups(graph)
         traced = trace_layers(compressed, example_input)
-        space = SearchSpace([replace(layer, group=layer_group.get(layer.fqn)) for layer in traced], groups)
+        layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in traced]
+        sizes = None
+        if plan.input_scale != 1.0:
+            stride = total_stride((int(example_input.shape[-2]), int(example_input.shape[-1])), layers)
+            sizes, _ = supported_sizes(compressed, example_input, (plan.input_scale,), multiple=stride)
+        blocks = residual_blocks(compressed, example_input) if plan.dropped else ()
+        space = SearchSpace(layers, groups, input_sizes=sizes, blocks=blocks)
     space.validate(plan)
+    set_input_size(compressed, space.input_size(plan.input_scale))
 
     keep = space.group_keep(plan)
     if keep:
@@ -82,16 +95,21 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
         except EdgeoptError as exc:
             raise EdgeoptError(f"Pruning broke this model ({exc}). Build the plan from "
                                "SearchSpace.from_model, which leaves unsafe groups dense.") from None
-        if batches:
-            recalibrate_batchnorm(compressed, batches)
+    if plan.dropped:
+        # After pruning, so each dropped block's shortcut carries the pruned stream's channels;
+        # the graph is traced again without the blocks.
+        drop_blocks(compressed, sorted(plan.dropped))
+        graph = build_graph(compressed, example_input)
+    if (keep or plan.dropped) and batches:  # what flows into later layers changed
+        recalibrate_batchnorm(compressed, batches)
     folded = fold_batchnorm(compressed, graph, example_input)
     activations = following_activations(compressed, graph, folded)
 
     names = {module: name for name, module in compressed.named_modules()}
     outputs = {names[module] for module in output_layers(graph)}
     for fqn, layer_plan in plan.layers.items():
-        if layer_plan.w_bits == 32 and layer_plan.a_bits == 32 and layer_plan.nm is None:
-            continue  # pruning (already done) is all this layer gets
+        if (layer_plan.w_bits == 32 and layer_plan.a_bits == 32 and layer_plan.nm is None) or inside(fqn, plan.dropped):
+            continue  # pruning (already done) is all this layer gets, or it went with its block
         module = compress_module(compressed.get_submodule(fqn), layer_plan,
                                  float_output=fqn in outputs, reduce_range=reduce_range,
                                  output_activation=activations.get(fqn))

@@ -14,8 +14,10 @@ from torch import nn
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.layers import LayerSpec, inventory, run_model
-from edgeopt.plan import A_BITS, KEEP_RATIOS, NM, NM_PATTERNS, W_BITS, LayerPlan, ModelPlan
+from edgeopt.plan import A_BITS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, W_BITS, LayerPlan, ModelPlan
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups
+from edgeopt.spaces.depth import inside, residual_blocks
+from edgeopt.spaces.resolution import supported_sizes, total_stride
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class Knobs:
     keep_ratios: tuple[float, ...] = KEEP_RATIOS
     nm: tuple[NM | None, ...] = NM_PATTERNS
     precisions: tuple[tuple[int, int], ...] | None = None
+    input_scales: tuple[float, ...] = INPUT_SCALES
+    depth: bool = True  # residual blocks may be dropped (edgeopt.spaces.depth)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _subset("w_bits", self.w_bits, W_BITS, must_have=32))
@@ -52,6 +56,8 @@ class Knobs:
         keep = tuple(LayerPlan(keep_ratio=k).keep_ratio for k in self.keep_ratios)
         object.__setattr__(self, "keep_ratios", _subset("keep_ratio", keep, KEEP_RATIOS, must_have=1.0))
         object.__setattr__(self, "nm", _subset("nm", self.nm, NM_PATTERNS, must_have=None))
+        scales = tuple(ModelPlan(input_scale=s).input_scale for s in self.input_scales)
+        object.__setattr__(self, "input_scales", _subset("input_scale", scales, INPUT_SCALES, must_have=1.0))
         if self.precisions is not None:
             chosen = tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in self.precisions)
             object.__setattr__(self, "precisions", _subset("precisions", chosen, self._all_pairs(), must_have=(32, 32)))
@@ -76,6 +82,8 @@ class Knobs:
             nm=[p for p in self.nm if p in other.nm],
             precisions=[(w, a) for w, a in self.pairs if (w, a) in other.pairs and w in w_bits and a in a_bits]
             if narrowed else None,
+            input_scales=[s for s in self.input_scales if s in other.input_scales],
+            depth=self.depth and other.depth,
         )
 
 
@@ -95,6 +103,8 @@ class SpaceSummary:
     prunable_groups: int
     left_out: tuple[tuple[str, str], ...]  # (layer, why it is not in the space)
     dense_groups: tuple[tuple[str, str], ...]  # (group root, why it cannot be pruned)
+    blocks: int = 0  # residual blocks a plan may drop
+    input_sizes: tuple[tuple[int, int], ...] = ()  # the input sizes a plan may choose, largest first
 
     @property
     def compressible_share(self) -> float:
@@ -104,6 +114,8 @@ class SpaceSummary:
         """One line: the share of the model's MACs edgeopt can compress, and what it cannot."""
         text = (f"{self.compressible_share:.0%} of its MACs compressible ({self.layers} layers, "
                 f"{self.prunable_groups} of {self.groups} prune groups prunable")
+        if self.blocks:
+            text += f", {self.blocks} droppable block{'s' if self.blocks > 1 else ''}"
         if self.left_out:
             text += f", {len(self.left_out)} layer{'s' if len(self.left_out) > 1 else ''} left out"
         return text + ")"
@@ -113,6 +125,8 @@ class SpaceSummary:
         out = [self.headline()]
         out += [f"left out: {name}: {why}" for name, why in self.left_out]
         out += [f"dense: group at {root}: {why}" for root, why in self.dense_groups]
+        if len(self.input_sizes) > 1:
+            out.append("input sizes: " + ", ".join(f"{h}x{w}" for h, w in self.input_sizes))
         return out
 
 
@@ -121,11 +135,19 @@ class SearchSpace:
 
     def __init__(self, layers: Iterable[LayerSpec], groups: Iterable[PruneGroup], *,
                  knobs: Knobs | None = None, left_out: dict[str, str] | None = None,
-                 total_macs: int | None = None) -> None:
+                 total_macs: int | None = None, input_sizes: dict[float, tuple[int, int]] | None = None,
+                 blocks: Iterable[str] = ()) -> None:
         self.layers: tuple[LayerSpec, ...] = tuple(layers)
         self.groups: tuple[PruneGroup, ...] = tuple(groups)
         self.knobs = knobs or Knobs()
         self.left_out: dict[str, str] = dict(left_out or {})
+        # Input size per input scale the model runs at (from_model finds them); a space built
+        # without them holds the given size only.
+        self.input_sizes: dict[float, tuple[int, int]] = {
+            scale: size for scale, size in (input_sizes or {}).items() if scale in self.knobs.input_scales}
+        # The residual blocks a plan may drop (from_model finds them); none where depth is off.
+        self.found_blocks: tuple[str, ...] = tuple(blocks)
+        self.blocks: tuple[str, ...] = self.found_blocks if self.knobs.depth else ()
         self.total_macs = total_macs if total_macs is not None else sum(layer.macs for layer in self.layers)
         self._by_name = {layer.fqn: layer for layer in self.layers}
 
@@ -143,7 +165,12 @@ class SearchSpace:
         graph = build_graph(*structure_copy(model, example_input))
         groups, layer_group = find_groups(graph)
         layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in found.layers]
-        space = cls(layers, groups, knobs=knobs, left_out=found.left_out, total_macs=found.total_macs)
+        knobs = knobs or Knobs()
+        full = (int(example_input.shape[-2]), int(example_input.shape[-1]))
+        stride = total_stride(full, layers)
+        sizes, _ = supported_sizes(model, example_input, knobs.input_scales, multiple=stride)
+        space = cls(layers, groups, knobs=knobs, left_out=found.left_out, total_macs=found.total_macs,
+                    input_sizes=sizes, blocks=residual_blocks(model, example_input))
         if verify:
             space.groups = tuple(_verified(model, example_input, space.groups))
         for name, why in space.left_out.items():
@@ -160,6 +187,7 @@ class SearchSpace:
             groups=len(self.groups), prunable_groups=len(self.prunable_groups),
             left_out=tuple(self.left_out.items()),
             dense_groups=tuple((g.root, g.reason) for g in self.groups if not g.prunable),
+            input_sizes=tuple(self.input_sizes.values()), blocks=len(self.blocks),
         )
 
     # -- choices -------------------------------------------------------------------------
@@ -168,6 +196,24 @@ class SearchSpace:
 
     def keep_choices(self, group: PruneGroup) -> tuple[float, ...]:
         return self.knobs.keep_ratios if group.prunable else (1.0,)
+
+    @property
+    def input_scales(self) -> tuple[float, ...]:
+        """The input scales a plan may take (1.0, the given size, always)."""
+        return tuple(sorted({1.0, *self.input_sizes}, reverse=True))
+
+    def input_size(self, scale: float) -> tuple[int, int] | None:
+        """The input (H, W) of `scale`; None for the given size."""
+        return None if scale == 1.0 else self.input_sizes[scale]
+
+    def settled(self, plan: ModelPlan) -> ModelPlan:
+        """`plan` with the layers of its dropped blocks left as they are (their keep ratio stays:
+        it is their prune group's): two plans that differ only inside a dropped block are one."""
+        if not plan.dropped:
+            return plan
+        layers = {fqn: LayerPlan(keep_ratio=lp.keep_ratio) if inside(fqn, plan.dropped) else lp
+                  for fqn, lp in plan.layers.items()}
+        return ModelPlan(layers=layers, input_scale=plan.input_scale, dropped=plan.dropped)
 
     def nm_choices(self, layer: LayerSpec) -> tuple[NM | None, ...]:
         return tuple(p for p in self.knobs.nm if p is None or nm_eligible(layer, p))
@@ -179,7 +225,7 @@ class SearchSpace:
     def restrict(self, knobs: Knobs) -> SearchSpace:
         """The same model with fewer choices (for example what a target accelerates)."""
         return SearchSpace(self.layers, self.groups, knobs=self.knobs.restrict(knobs), left_out=self.left_out,
-                           total_macs=self.total_macs)
+                           total_macs=self.total_macs, input_sizes=self.input_sizes, blocks=self.found_blocks)
 
     # -- plans ---------------------------------------------------------------------------
     def _group_keep(self, keep_for_group) -> dict[str, float]:
@@ -200,16 +246,20 @@ class SearchSpace:
             w_bits, a_bits = rng.choice(self.knobs.pairs)
             layers[layer.fqn] = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep.get(layer.fqn, 1.0),
                                           nm=rng.choice(self.nm_choices(layer)))
-        return ModelPlan(layers=layers)
+        scale = rng.choice(self.input_scales)
+        return self.settled(ModelPlan(layers=layers, input_scale=scale,
+                                      dropped={b for b in self.blocks if rng.random() < 0.5}))
 
     def uniform(self, *, w_bits: int = 32, a_bits: int = 32, keep_ratio: float = 1.0,
-                nm: NM | None = None) -> ModelPlan:
+                nm: NM | None = None, input_scale: float = 1.0) -> ModelPlan:
         """The same choice for every layer, where it applies (N:M only on eligible layers,
-        pruning only in prunable groups)."""
+        pruning only in prunable groups), at `input_scale` of the given input size."""
         template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm)
         for name, value, allowed in (("precision (w_bits, a_bits)", (w_bits, a_bits), self.knobs.pairs),
                                      ("keep_ratio", template.keep_ratio, self.knobs.keep_ratios),
-                                     ("nm", nm, self.knobs.nm)):
+                                     ("nm", nm, self.knobs.nm),
+                                     ("input_scale", ModelPlan(input_scale=input_scale).input_scale,
+                                      self.input_scales)):
             if value not in allowed:
                 raise EdgeoptError(f"{name}={value} is outside this space's choices {list(allowed)}.")
         keep = self._group_keep(lambda g: template.keep_ratio if g.prunable else 1.0)
@@ -217,11 +267,18 @@ class SearchSpace:
             layer.fqn: replace(template, keep_ratio=keep.get(layer.fqn, 1.0),
                                nm=nm if nm in self.nm_choices(layer) else None)
             for layer in self.layers
-        })
+        }, input_scale=input_scale)
 
     def validate(self, plan: ModelPlan) -> None:
         """Raise EdgeoptError listing every way the plan does not fit this model and space."""
         problems = []
+        unknown_blocks = sorted(plan.dropped - set(self.blocks))
+        if unknown_blocks:
+            problems.append(f"blocks {unknown_blocks[:5]} cannot be dropped (droppable: "
+                            f"{list(self.blocks[:5]) or 'none'}{' ...' if len(self.blocks) > 5 else ''})")
+        if plan.input_scale not in self.input_scales:
+            problems.append(f"input scale {plan.input_scale:g} not allowed (this space's: "
+                            f"{', '.join(f'{s:g}' for s in self.input_scales)})")
         unknown = sorted(set(plan.layers) - set(self._by_name))
         if unknown:
             problems.append(f"unknown layers {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
@@ -261,7 +318,7 @@ class SearchSpace:
 
     def __repr__(self) -> str:
         return (f"SearchSpace({len(self.layers)} layers, {len(self.prunable_groups)}/"
-                f"{len(self.groups)} prunable groups, knobs={self.knobs})")
+                f"{len(self.groups)} prunable groups, input sizes {self.input_sizes}, knobs={self.knobs})")
 
 
 def structure_copy(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:

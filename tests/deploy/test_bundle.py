@@ -72,6 +72,35 @@ def test_run_py_gives_the_pytorch_models_top1_without_torch(tiny, tmp_path):
     assert lines[-1].startswith("latency: median ") and "over 4 image(s) x 3 run(s), 1 thread(s)" in lines[-1]
 
 
+def test_run_py_feeds_a_model_searched_at_a_smaller_input_as_pytorch_does(tiny, tmp_path):
+    """A plan at input scale 0.625 of data loaded at 32x32: the ONNX takes 20x20; run.py loads the
+    photos as edgeopt did (40x34 -> 32x32) and resizes them once more as the PyTorch model does."""
+    torch.set_num_threads(1)
+    prep = preprocessing(32, classes=10)
+    photos = write_images(tmp_path / "photos", 4)
+    x = reference_inputs(photos, prep)
+    space = SearchSpace.from_model(tiny, x[:1])
+    small = apply_plan(tiny, space.uniform(keep_ratio=0.75, input_scale=0.625), x[:1], space=space,
+                       calib_data=[x])
+    path = export_onnx(small, x[:1], tmp_path / "selected" / "model.onnx", preprocessing=prep)
+    run_py = make_bundle(tmp_path / "selected", path, json.loads(
+        _metadata(path)[PREPROCESSING_KEY]))
+    done = _run(run_py, str(tmp_path / "photos"), "--threads", "1", "--runs", "1", "--json", str(tmp_path / "out.json"))
+    assert done.returncode == 0, done.stderr
+    with torch.no_grad():
+        ref = small(x).numpy()  # full-size inputs: the model resizes them itself
+    scores, top1 = read_results(tmp_path / "out.json")
+    assert top1 == ref.argmax(1).tolist()
+    np.testing.assert_allclose(scores, ref, atol=1e-4 * np.abs(ref).max())
+    assert json.loads((tmp_path / "out.json").read_text())["preprocessing"]["input_size"] == [20, 20]
+
+
+def _metadata(path: Path) -> dict:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
 def test_run_py_refuses_bad_input_with_one_clear_message(tiny, tmp_path):
     _, _, run_py, photos = _int8_bundle(tiny, tmp_path, images=1)
     (tmp_path / "empty").mkdir()

@@ -7,7 +7,8 @@ import torch
 from edgeopt import SearchSpace, apply_plan
 from edgeopt.evaluators.cost import model_cost
 from edgeopt.search.allocate import allocate
-from edgeopt.search.sensitivity import SensitivityTable, _activations_key, _keep_key, _keep_levels, _weights_key
+from edgeopt.search.sensitivity import (SensitivityTable, _activations_key, _keep_key, _keep_levels, _weights_key,
+                                        input_key)
 from tests.conftest import TinyNet
 
 
@@ -23,8 +24,10 @@ def _setup():
     return space, macs
 
 
-def _table(space: SearchSpace, *, keep_drop, bits_drop) -> SensitivityTable:
+def _table(space: SearchSpace, *, keep_drop, bits_drop, input_drop=lambda scale: 60.0) -> SensitivityTable:
     drops, levels = {}, {}
+    for scale in space.input_scales[1:]:
+        drops[input_key(scale)] = input_drop(scale)
     for group in space.prunable_groups:
         levels[group.root] = _keep_levels(space.keep_choices(group))
         for keep in levels[group.root]:
@@ -53,6 +56,21 @@ def test_the_budget_goes_where_a_change_costs_least_and_is_met_when_measured():
     # With the fragile group the cheap one instead, the allocation moves with the table.
     other = _table(space, keep_drop=lambda root: 0.5 if root == fragile else 40.0, bits_drop=lambda fqn: 0.1)
     assert space.group_keep(allocate(space, other, metric=macs, limit=limit)[0]).get(fragile, 1.0) < 1.0
+
+
+def test_a_smaller_input_is_taken_where_it_costs_least():
+    space, macs = _setup()
+    limit = 0.6 * macs(space.uniform())
+    # Every keep ratio and bit width costs much; the input at 0.75 of its size (12x12 of 16x16:
+    # 56% of the MACs) costs little.
+    table = _table(space, keep_drop=lambda root: 40.0, bits_drop=lambda fqn: 5.0,
+                   input_drop=lambda scale: 0.5 if scale >= 0.75 else 30.0)
+    plans = allocate(space, table, metric=macs, limit=limit)
+    assert plans and plans[0].input_scale == 0.75 and not space.group_keep(plans[0])
+    assert all(macs(plan) <= limit for plan in plans)
+    # Where the smaller input costs as much as anything else, it is left.
+    costly = _table(space, keep_drop=lambda root: 0.5, bits_drop=lambda fqn: 0.1, input_drop=lambda scale: 60.0)
+    assert allocate(space, costly, metric=macs, limit=limit)[0].input_scale == 1.0
 
 
 def test_nothing_to_allocate_where_the_base_meets_the_budget_or_nothing_can():

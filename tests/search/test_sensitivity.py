@@ -38,8 +38,10 @@ def test_every_single_change_is_measured(setup):
     keys = [key for key, _ in changes(space)]
     assert set(table.drops) == set(keys) and len(keys) == len(set(keys))
     # pi4's space: 8-bit weights and 8-bit activations per layer, 3 keep ratios per prunable group
-    # (0.75, 0.5 and the smallest, 0.25).
-    assert len(keys) == 2 * len(space.layers) + 3 * len(space.prunable_groups)
+    # (0.75, 0.5 and the smallest, 0.25), each smaller input size and each droppable block.
+    assert len(space.input_scales) == 5
+    assert len(keys) == (2 * len(space.layers) + 3 * len(space.prunable_groups) + len(space.input_scales) - 1
+                         + len(space.blocks))
     assert all(0.0 <= d <= 100.0 for d in table.drops.values())
 
 
@@ -55,9 +57,14 @@ def test_a_plan_scores_base_top1_scaled_by_the_predictions_it_leaves_alone(setup
     everything = space.uniform(w_bits=8, a_bits=8)
     expected = 1.0
     for key, drop in table.drops.items():
-        if not key.startswith("keep"):
+        if not key.startswith(("keep", "input", "drop")):
             expected *= 1 - drop / 100
     assert table.score(everything, space) == pytest.approx(25.0 + (table.base_top1 - 25.0) * expected)
+    # A smaller input is one change of the whole model, measured as any other: half the size
+    # alters predictions of the trained model.
+    half = table.drops["input0.5"]
+    assert half > 0 and table.score(space.uniform(input_scale=0.5), space) == pytest.approx(
+        25.0 + (table.base_top1 - 25.0) * (1 - half / 100))
     # However much a plan changes, the estimate stays between chance and the base model.
     harshest = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.25)
     assert 25.0 <= table.score(harshest, space) < table.base_top1

@@ -13,6 +13,15 @@ from tests.coverage_families import TIMM, TORCHVISION
 
 timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install -e '.[test]')")
 
+# Families whose builds here have no block with an identity shortcut: plain stacks, concatenations,
+# one block per stage that changes shape (resnext, wide_resnet, resnest, res2net as built here),
+# a shortcut added to part of the channels (rexnet), re-parameterized branches (mobileone), and
+# maxvit's partitioned attention (its adds take the partitioned tensor, not a module's input).
+NO_DROPPABLE_BLOCKS = {"torchvision alexnet", "torchvision vgg", "torchvision resnext", "torchvision wide_resnet",
+                       "torchvision squeezenet", "torchvision densenet", "torchvision googlenet",
+                       "torchvision inception_v3", "torchvision shufflenet_v2", "torchvision maxvit",
+                       "timm rexnet_100", "timm mobileone_s0", "timm lcnet_050", "timm resnest14d", "timm res2net"}
+
 FAMILIES = {**{f"torchvision {k}": v for k, v in TORCHVISION.items()}, **{f"timm {k}": v for k, v in TIMM.items()}}
 
 
@@ -24,6 +33,7 @@ def test_family_compresses_exports_and_agrees_with_onnxruntime(family, tmp_path,
     coverage_log.append(f"{family} at {size}x{size}: from_model {result.from_model_seconds:.1f} s, {result.headline}")
     coverage_log.extend(f"    {check.line()}" for check in result.plans)
     assert result.plans and all(check.ok for check in result.plans), "\n".join(c.line() for c in result.plans)
+    assert (result.blocks == 0) == (family in NO_DROPPABLE_BLOCKS), result.headline
 
 
 def test_shufflenet_shuffle_groups_are_left_dense_with_a_reason():
