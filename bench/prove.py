@@ -12,7 +12,8 @@ budgets (70 %, 50 % and 35 % of it), and these methods are compared at each:
 
 - edgeopt         `optimize` as the CLI runs it (TPE, its screening and fine-tuning), one run per budget;
 - hand            uniform keep 1, 0.875, 0.75, 0.625, 0.5 and 0.375, each fp32 and int8, each fine-tuned
-                  with edgeopt's finalists' recipe; at a budget the best is the most accurate that meets it;
+                  with edgeopt's finalists' recipe; at a budget the best is the most accurate on the proxy
+                  split that meets it (as edgeopt selects; standard tools alike);
 - standard_tools  onnxruntime.quantization.quantize_static (QDQ, per-channel, MinMax calibration on 256
                   training images, its pre-processing first) on the fp32 ONNX of the base and of the
                   hand family's fine-tuned fp32 pruned models: no edgeopt code on the quantization path;
@@ -217,8 +218,20 @@ class Run:
                 return {"diverged": True}
             row = self.row(tuned[0].model, name)
             return row | {"keep": keep, "bits": bits, "proxy_accuracy": metrics["proxy_accuracy"],
+                          "tuned_proxy_accuracy": tuned[0].candidate.tuned_proxy_accuracy,
                           "trial_latency_ms": metrics["latency_ms"]}
-        return self.piece(name, make)
+        piece = self.piece(name, make)
+        if "tuned_proxy_accuracy" not in piece and not piece.get("diverged"):
+            # A piece from before the selection went by the proxy split: its fine-tune is in the
+            # store, so this loads it and scores it there.
+            plan = self.context.space.uniform(w_bits=bits, a_bits=bits, keep_ratio=keep)
+            candidate = Candidate(trial=-1, plan=plan, proxy_accuracy=piece["proxy_accuracy"], latency_ms=0.0,
+                                  macs=0, effective_macs=0, bytes=0, violations=())
+            tuned = finetune([candidate], self.context, data=self.data, config=self.recipe, seed=0,
+                             progress=False, store=self.store)
+            self.pieces.put(name, piece | {"tuned_proxy_accuracy": tuned[0].candidate.tuned_proxy_accuracy})
+            piece = self.pieces[name]
+        return piece
 
     def standard_piece(self, source: str, keep: float) -> dict:
         """quantize_static on an fp32 ONNX file: what a user does with onnxruntime alone."""
@@ -247,9 +260,11 @@ class Run:
                             per_channel=True, reduce_range=reduce, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8)
             predicted, where = self._onnx_predict(out)
+            proxy_predicted, _ = self._onnx_predict(out, split="proxy")
             source_row = self.pieces[source]
             row = {"accuracy": round(100 * float((predicted == self.labels).double().mean()), 2),
                    "correct": _correct_bits(predicted, self.labels), "macs": source_row["macs"],
+                   "proxy_accuracy": round(100 * float((proxy_predicted == self.data.proxy.tensors[1]).double().mean()), 2),
                    "onnx": str(out), "source": source, "keep": keep, "reduce_range": reduce,
                    "accuracy_of": where}
             if self.target.measurable:
@@ -261,32 +276,38 @@ class Run:
                 row["latency_ms"] = self.hand_piece(keep, 8)["latency_ms"]
                 row["latency_note"] = "pi4 estimate of edgeopt's uniform int8 plan at the same keep"
             return row
-        return self.piece(name, make)
+        piece = self.piece(name, make)
+        if "proxy_accuracy" not in piece:  # a piece from before the selection went by the proxy split
+            predicted, _ = self._onnx_predict(Path(piece["onnx"]), split="proxy")
+            accuracy = round(100 * float((predicted == self.data.proxy.tensors[1]).double().mean()), 2)
+            self.pieces.put(name, piece | {"proxy_accuracy": accuracy})
+            piece = self.pieces[name]
+        return piece
 
-    def _onnx_predict(self, path: Path) -> tuple[torch.Tensor, str]:
-        """Top-1 on the validation images, and what computed it. For pi4, onnxruntime's ARM64
-        kernels (under emulation here): x86 without VNNI saturates on full-range int8 weights,
-        so its answer is not the Pi's."""
+    def _onnx_predict(self, path: Path, split: str = "val") -> tuple[torch.Tensor, str]:
+        """Top-1 on the validation (or proxy) images, and what computed it. For pi4, onnxruntime's
+        ARM64 kernels (under emulation here): x86 without VNNI saturates on full-range int8
+        weights, so its answer is not the Pi's."""
         if not self.target.measurable:
-            return self._arm64_predict(path), "onnxruntime ARM64 (Cortex-A72 emulation)"
+            return self._arm64_predict(path, split), "onnxruntime ARM64 (Cortex-A72 emulation)"
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        x = self.data.val.tensors[0].numpy()
+        x = getattr(self.data, split).tensors[0].numpy()
         scores = [session.run(None, {"input": x[i:i + 250]})[0] for i in range(0, len(x), 250)]
         return torch.from_numpy(np.concatenate(scores).argmax(1)), "onnxruntime on this machine"
 
-    def _arm64_predict(self, path: Path) -> torch.Tensor:
+    def _arm64_predict(self, path: Path, split: str = "val") -> torch.Tensor:
         import platform
         import subprocess
 
         runner = [sys.executable] if platform.machine().lower() in ("aarch64", "arm64") else [
             str(ROOT.parent / "tools" / "arm64-onnxruntime" / "run")]
-        inputs, out = self.work / "val_inputs.npy", self.work / "arm64_predictions.npy"
+        inputs, out = self.work / f"{split}_inputs.npy", self.work / "arm64_predictions.npy"
         if not inputs.exists():
-            np.save(inputs, self.data.val.tensors[0].numpy())
+            np.save(inputs, getattr(self.data, split).tensors[0].numpy())
         done = subprocess.run([*runner, str(ROOT / "arm64_predict.py"), str(path), str(inputs), str(out)],
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -310,12 +331,17 @@ class Run:
             front = [{"trial": int(r.trial), "accuracy": float(r.finetuned_accuracy), "latency_ms": float(r.latency_ms),
                       "feasible": bool(r.feasible)} for r in tuned.itertuples()]
             row: dict = {"budget_ms": budget_ms, "finetuned": front, "met_budget": result.met_budget,
+                         "selection": "proxy split",
                          "trial_seconds": study_trial_seconds(out), "trials": len(frame)}
             if result.met_budget:
                 row |= self.row(result.model, name)
                 row["selection_latency_ms"] = result.selected.latency_ms
                 row["plan"] = _plan_summary(result.plan)
             return row
+        if name in self.pieces and self.pieces[name].get("selection") != "proxy split":
+            # Made when optimize selected on validation accuracy: run again as it selects now.
+            del self.pieces.done[name]
+            shutil.rmtree(self.work / name, ignore_errors=True)
         return self.piece(name, make)
 
     def _share_sensitivity(self, out: Path) -> None:
@@ -366,6 +392,8 @@ class Run:
                 for n in names:
                     best[n] = min(best[n], self.onnx_ms(self.pieces[n]["onnx"]))
             return {"ms": best, "passes": self.args.timing_passes}
+        if "timing" in self.pieces and set(names) - set(self.pieces["timing"]["ms"]):
+            del self.pieces.done["timing"]  # a model was added since: time them all again, together
         return self.piece("timing", make)
 
     def run(self) -> None:
@@ -380,13 +408,13 @@ class Run:
             self.standard_piece(f"hand-k{keep:g}-fp32", keep)
         for pct in BUDGETS:
             self.edgeopt_piece(pct)
+        for pct in SHRINK_BUDGETS:
+            self.edgeopt_piece(pct, shrink=True)
+        if self.target.measurable:  # every final model; the search-only seeds export none
+            self.timing_piece([n for n, v in self.pieces.done.items() if isinstance(v, dict) and "onnx" in v])
         for sampler in ("tpe", "random"):
             for seed in HV_SEEDS:
                 self.hv_piece(sampler, seed)
-        for pct in SHRINK_BUDGETS:
-            self.edgeopt_piece(pct, shrink=True)
-        if self.target.measurable:
-            self.timing_piece([n for n, v in self.pieces.done.items() if isinstance(v, dict) and "onnx" in v])
 
 
 def _plan_summary(plan) -> dict:
@@ -419,8 +447,12 @@ def summarize(base: str, target: str, pieces: dict) -> dict | None:
     for pct in BUDGETS:
         limit = base_ms * pct / 100
         meets = lambda group: {n: p for n, p in group.items() if ms(n) <= limit}  # noqa: E731
-        best_hand = max(meets(hand).items(), key=lambda kv: kv[1]["accuracy"], default=None)
-        best_std = max(meets(standard).items(), key=lambda kv: kv[1]["accuracy"], default=None)
+        # As edgeopt's selection, the best of a family is picked on the proxy split (after
+        # fine-tuning), never on the validation images it is then reported on.
+        best_hand = max(meets(hand).items(), key=lambda kv: kv[1].get("tuned_proxy_accuracy", kv[1]["accuracy"]),
+                        default=None)
+        best_std = max(meets(standard).items(), key=lambda kv: kv[1].get("proxy_accuracy", kv[1]["accuracy"]),
+                       default=None)
         entry: dict = {"budget_ms": round(limit, 4), "best_hand": None, "best_standard": None, "edgeopt": None}
         for key, best in (("best_hand", best_hand), ("best_standard", best_std)):
             if best:

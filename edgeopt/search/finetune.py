@@ -117,7 +117,7 @@ class FinetuneStore:
 
 @dataclass(frozen=True)
 class Finetuned:
-    candidate: Candidate  # with .accuracy set to the validation accuracy after fine-tuning
+    candidate: Candidate  # with .accuracy (validation) and .tuned_proxy_accuracy set after fine-tuning
     model: nn.Module
 
 
@@ -139,7 +139,8 @@ def _tuned(plan: ModelPlan, context: Context, *, data, lr: float, batch_size: in
 def _result(spec: dict, context: Context, *, data, store: FinetuneStore | None, progress: bool) -> dict:
     """What the task `spec` asks for: loaded from the store, or trained, scored and stored.
     A screening is scored on the proxy split and keeps no weights; a full fine-tune is scored on
-    validation and keeps the model."""
+    the proxy split (what the selection compares) and on validation (what is reported), and keeps
+    the model. A stored full result from before the proxy score was kept gets it on loading."""
     record = store.load(spec["task"]) if store else None
     if record is None:
         started = time.perf_counter()
@@ -149,9 +150,12 @@ def _result(spec: dict, context: Context, *, data, store: FinetuneStore | None, 
         full = spec["kind"] == "full"
         score = None if model is None else evaluate(model, data.val if full else data.proxy)
         record = {"diverged": model is None, "seconds": time.perf_counter() - started, "accuracy": score,
-                  "model": model if full else None}
+                  "model": model if full else None,
+                  "proxy_accuracy": evaluate(model, data.proxy) if full and model is not None else None}
         if store:
             store.save(spec["task"], record)
+    elif record.get("model") is not None and record.get("proxy_accuracy") is None:
+        record["proxy_accuracy"] = evaluate(record["model"], data.proxy)
     return record
 
 
@@ -219,5 +223,5 @@ def finetune(candidates: list[Candidate], context: Context, *, data, config: Fin
     the others go on. With `store`, a result already there is loaded instead."""
     records = _results(candidates, "full", context, data=data, config=config, seed=seed, progress=progress,
                        store=store, tasks=tasks)
-    return [Finetuned(c.finetuned(r["accuracy"]), r["model"]) for c, r in zip(candidates, records)
+    return [Finetuned(c.finetuned(r["accuracy"], r.get("proxy_accuracy")), r["model"]) for c, r in zip(candidates, records)
             if not r["diverged"]]

@@ -20,14 +20,16 @@ def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd
         row = {
             "trial": c.trial, "plan_key": c.plan.key(), "input_scale": c.plan.input_scale,
             "proxy_accuracy": c.proxy_accuracy,
-            "screened_accuracy": c.screened_accuracy, "finetuned_accuracy": c.accuracy,
+            "screened_accuracy": c.screened_accuracy, "finetuned_proxy_accuracy": c.tuned_proxy_accuracy,
+            "finetuned_accuracy": c.accuracy,
             "latency_ms": c.latency_ms, "latency_measured": c.latency_measured, "macs": c.macs,
             "effective_macs": c.effective_macs, "bytes": c.bytes, "feasible": c.feasible,
         }
         for budget, violation in zip(budgets, c.violations):
             row[f"violation[{budget.text}]"] = violation
         rows.append(row)
-    columns = ["trial", "plan_key", "input_scale", "proxy_accuracy", "screened_accuracy", "finetuned_accuracy", "latency_ms",
+    columns = ["trial", "plan_key", "input_scale", "proxy_accuracy", "screened_accuracy", "finetuned_proxy_accuracy",
+               "finetuned_accuracy", "latency_ms",
                "latency_measured", "macs", "effective_macs", "bytes", "feasible"]
     return pd.DataFrame(rows, columns=columns + [f"violation[{b.text}]" for b in budgets])
 
@@ -157,8 +159,9 @@ def write_report(path: Path, *, summary: dict) -> None:
         of = f" ({row['accuracy_of']})" if row.get("accuracy_of") else ""
         lines.append(f"| {label} | {row['accuracy']:.2f}{of} | {row['macs'] / 1e6:.1f} M | {_fmt_bytes(row['bytes'])} "
                      f"| {row['latency_ms']:.2f} ({row['latency_source']}) | {host} |")
-    lines += ["", "Accuracy is validation top-1 on data the search never saw; the base model's "
-              "is measured the same way. Host latency: onnxruntime, median ± interquartile range.", ""]
+    lines += ["", "Accuracy is validation top-1 on data the search, the fine-tuning and the selection never saw "
+              "(the selection compares top-1 on the proxy split); the base model's is measured the same way. "
+              "Host latency: onnxruntime, median ± interquartile range.", ""]
     gone = (s.get("selected") or {}).get("dropped_blocks")
     if gone:
         lines += [f"The selected model drops {len(gone)} residual block{'s' if len(gone) > 1 else ''}, each left as "

@@ -2,8 +2,10 @@
 
 The rule: among candidates that meet every budget, find the most accurate; among those within
 `max_drop` accuracy points of it and at least `min_speedup` times faster on the target, take the
-fastest; if there is none, the most accurate. Accuracy is the validation accuracy after
-fine-tuning where a candidate was fine-tuned, else its proxy accuracy.
+fastest; if there is none, the most accurate. Accuracy is top-1 on the proxy split (held out from
+training): after fine-tuning where a candidate was fine-tuned, else before. The validation
+accuracy of a fine-tuned candidate is reported, never selected on, so that it stays an unbiased
+figure of the model the rule picked.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Candidate:
     bytes: int
     violations: tuple[float, ...] = ()  # one per budget; <= 0 means met
     screened_accuracy: float | None = None  # proxy-split top-1 after the short screening fine-tune
-    accuracy: float | None = None  # validation top-1 after fine-tuning
+    accuracy: float | None = None  # validation top-1 after fine-tuning (reported only)
+    tuned_proxy_accuracy: float | None = None  # proxy-split top-1 after fine-tuning (what selection compares)
     latency_measured: bool = False  # latency_ms measured whole on this machine, not estimated
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -39,11 +42,16 @@ class Candidate:
         return self.accuracy if self.accuracy is not None else self.proxy_accuracy
 
     @property
+    def selection_accuracy(self) -> float:
+        """What the selection rule compares: proxy-split top-1, after fine-tuning where there was one."""
+        return self.tuned_proxy_accuracy if self.tuned_proxy_accuracy is not None else self.proxy_accuracy
+
+    @property
     def total_violation(self) -> float:
         return sum(max(v, 0.0) for v in self.violations)
 
-    def finetuned(self, accuracy: float) -> Candidate:
-        return replace(self, accuracy=accuracy)
+    def finetuned(self, accuracy: float, proxy_accuracy: float | None = None) -> Candidate:
+        return replace(self, accuracy=accuracy, tuned_proxy_accuracy=proxy_accuracy)
 
     def screened(self, accuracy: float) -> Candidate:
         return replace(self, screened_accuracy=accuracy)
@@ -106,7 +114,7 @@ def finetune_order(candidates: list[Candidate], top: int, *, spread: float,
 
 
 def select(candidates: list[Candidate], *, max_drop: float, min_speedup: float,
-           accuracy=lambda c: c.best_accuracy) -> Candidate | None:
+           accuracy=lambda c: c.selection_accuracy) -> Candidate | None:
     """The selected candidate by the rule in this module's docstring, or None if none is feasible."""
     feasible = [c for c in candidates if c.feasible]
     if not feasible:
