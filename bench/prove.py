@@ -338,10 +338,16 @@ class Run:
                 row["selection_latency_ms"] = result.selected.latency_ms
                 row["plan"] = _plan_summary(result.plan)
             return row
-        if name in self.pieces and self.pieces[name].get("selection") != "proxy split":
-            # Made when optimize selected on validation accuracy: run again as it selects now.
-            del self.pieces.done[name]
+        marker = self.work / name / "prove-selection.txt"
+        stale = (self.pieces[name].get("selection") != "proxy split" if name in self.pieces
+                 else (self.work / name).exists() and not marker.exists())
+        if stale:
+            # Made (or begun) when optimize selected on validation accuracy, with the search space
+            # of then: run again as it searches and selects now.
+            self.pieces.done.pop(name, None)
             shutil.rmtree(self.work / name, ignore_errors=True)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("proxy split\n")
         return self.piece(name, make)
 
     def _share_sensitivity(self, out: Path) -> None:
@@ -350,15 +356,14 @@ class Run:
         is measured once per run, as a user's one `optimize` run measures it once."""
         from edgeopt.search.sensitivity import FILE_NAME
 
-        shared = self.work / FILE_NAME
-        if not shared.exists():
-            done = sorted(self.work.glob(f"**/{FILE_NAME}"))
-            if not done:
-                return
-            shutil.copyfile(done[0], shared)
+        # The newest table of this run: an older one may be of another space (its fingerprint
+        # then makes optimize measure it again).
+        tables = sorted(self.work.glob(f"**/{FILE_NAME}"), key=lambda p: p.stat().st_mtime)
+        if not tables:
+            return
         out.mkdir(parents=True, exist_ok=True)
         if not (out / FILE_NAME).exists():
-            shutil.copyfile(shared, out / FILE_NAME)
+            shutil.copyfile(tables[-1], out / FILE_NAME)
 
     def hv_piece(self, sampler: str, seed: int) -> dict:
         name = f"hv-{sampler}-{seed}"
