@@ -1,7 +1,7 @@
 """edgeopt: make trained PyTorch models fit edge devices.
 
-Heavy optional imports (onnxruntime, onnx, plotting) happen inside the functions that need them,
-so `import edgeopt` stays fast.
+Every public name loads on first use, and heavy optional imports (onnxruntime, onnx, plotting)
+happen inside the functions that need them, so `import edgeopt` stays fast and needs no torch.
 """
 
 from __future__ import annotations
@@ -13,31 +13,35 @@ import os
 # setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from edgeopt.errors import EdgeoptError  # noqa: E402
-from edgeopt.evaluators.cost import Cost, model_cost  # noqa: E402
-from edgeopt.evaluators.latency import measure_latency  # noqa: E402
-from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
-from edgeopt.hw_models.estimate import LatencyEstimate, estimate_latency  # noqa: E402
-from edgeopt.hw_models.targets import HardwareTarget, get_target, register_target  # noqa: E402
-from edgeopt.layers import LayerSpec  # noqa: E402
-from edgeopt.plan import NM, LayerPlan, ModelPlan  # noqa: E402
-from edgeopt.spaces.apply import apply_plan  # noqa: E402
-from edgeopt.spaces.prune import PruneGroup  # noqa: E402
-from edgeopt.spaces.space import Knobs, SearchSpace  # noqa: E402
-
-__all__ = [
-    "NM", "Cost", "EdgeoptError", "Knobs", "LayerPlan", "LayerSpec", "ModelPlan", "PruneGroup",
-    "SearchSpace", "apply_plan", "export_onnx", "model_cost",
-    "HardwareTarget", "LatencyEstimate", "estimate_latency", "get_target", "measure_latency",
-    "register_target",
-]
+# Every public name, by the module that defines it. They load on first use (PEP 562), so that
+# `import edgeopt` is fast and the device side (`edgeopt.Cascade`, which needs onnxruntime and
+# numpy only) imports without torch.
+_PUBLIC = {
+    "EdgeoptError": "edgeopt.errors", "Cost": "edgeopt.evaluators.cost", "model_cost": "edgeopt.evaluators.cost",
+    "measure_latency": "edgeopt.evaluators.latency", "export_onnx": "edgeopt.evaluators.onnx_export",
+    "LatencyEstimate": "edgeopt.hw_models.estimate", "estimate_latency": "edgeopt.hw_models.estimate",
+    "HardwareTarget": "edgeopt.hw_models.targets", "get_target": "edgeopt.hw_models.targets",
+    "register_target": "edgeopt.hw_models.targets", "LayerSpec": "edgeopt.layers", "NM": "edgeopt.plan",
+    "LayerPlan": "edgeopt.plan", "ModelPlan": "edgeopt.plan", "apply_plan": "edgeopt.spaces.apply",
+    "PruneGroup": "edgeopt.spaces.prune", "Knobs": "edgeopt.spaces.space", "SearchSpace": "edgeopt.spaces.space",
+    "optimize": "edgeopt.search.optimize", "OptimizeResult": "edgeopt.search.optimize",
+    "SearchConfig": "edgeopt.search.optimize", "FinetuneConfig": "edgeopt.search.finetune",
+    "Cascade": "edgeopt.deploy.cascade",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The search pulls in Optuna and pandas; load it on first use so `import edgeopt` stays fast.
-    if name in ("optimize", "OptimizeResult", "SearchConfig", "FinetuneConfig"):
-        from edgeopt.search import finetune, optimize
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgeopt' has no attribute {name!r}")
+    import importlib
 
-        return getattr(finetune if name == "FinetuneConfig" else optimize, name)
-    raise AttributeError(f"module 'edgeopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

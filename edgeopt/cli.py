@@ -259,6 +259,9 @@ def _search_parser() -> argparse.ArgumentParser:
                    help="shares of the input size the model may run at, searched with the per-layer knobs "
                         "(default 1,0.875,0.75,0.625,0.5; sizes are rounded to the network's stride; 1 keeps "
                         "the input size fixed, as a fixed camera or a position embedding needs)")
+    p.add_argument("--no-cascade", dest="cascade", action="store_false",
+                   help="no dynamic inference cascade (by default, where two fine-tuned candidates run as a cascade "
+                        "beat every single one under the budget, cascade/ holds them)")
     p.add_argument("--no-depth", dest="depth", action="store_false",
                    help="never drop a residual block (by default each block with an identity shortcut may be "
                         "dropped, leaving the shortcut)")
@@ -299,7 +302,8 @@ def _search(argv: list[str]) -> int:
     budgets = [parse_budget(text) for text in args.budget]
     finetune_config = FinetuneConfig(top=args.finetune_top, epochs=args.finetune_epochs, screen=args.screen,
                                      screen_epochs=args.screen_epochs, max_drop=args.max_drop,
-                                     min_speedup=args.min_speedup, proxy_spread=args.proxy_spread)
+                                     min_speedup=args.min_speedup, proxy_spread=args.proxy_spread,
+                                     cascade=args.cascade)
     data = load_data(args.data, input_size=args.input_size, seed=args.seed, normalize=_normalization(args))
     model, description = resolve_model(args.model, data=data, weights=args.weights, progress=not args.quiet)
     interrupted = f"\nInterrupted. Every finished trial and fine-tune is saved (the study in {args.out}); run the same " \

@@ -12,8 +12,10 @@ import string
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edgeopt.hw_models.targets import HardwareTarget
+if TYPE_CHECKING:  # the cascade runner beside this module must import without torch
+    from edgeopt.hw_models.targets import HardwareTarget
 
 RUNNER = "run.py"
 README_TEMPLATE = "README.template.md"

@@ -156,13 +156,7 @@ class Preprocess:
         return ((x - self.mean) / self.std)[None].astype(self.np.float32)
 
     def _to_model_size(self, x):
-        """Antialiased bilinear on the float image, channel by channel: what the PyTorch model
-        does to a full-size input (torch's antialiased bilinear follows PIL's)."""
-        from PIL import Image
-
-        size = (self.model_width, self.model_height)
-        return self.np.stack([self.np.asarray(Image.fromarray(c).resize(size, Image.BILINEAR))
-                              for c in x]).astype(self.np.float32)
+        return resize_float(x, (self.model_height, self.model_width))
 
     def _resize(self, image, path: Path):
         from PIL import Image
@@ -184,6 +178,16 @@ class Preprocess:
         image = image.resize((new_w, new_h), Image.BILINEAR)
         left, top = (new_w - self.width) // 2, (new_h - self.height) // 2
         return image.crop((left, top, left + self.width, top + self.height))
+
+
+def resize_float(x, size):
+    """A float image (C, H, W) resized to `size` (H, W): antialiased bilinear, channel by channel,
+    what the PyTorch model does to a full-size input (torch's antialiased bilinear follows PIL's)."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BILINEAR)) for c in x]).astype(np.float32)
 
 
 def softmax(scores):

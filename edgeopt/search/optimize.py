@@ -37,6 +37,7 @@ from edgeopt.search.objective import target_latency as _target_latency
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
+from edgeopt.search.cascade import choose_cascade, on_validation, write_cascade
 from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
 from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_dead_trials, finished, fingerprint, make_sampler,
                                   make_storage, open_study, plan_params, trial_plan, worker_id)
@@ -342,6 +343,7 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
     pool = [t.candidate for t in tuned] or candidates
     selected = select(pool, max_drop=config.max_drop, min_speedup=config.min_speedup)
     shown = selected or (closest(pool, 1) or closest(candidates, 1) or [None])[0]
+    cascade = _cascade(tuned, budgets, data=data, selected=selected) if config.cascade else None
 
     model_out = by_trial[shown.trial].model if shown and shown.trial in by_trial else (
         context.compress(shown.plan) if shown else None)
@@ -355,7 +357,7 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
         shown_accuracy = (evaluate(model_out, data.val), "validation, not fine-tuned")
     summary = _write_outputs(
         out_dir, candidates=candidates, budgets=budgets, selected=selected, shown=shown, model_out=model_out,
-        shown_accuracy=shown_accuracy, context=context, tuned=tuned,
+        shown_accuracy=shown_accuracy, context=context, tuned=tuned, cascade=cascade, data=data,
         base={"accuracy": base_accuracy, "macs": base_cost.macs, "bytes": base_cost.bytes,
               "latency_ms": base_latency.total_ms, "latency_source": base_latency.source},
         header={"model": model_name or type(model).__name__, "data": data.description,
@@ -486,8 +488,17 @@ def _host_outputs_exact(model: nn.Module, context: Context) -> bool:
     return not (full_range and int8_needs_reduce_range())
 
 
+def _cascade(tuned: list[Finetuned], budgets: tuple[Budget, ...], *, data, selected: Candidate | None):
+    """The cascade of two fine-tuned candidates that beats every single one under the budgets, or
+    None: a latency budget is read on its expected latency, the others on each member."""
+    latency = [b.value for b in budgets if b.metric == "latency_ms"]
+    others = [i for i, b in enumerate(budgets) if b.metric != "latency_ms"]
+    return choose_cascade(tuned, data.proxy, budget_ms=min(latency) if latency else None, selected=selected,
+                          member_ok=lambda c: all(c.violations[i] <= 0 for i in others))
+
+
 def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model_out, shown_accuracy, context,
-                   tuned, base: dict, header: dict, base_model: nn.Module) -> dict:
+                   tuned, base: dict, header: dict, base_model: nn.Module, cascade=None, data=None) -> dict:
     example = context.example_input
     trials_frame(candidates, budgets).to_csv(out_dir / "trials.csv", index=False)
     base_onnx = export_onnx(base_model, example, out_dir / "base.onnx", preprocessing=header["preprocessing"])
@@ -537,8 +548,21 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
 
         tau = kendalltau([t.candidate.proxy_accuracy for t in tuned], [t.candidate.accuracy for t in tuned])
         summary["kendall_tau"] = None if tau.statistic != tau.statistic else float(tau.statistic)
+    curve = None
+    if cascade is not None:
+        validation = on_validation(cascade, data.val)
+        latency = [b.value for b in budgets if b.metric == "latency_ms"]
+        source = "measured" if cascade.small.candidate.latency_measured else "estimated"
+        spec = write_cascade(out_dir / "cascade", cascade, example=example,
+                             preprocessing=header["preprocessing"], validation=validation, latency_source=source)
+        spec["budget_ms"] = min(latency) if latency else None
+        spec["worst_case_meets_budget"] = None if not latency else spec["worst_case_ms"] <= min(latency)
+        summary["cascade"] = {k: v for k, v in spec.items() if k != "curve"}
+        curve = [(m, a) for _, a, m in validation["curve"]]
     info = pareto_info(candidates, budgets=budgets, selected=selected,
-                       base=(base["latency_ms"], base["accuracy"]))
+                       base=(base["latency_ms"], base["accuracy"]), cascade_curve=curve,
+                       cascade_point=(summary["cascade"]["expected_latency_ms"], summary["cascade"]["accuracy"])
+                       if cascade is not None else None)
     plot_pareto_png(info, out_dir / "pareto.png", target=context.target.name)
     plot_pareto_html(info, out_dir / "pareto.html", target=context.target.name)
     write_report(out_dir / "report.md", summary=summary)

@@ -45,10 +45,12 @@ class ParetoInfo:
     selected: tuple[float, float] | None
     base: tuple[float, float]  # (latency_ms, accuracy) of the uncompressed model
     latency_kind: str = "estimated"  # how the latencies drawn were obtained, for the axis label
+    cascade_curve: list[tuple[float, float]] | None = None  # (expected ms, val accuracy) over thresholds
+    cascade_point: tuple[float, float] | None = None  # the chosen threshold's
 
 
 def pareto_info(candidates: list[Candidate], *, budgets: tuple[Budget, ...], selected: Candidate | None,
-                base: tuple[float, float]) -> ParetoInfo:
+                base: tuple[float, float], cascade_curve=None, cascade_point=None) -> ParetoInfo:
     tuned = [c for c in candidates if c.accuracy is not None]
     latency = [b.value for b in budgets if b.metric == "latency_ms"]
     return ParetoInfo(
@@ -60,6 +62,7 @@ def pareto_info(candidates: list[Candidate], *, budgets: tuple[Budget, ...], sel
         base=base,
         latency_kind=("estimated; fine-tuned points and base measured here"
                       if any(c.latency_measured for c in tuned) else "estimated"),
+        cascade_curve=cascade_curve, cascade_point=cascade_point,
     )
 
 
@@ -82,6 +85,9 @@ def plot_pareto_png(info: ParetoInfo, path: Path, *, target: str) -> None:
         ax.plot(*zip(*info.front_after), "-s", c="#dd8452", ms=5, label="after fine-tuning (val)")
     if info.latency_budget_ms is not None:
         ax.axvline(info.latency_budget_ms, ls="--", c="#c44e52", label="latency budget")
+    if info.cascade_curve:
+        ax.plot(*zip(*sorted(info.cascade_curve)), ":", c="#55a868", label="cascade over thresholds (val, expected ms)")
+        ax.scatter(*info.cascade_point, marker="P", c="#55a868", s=90, zorder=5, label="cascade/")
     ax.scatter([info.base[0]], [info.base[1]], marker="D", c="black", s=40, label="base model")
     if info.selected:
         ax.scatter([info.selected[0]], [info.selected[1]], marker="*", c="#c44e52", s=220,
@@ -109,6 +115,12 @@ def plot_pareto_html(info: ParetoInfo, path: Path, *, target: str) -> None:
         if pts:
             fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
                                      name=name, line={"color": color}))
+    if info.cascade_curve:
+        pts = sorted(info.cascade_curve)
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", line={"dash": "dot",
+                                 "color": "#55a868"}, name="cascade over thresholds (val, expected ms)"))
+        fig.add_trace(go.Scatter(x=[info.cascade_point[0]], y=[info.cascade_point[1]], mode="markers", name="cascade/",
+                                 marker={"symbol": "cross", "color": "#55a868", "size": 12}))
     fig.add_trace(go.Scatter(x=[info.base[0]], y=[info.base[1]], mode="markers", name="base model",
                              marker={"symbol": "diamond", "color": "black", "size": 10}))
     if info.selected:
@@ -162,6 +174,20 @@ def write_report(path: Path, *, summary: dict) -> None:
     lines += ["", "Accuracy is validation top-1 on data the search, the fine-tuning and the selection never saw "
               "(the selection compares top-1 on the proxy split); the base model's is measured the same way. "
               "Host latency: onnxruntime, median ± interquartile range.", ""]
+    c = s.get("cascade")
+    if c:
+        worst = ("" if c.get("budget_ms") is None else
+                 f"; the worst case, an input sent on, takes {c['worst_case_ms']:.3f} ms (both models), "
+                 f"{'within' if c['worst_case_meets_budget'] else 'over'} the {c['budget_ms']:g} ms budget, "
+                 "which the cascade meets on its expected latency")
+        lines += ["## Cascade", "",
+                  f"cascade/ runs small.onnx (trial {c['small']['trial']}, {c['small']['latency_ms']:.3f} ms) on every "
+                  f"input and large.onnx (trial {c['large']['trial']}, {c['large']['latency_ms']:.3f} ms) where the "
+                  f"small one's highest softmax probability is below {c['threshold']:g}: {c['accuracy']:.2f}% "
+                  f"validation top-1 with {100 * c['share_sent_on']:.1f}% of the images sent on, "
+                  f"{c['expected_latency_ms']:.3f} ms expected ({c['latency_source']}){worst}. The pair and the "
+                  "threshold were chosen on the proxy split. `edgeopt.Cascade.load('cascade')` runs it with "
+                  "onnxruntime and numpy only.", ""]
     gone = (s.get("selected") or {}).get("dropped_blocks")
     if gone:
         lines += [f"The selected model drops {len(gone)} residual block{'s' if len(gone) > 1 else ''}, each left as "

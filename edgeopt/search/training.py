@@ -328,6 +328,27 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
     return torch.cat(predicted), torch.cat(labels)
 
 
+@torch.no_grad()
+def confidences(model: nn.Module, dataset: Dataset, *, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(highest softmax probability, whether top-1 is right) of every image of `dataset`: what a
+    cascade's threshold reads."""
+    if len(dataset) == 0:
+        raise EdgeoptError("There are no images to evaluate on; check --data.")
+    device = default_device()
+    home = _device_of(model)
+    model.eval().to(device)
+    confidence, right = [], []
+    try:
+        for x, y in batches(dataset, batch_size):
+            probs = torch.softmax(_logits(model(x.to(device))).float(), dim=1).cpu()
+            top, predicted = probs.max(1)
+            confidence.append(top)
+            right.append(predicted == y)
+    finally:
+        model.to(home)
+    return torch.cat(confidence), torch.cat(right)
+
+
 def random_affine(x: torch.Tensor, *, degrees: float = 10.0, scale: float = 0.1,
                   pixels: float = 2.0) -> torch.Tensor:
     """Rotate each image by up to `degrees`, scale it by up to 1 +- `scale` and move it by up to

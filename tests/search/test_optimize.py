@@ -8,6 +8,7 @@ import torch
 
 from edgeopt import EdgeoptError, ModelPlan
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
+from edgeopt.input_size import input_for
 from edgeopt.search.finetune import FinetuneConfig
 from edgeopt.search.optimize import SearchConfig, optimize
 from edgeopt.search.training import evaluate
@@ -37,8 +38,14 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
         assert all(lp.nm is None and (lp.w_bits, lp.a_bits) in ((32, 32), (8, 8))
                    for lp in frame_plan.layers.values())
     session = ort.InferenceSession(str(out / "selected" / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = bundle.val.tensors[0][:8].numpy()
+    x = input_for(result.model, bundle.val.tensors[0][:8]).numpy()  # at the plan's input size
     assert session.run(None, {"input": x})[0].shape == (8, 4)
+    if result.summary.get("cascade"):  # a cascade beat every single model: it runs as written
+        import edgeopt
+
+        cascade = edgeopt.Cascade.load(out / "cascade")
+        assert cascade.predict(bundle.val.tensors[0][:8].numpy()).shape == (8,)
+        assert "## Cascade" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "Selection rule" in report and "pi4" in report
     # pi4's figures are for ncnn and the bundle runs onnxruntime: the report and the device README say so.
