@@ -18,7 +18,7 @@ from torch import nn
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.hw_models.graph import TracedGraph, trace_graph
-from edgeopt.hw_models.lut import LatencyTable, LayerKey, storage_bits, weight_mb_of
+from edgeopt.hw_models.lut import LatencyTable, LayerKey, storage_bits
 from edgeopt.hw_models.targets import HardwareTarget, LayerTimes, get_target
 from edgeopt.layers import LayerSpec, trace_layers
 from edgeopt.input_size import input_for

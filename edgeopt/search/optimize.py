@@ -314,7 +314,7 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
             out_dir: Path, model_name: str | None, space_summary, base_latency: LatencyEstimate, binds: bool,
             progress: bool) -> OptimizeResult:
     """Screen, fine-tune, select and export, from the finished search."""
-    example, base_cost = context.example_input, context.base
+    base_cost = context.base
     candidates = _candidates(study)
     if not candidates:
         raise EdgeoptError(f"No trial finished in the study in {out_dir}, so there is nothing to select: every "

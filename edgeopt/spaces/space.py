@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
-from edgeopt.layers import LayerSpec, inventory, run_model
+from edgeopt.layers import LayerSpec, inventory
 from edgeopt.plan import A_BITS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, W_BITS, LayerPlan, ModelPlan
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups
 from edgeopt.spaces.depth import inside, residual_blocks
