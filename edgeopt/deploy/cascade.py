@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeopt.deploy.run import PREPROCESSING_KEY, resize_float, softmax
+from edgeopt.deploy.run import PREPROCESSING_KEY, resize_float
 
 CASCADE_FILE = "cascade.json"
 
@@ -59,7 +59,9 @@ class Cascade:
 
         x = np.ascontiguousarray(x, dtype=np.float32)
         scores = self._run(self.small, self.sizes[0], x)
-        confidence = np.array([softmax(row.astype("float64")).max() for row in scores])
+        # The top softmax probability: exp(0) over the sum of exp(score - the top score).
+        shifted = scores.astype("float64") - scores.max(axis=1, keepdims=True)
+        confidence = 1.0 / np.exp(shifted).sum(axis=1)
         sent_on = confidence < self.threshold
         if sent_on.any():
             scores = scores.copy()

@@ -120,7 +120,7 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
                 if best is None or score > best[0]:
                     best = (score, "input", None, lower, gain)
         for block, gain in saved_block.items():
-            if block not in dropped_now and gain > 0 and not any(inside(block, [d]) for d in dropped_now):
+            if gain > 0 and not inside(block, dropped_now):
                 score = gain / max(table.drops[drop_key(block)], 1e-3)
                 if best is None or score > best[0]:
                     best = (score, "drop", block, None, gain)

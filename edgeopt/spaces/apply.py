@@ -11,14 +11,14 @@ from torch import nn
 
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
+from edgeopt.input_size import set_input_size
 from edgeopt.layers import run_model, trace_layers
 from edgeopt.plan import ModelPlan
+from edgeopt.spaces.depth import drop_blocks, inside, residual_blocks
 from edgeopt.spaces.fold import fold_batchnorm, following_activations, set_submodule
 from edgeopt.spaces.prune import build_graph, find_groups, output_layers, prune_groups
 from edgeopt.spaces.quantize import calibrate, compress_module
-from edgeopt.spaces.depth import drop_blocks, inside, residual_blocks
-from edgeopt.input_size import set_input_size
-from edgeopt.spaces.resolution import supported_sizes, total_stride
+from edgeopt.spaces.resolution import model_input_sizes
 from edgeopt.spaces.space import SearchSpace
 
 
@@ -78,10 +78,7 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
         groups, layer_group = find_groups(graph)
         traced = trace_layers(compressed, example_input)
         layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in traced]
-        sizes = None
-        if plan.input_scale != 1.0:
-            stride = total_stride((int(example_input.shape[-2]), int(example_input.shape[-1])), layers)
-            sizes, _ = supported_sizes(compressed, example_input, (plan.input_scale,), multiple=stride)
+        sizes = model_input_sizes(compressed, example_input, layers, (plan.input_scale,))
         blocks = residual_blocks(compressed, example_input) if plan.dropped else ()
         space = SearchSpace(layers, groups, input_sizes=sizes, blocks=blocks)
     space.validate(plan)

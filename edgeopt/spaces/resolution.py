@@ -88,3 +88,11 @@ def supported_sizes(model: nn.Module, example: torch.Tensor, scales: tuple[float
     return dict(sorted(sizes.items(), reverse=True)), left_out
 
 
+
+
+def model_input_sizes(model: nn.Module, example: torch.Tensor, layers, scales: tuple[float, ...]
+                      ) -> dict[float, tuple[int, int]]:
+    """`supported_sizes` at the rounding the traced `layers` (LayerSpecs) call for."""
+    full = (int(example.shape[-2]), int(example.shape[-1]))
+    sizes, _ = supported_sizes(model, example, scales, multiple=total_stride(full, layers))
+    return sizes

@@ -17,7 +17,7 @@ from edgeopt.layers import LayerSpec, inventory
 from edgeopt.plan import A_BITS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, W_BITS, LayerPlan, ModelPlan
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups
 from edgeopt.spaces.depth import inside, residual_blocks
-from edgeopt.spaces.resolution import supported_sizes, total_stride
+from edgeopt.spaces.resolution import model_input_sizes
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +166,7 @@ class SearchSpace:
         groups, layer_group = find_groups(graph)
         layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in found.layers]
         knobs = knobs or Knobs()
-        full = (int(example_input.shape[-2]), int(example_input.shape[-1]))
-        stride = total_stride(full, layers)
-        sizes, _ = supported_sizes(model, example_input, knobs.input_scales, multiple=stride)
+        sizes = model_input_sizes(model, example_input, layers, knobs.input_scales)
         space = cls(layers, groups, knobs=knobs, left_out=found.left_out, total_macs=found.total_macs,
                     input_sizes=sizes, blocks=residual_blocks(model, example_input))
         if verify:
