@@ -21,8 +21,11 @@ budgets (70 %, 50 % and 35 % of it), and these methods are compared at each:
                   (TPE from its hand and allocated starting plans) at 6 seeds each (50 % budget):
                   hypervolume of the within-budget trials in (proxy top-1, target ms).
 
-Host latencies are onnxruntime medians on this machine (1 thread), every final model timed again in
-interleaved passes at the end (each keeps its best pass); pi4 latencies are edgeopt's pi4 estimate.
+Host latencies are read on one clock (`edgeopt.evaluators.latency.ReferenceClock`, 1 thread): each
+model's time relative to the fp32 base run in turn with it, times the base's calm time, which the
+base piece measures once and sets the budgets by; edgeopt's searches read their trials on that
+same scale (`SearchConfig.reference_ms`), and every final model is read again at the end (the
+median of `--timing-passes` readings). pi4 latencies are edgeopt's pi4 estimate.
 Accuracy is top-1 on the 5,000 validation images, which neither the search, the fine-tuning nor the
 selection sees (they use the 48,000 training and 2,000 proxy images). Paired comparisons use exact
 McNemar tests on those images.
@@ -38,13 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +60,7 @@ from bench.prove_base import DEFAULT_CACHE, cifar_data, commit, load_base, machi
 from edgeopt.budget import parse_budget  # noqa: E402
 from edgeopt.evaluators.cost import model_cost  # noqa: E402
 from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
-from edgeopt.evaluators.latency import measure_latency  # noqa: E402
+from edgeopt.evaluators.latency import ReferenceClock, measure_latency  # noqa: E402
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
 from edgeopt.hw_models.estimate import estimate_latency  # noqa: E402
 from edgeopt.hw_models.targets import get_target  # noqa: E402
@@ -71,6 +73,8 @@ RESULTS = ROOT / "results"
 BUDGETS = (70, 50, 35)  # percent of the fp32 base's latency on the target
 HAND_KEEPS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)
 HV_SEEDS = tuple(range(6))
+# The protocol host latencies are read by; pieces read by another are made again.
+CLOCK = "reference clock (each model against the fp32 base, run in turn)"
 HV_BUDGET = 50
 SHRINK_BUDGETS = BUDGETS  # optimize's default space (resolution and depth too) at every budget
 CALIB_IMAGES = 256
@@ -195,11 +199,25 @@ class Run:
             row = self.row(self.model, "base")
             row["estimate_ms"] = estimate_latency(self.model, self.example, target=self.target).total_ms
             return row
-        return self.piece("base", make)
+        piece = self.piece("base", make)
+        if self.target.measurable and "clock_ms" not in piece:
+            # The base's calm time: the scale of every host latency of this run (a piece from
+            # before the reference clock gets it here).
+            self.pieces.put("base", piece | {"clock_ms": ReferenceClock(piece["onnx"]).reference_ms})
+            piece = self.pieces["base"]
+        return piece
+
+    def base_ms(self) -> float:
+        """The fp32 base's latency on the target: on host its calm time on the reference clock."""
+        piece = self.base_piece()
+        return piece.get("clock_ms", piece["latency_ms"])
 
     def budgets_ms(self) -> dict[int, float]:
-        base_ms = self.base_piece()["latency_ms"]
-        return {pct: round(base_ms * pct / 100, 4) for pct in BUDGETS}
+        return {pct: round(self.base_ms() * pct / 100, 4) for pct in BUDGETS}
+
+    def searching(self, search: SearchConfig, **changes) -> SearchConfig:
+        """A search of this run: on host, on the base piece's clock."""
+        return replace(search, reference_ms=self.base_ms() if self.target.measurable else None, **changes)
 
     def hand_piece(self, keep: float, bits: int) -> dict:
         name = f"hand-k{keep:g}-{'int8' if bits == 8 else 'fp32'}"
@@ -324,31 +342,38 @@ class Run:
             if not shrink:  # the shrinking space's table has more changes (sizes, blocks)
                 self._share_sensitivity(out)
             result = optimize(self.model, self.data, target=self.target, budget=f"{budget_ms}ms",
-                              search=self.shrink_search if shrink else self.search, finetune_config=self.recipe, out=out,
+                              search=self.searching(self.shrink_search if shrink else self.search),
+                              finetune_config=self.recipe, out=out,
                               model_name=self.base, progress=self.args.progress, finetuned_dir=self.store.folder)
             frame = result.trials
             tuned = frame[frame["finetuned_accuracy"].notna()]
             front = [{"trial": int(r.trial), "accuracy": float(r.finetuned_accuracy), "latency_ms": float(r.latency_ms),
                       "feasible": bool(r.feasible)} for r in tuned.itertuples()]
             row: dict = {"budget_ms": budget_ms, "finetuned": front, "met_budget": result.met_budget,
-                         "selection": "proxy split",
+                         "selection": "proxy split", "clock": CLOCK,
                          "trial_seconds": study_trial_seconds(out), "trials": len(frame)}
             if result.met_budget:
                 row |= self.row(result.model, name)
                 row["selection_latency_ms"] = result.selected.latency_ms
                 row["plan"] = _plan_summary(result.plan)
             return row
-        marker = self.work / name / "prove-selection.txt"
-        stale = (self.pieces[name].get("selection") != "proxy split" if name in self.pieces
-                 else (self.work / name).exists() and not marker.exists())
-        if stale:
-            # Made (or begun) when optimize selected on validation accuracy, with the search space
-            # of then: run again as it searches and selects now.
-            self.pieces.done.pop(name, None)
-            shutil.rmtree(self.work / name, ignore_errors=True)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("proxy split\n")
+        self._drop_if_stale(name, self.work / name)
         return self.piece(name, make)
+
+    def _drop_if_stale(self, name: str, folder: Path) -> None:
+        """Drop a search piece made (or begun) by an older protocol: selection on validation
+        accuracy, or host trials timed alone (each at its own moment of the machine's clock).
+        It runs again as optimize searches, times and selects now."""
+        marker = folder / "prove-protocol.txt"
+        if name in self.pieces:
+            stale = self.pieces[name].get("clock") != CLOCK
+        else:
+            stale = folder.exists() and not (marker.exists() and marker.read_text().strip() == CLOCK)
+        if stale:
+            self.pieces.done.pop(name, None)
+            shutil.rmtree(folder, ignore_errors=True)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(CLOCK + "\n")
 
     def _share_sensitivity(self, out: Path) -> None:
         """Every search of this run builds the same sensitivity table (same model, space and
@@ -377,28 +402,33 @@ class Run:
             self._share_sensitivity(out)
             budget_ms = self.budgets_ms()[HV_BUDGET]
             optimize(self.model, self.data, target=self.target, budget=f"{budget_ms}ms",
-                     search=SearchConfig(trials=self.args.trials, sampler=sampler, seed=seed, input_scales=(1.0,),
-                                         depth=False, start="none" if sampler == "random" else "allocated"),
+                     search=self.searching(self.search, sampler=sampler, seed=seed,
+                                           start="none" if sampler == "random" else "allocated"),
                      out=out, search_only=True, progress=self.args.progress)
             storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
             study = optuna.load_study(study_name="edgeopt", storage=storage)
             points = [(t.user_attrs[METRICS]["proxy_accuracy"], t.user_attrs[METRICS]["latency_ms"])
                       for t in finished(study) if all(v <= 0 for v in t.user_attrs[CONSTRAINTS])]
-            reference = (100.0 / self.data.num_classes, self.base_piece()["latency_ms"])
+            reference = (100.0 / self.data.num_classes, self.base_ms())
             return {"hypervolume": hypervolume_2d(points, reference), "within_budget": len(points),
-                    "reference": list(reference), "trial_seconds": study_trial_seconds(out)}
+                    "reference": list(reference), "trial_seconds": study_trial_seconds(out), "clock": CLOCK}
+        self._drop_if_stale(name, self.work / "hv" / f"{sampler}-{seed}")
         return self.piece(name, make)
 
     def timing_piece(self, names: list[str]) -> dict:
-        """Every final model timed again in interleaved passes (host only): one clock for all."""
+        """Every final model read again on the run's clock (host only), in interleaved passes: the
+        median of its readings."""
         def make():
-            best = {n: math.inf for n in names}
+            clock = ReferenceClock(self.base_piece()["onnx"], reference_ms=self.base_ms())
+            readings: dict[str, list[float]] = {n: [] for n in names}
             for _ in range(self.args.timing_passes):
                 for n in names:
-                    best[n] = min(best[n], self.onnx_ms(self.pieces[n]["onnx"]))
-            return {"ms": best, "passes": self.args.timing_passes}
-        if "timing" in self.pieces and set(names) - set(self.pieces["timing"]["ms"]):
-            del self.pieces.done["timing"]  # a model was added since: time them all again, together
+                    readings[n].append(clock.measure(self.pieces[n]["onnx"]).median_ms)
+            return {"ms": {n: float(np.median(r)) for n, r in readings.items()}, "readings": readings,
+                    "passes": self.args.timing_passes, "clock": CLOCK}
+        timing = self.pieces.done.get("timing")
+        if timing and (set(names) - set(timing["ms"]) or timing.get("clock") != CLOCK):
+            del self.pieces.done["timing"]  # a model was added since, or another clock: read them all again
         return self.piece("timing", make)
 
     def run(self) -> None:
@@ -439,12 +469,12 @@ def summarize(base: str, target: str, pieces: dict) -> dict | None:
         return None
     clock = pieces.get("timing", {}).get("ms", {})
     ms = lambda name: clock.get(name, pieces[name].get("latency_ms"))  # noqa: E731
-    base_ms = pieces["base"]["latency_ms"]
+    base_ms = pieces["base"].get("clock_ms", pieces["base"]["latency_ms"])
     hand = {n: p for n, p in pieces.items() if n.startswith("hand-") and not p.get("diverged")}
     standard = {n: p for n, p in pieces.items() if n.startswith("standard-")}
     out: dict = {"base": {"accuracy": pieces["base"]["accuracy"], "latency_ms": ms("base"),
                           "macs": pieces["base"]["macs"], "bytes": pieces["base"]["bytes"]},
-                 "budgets": {}, "clock": "host: onnxruntime, 1 thread, interleaved passes" if clock else
+                 "budgets": {}, "clock": f"host: onnxruntime, 1 thread, {CLOCK}" if clock else
                  "pi4 estimate" if target == "pi4" else "host: onnxruntime, 1 thread, as each piece measured it"}
     for name, p in list(hand.items()) + list(standard.items()):
         out.setdefault("models", {})[name] = {k: p.get(k) for k in ("accuracy", "macs", "bytes", "seconds", "peak_rss_mb")} | {"latency_ms": ms(name)}

@@ -170,6 +170,84 @@ def measure_model_latency(model: nn.Module, example_input: torch.Tensor, *, thre
                            spread_ms=m.spread_ms)
 
 
+class ReferenceClock:
+    """Latencies on this machine read against one reference model (the uncompressed base) run in
+    turn with each candidate.
+
+    A VM's clock is not steady: the same ONNX file measured 0.77 ms and 1.03 ms minutes apart here,
+    and a search that timed its trials at different moments compared them across those phases
+    (BENCHMARKS.md, "First run on the trained base models"). Slow phases last seconds, so the
+    reference and the candidate run alternately, one run each, see the same phase: the ratio of
+    their times in a pair is steady where each time is not (bench/clock.py measures by how much).
+    A second effect is not the clock's: an int8 model with float islands (edgeopt's residual sums)
+    runs 0.75 or 1.1 ms here depending on where its input buffer lies, steadily for one buffer
+    and at random across them, so the pairs are spread over `sessions` fresh sessions and inputs.
+    A candidate's latency is the median of those ratios times the reference's time in a calm phase
+    (`reference_ms`: the lowest median of several passes, measured once per study and shared by
+    its workers), so every trial of a study, in any worker and at any moment, is read on one
+    scale: what a quiet machine shows."""
+
+    def __init__(self, reference: str | Path | bytes, *, threads: int = 1, reference_ms: float | None = None,
+                 sessions: int = 3, min_pairs: int = 20, min_time_s: float = 0.1, max_time_s: float = 3.0) -> None:
+        self.threads, self.sessions = threads, sessions
+        self.min_pairs, self.min_time_s, self.max_time_s = min_pairs, min_time_s, max_time_s
+        self._reference = make_session(reference, threads=threads)
+        self._reference_feed = _feed(self._reference, 1)
+        self.reference_ms = float(reference_ms) if reference_ms is not None else self.calibrate()
+
+    def calibrate(self, passes: int = 5) -> float:
+        """The reference's median in its fastest of `passes` passes: its time on a calm machine."""
+        return min(summarize(time_session(self._reference, self._reference_feed, repeats=30, min_time_s=0.2),
+                             threads=self.threads).median_ms for _ in range(passes))
+
+    def ratios(self, session, feed, reference_feed) -> list[float]:
+        """Candidate time over reference time, one pair of runs each, for at least `min_pairs`
+        pairs and `min_time_s` seconds (or until `max_time_s`)."""
+        reference, candidate = self._reference.run, session.run
+        time_session(session, feed, repeats=5, min_time_s=0.0)  # warm-up: allocation, prepacking
+        ratios: list[float] = []
+        start = time.perf_counter()
+        while True:
+            # Each model runs twice in its turn and the second run is timed: the first brings its
+            # weights back into the caches the other model used, as a model run alone finds them.
+            reference(None, reference_feed)
+            t0 = time.perf_counter()
+            reference(None, reference_feed)
+            t1 = time.perf_counter()
+            candidate(None, feed)
+            t2 = time.perf_counter()
+            candidate(None, feed)
+            t3 = time.perf_counter()
+            ratios.append((t3 - t2) / (t1 - t0))
+            elapsed = t3 - start
+            if (len(ratios) >= self.min_pairs and elapsed >= self.min_time_s) or elapsed >= self.max_time_s:
+                return ratios
+
+    def measure(self, model: str | Path | bytes) -> Measurement:
+        """The model's latency on this machine's calm clock (median_ms) and the spread of its
+        pairwise ratio on the same scale (spread_ms, interquartile)."""
+        ratios: list[float] = []
+        for i in range(self.sessions):
+            session = make_session(model, threads=self.threads)
+            ratios += self.ratios(session, _feed(session, 1, seed=i), _feed(self._reference, 1, seed=i))
+        ratios = np.asarray(ratios) * self.reference_ms
+        q25, median, q75 = np.percentile(ratios, [25, 50, 75])
+        return Measurement(median_ms=float(median), spread_ms=float(q75 - q25),
+                           p10_ms=float(np.percentile(ratios, 10)), min_ms=float(ratios.min()),
+                           raw_median_ms=float(median), runs=int(ratios.size), outliers=0, threads=self.threads)
+
+    def measure_model(self, model: nn.Module, example_input: torch.Tensor) -> LatencyEstimate:
+        """Export `model` to ONNX and read its latency on this clock: the "measured" source."""
+        from edgeopt.evaluators.onnx_export import export_onnx
+        from edgeopt.hw_models.estimate import LatencyEstimate
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(model, example_input[:1], Path(tmp) / "model.onnx")
+            m = self.measure(path)
+        return LatencyEstimate(total_ms=m.median_ms, layers=(), source="measured", target="host",
+                               spread_ms=m.spread_ms)
+
+
 def export_calibration_plans(model: nn.Module, example_input: torch.Tensor, directory: str | Path, *,
                              precisions: Sequence[tuple[int, int]], keep_ratios: Sequence[float] = (1.0, 0.5),
                              random_plans: int = 12, round_to: int = 1,

@@ -14,7 +14,7 @@ from torch import nn
 
 from edgeopt.budget import Budget
 from edgeopt.evaluators.cost import Cost, model_cost
-from edgeopt.evaluators.latency import measure_model_latency
+from edgeopt.evaluators.latency import ReferenceClock, measure_model_latency
 from edgeopt.hw_models.estimate import LatencyEstimate, estimate_latency
 from edgeopt.plan import ModelPlan
 from edgeopt.search.study import CONSTRAINTS, METRICS, PLAN, PLAN_KEY, WORKER, suggest_plan, worker_id
@@ -47,11 +47,15 @@ class HeldOutAccuracy:
         return evaluate(compressed, self.dataset)
 
 
-def target_latency(model: nn.Module, example: torch.Tensor, target) -> LatencyEstimate:
+def target_latency(model: nn.Module, example: torch.Tensor, target,
+                   clock: ReferenceClock | None = None) -> LatencyEstimate:
     """The model's latency on the target: measured whole where the target is this machine (host),
     so that a latency budget in ms is judged on the clock the user reads, through every op
-    and every float/int8 boundary a per-layer table would have to model; estimated elsewhere."""
+    and every float/int8 boundary a per-layer table would have to model (against the search's
+    reference model where a `clock` is given); estimated elsewhere."""
     if target.measurable:
+        if clock is not None:
+            return clock.measure_model(model, example)
         return measure_model_latency(model, example, threads=target.threads)
     return estimate_latency(model, example, target=target)
 
@@ -69,6 +73,10 @@ class Context:
     base: Cost
     proxy: AccuracyProxy
     reduce_range: bool = False
+    clock: ReferenceClock | None = None  # host: every latency of the study on one scale
+
+    def latency(self, model: nn.Module) -> LatencyEstimate:
+        return target_latency(model, self.example_input, self.target, self.clock)
 
     @property
     def size_objective(self) -> bool:
@@ -91,7 +99,7 @@ class Context:
         """Apply and score one plan: the metrics a trial records."""
         compressed = self.compress(plan, calibrate_model=self.proxy.needs_model)
         cost = model_cost(compressed, self.example_input)
-        estimate = target_latency(compressed, self.example_input, self.target)
+        estimate = self.latency(compressed)
         accuracy = float(self.proxy(compressed, plan))
         return {
             "proxy_accuracy": accuracy, "latency_ms": float(estimate.total_ms),

@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from edgeopt.deploy import write_bundle
 from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
-from edgeopt.evaluators.latency import measure_latency
+from edgeopt.evaluators.latency import ReferenceClock, measure_latency
 from edgeopt.evaluators.onnx_export import export_onnx
 from edgeopt.hw_models.estimate import LatencyEstimate
 from edgeopt.hw_models.targets import get_target
@@ -33,7 +34,6 @@ from edgeopt.search.allocate import allocate
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
-from edgeopt.search.objective import target_latency as _target_latency
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PROXIES = ("heldout", "sensitivity")
 STARTS = ("allocated", "hand", "none")
+REFERENCE_MS = "host_reference_ms"  # study attribute: the reference clock's calm time of the base
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,8 +77,13 @@ class SearchConfig:
     # keeps the input size fixed.
     input_scales: tuple[float, ...] = INPUT_SCALES
     depth: bool = True  # residual blocks with an identity shortcut may be dropped
+    # host: the base model's calm time on this machine in ms, where it is already known (several
+    # runs compared on one scale); None times it when the study is opened (ReferenceClock).
+    reference_ms: float | None = None
 
     def __post_init__(self) -> None:
+        if self.reference_ms is not None and not self.reference_ms > 0:
+            raise EdgeoptError(f"reference_ms must be a time in ms above 0, got {self.reference_ms!r}.")
         try:
             scales = Knobs(input_scales=self.input_scales).input_scales
         except EdgeoptError as exc:
@@ -187,8 +193,6 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
         proxy = SensitivityProxy(table, space)
     else:
         proxy = HeldOutAccuracy(data.proxy)
-    context = Context(model=model, space=space, example_input=example, calib=calib, target=target,
-                      budgets=budgets, base=base, proxy=proxy, reduce_range=reduce_range)
     directions = ["maximize", "minimize"] + (["minimize"] if size_matters else [])
     made_for = {
         "target": f"{target.name} ({target.latency_note()})", "budgets": [str(b) for b in budgets],
@@ -200,7 +204,27 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
                        directions=directions, sampler=make_sampler(search.sampler, seed=seed, trials=search.trials),
                        made_for=made_for,
                        metric_names=["accuracy", "latency_ms"] + (["bytes"] if size_matters else []))
+    clock = (_reference_clock(model, example, target, study, given_ms=search.reference_ms, progress=progress)
+             if target.measurable else None)
+    context = Context(model=model, space=space, example_input=example, calib=calib, target=target,
+                      budgets=budgets, base=base, proxy=proxy, reduce_range=reduce_range, clock=clock)
     return context, study
+
+
+def _reference_clock(model: nn.Module, example: torch.Tensor, target, study: optuna.Study, *,
+                     given_ms: float | None, progress: bool) -> ReferenceClock:
+    """The host clock every latency of this study is read on: the base model is its reference,
+    timed in a calm phase once per study (the first process to open it, unless `given_ms` says
+    its time) and kept in the study, so that resumed runs and other workers read on one scale."""
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = export_onnx(model, example, Path(tmp) / "reference.onnx").read_bytes()
+    stored = study.user_attrs.get(REFERENCE_MS, given_ms)
+    if stored is None and progress:
+        print("Timing the base model, the reference of every latency measured here ...", file=sys.stderr)
+    clock = ReferenceClock(reference, threads=target.threads, reference_ms=stored)
+    if REFERENCE_MS not in study.user_attrs:
+        study.set_user_attr(REFERENCE_MS, clock.reference_ms)
+    return clock
 
 
 def run_search(context: Context, study: optuna.Study, trials: int, *, progress: bool) -> None:
@@ -248,8 +272,8 @@ def optimize(model: nn.Module, data, *, target="pi4", budget: str | Budget | Seq
     model = canonical(model).eval()
     context, study = prepare(model, data, target=target, budgets=budgets, search=search, out_dir=out_dir,
                              seed=search.seed, progress=progress)
-    example, base_cost = context.example_input, context.base
-    base_latency = _target_latency(model, example, target)
+    base_cost = context.base
+    base_latency = context.latency(model)
     base_violations = [b.violation({"macs": base_cost.macs, "latency_ms": base_latency.total_ms,
                                     "bytes": base_cost.bytes}[b.metric], base_cost.macs) for b in budgets]
     binds = any(v > 0 for v in base_violations)
@@ -397,7 +421,7 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
             model = context.compress(plan, calibrate_model=False)
             if budget.metric == "macs":
                 return float(context.budget_macs(model_cost(model, context.example_input)))
-            return _target_latency(model, context.example_input, context.target).total_ms
+            return context.latency(model).total_ms
         return metric
 
     plans: list[ModelPlan] = []
@@ -438,7 +462,7 @@ def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:
     burst of load during one trial's timing does not decide between close plans."""
     measured = []
     for t in tuned:
-        ms = _target_latency(t.model, context.example_input, context.target).total_ms
+        ms = context.latency(t.model).total_ms
         violations = tuple(context.violations(model_cost(t.model, context.example_input), ms))
         candidate = replace(t.candidate, latency_ms=ms, violations=violations, latency_measured=True)
         measured.append(Finetuned(candidate=candidate, model=t.model))
@@ -465,7 +489,7 @@ def _tune_the_rest(candidates: list[Candidate], tuned: list[Finetuned], context:
         timed = []
         for c in rest:
             model = context.compress(c.plan)
-            ms = _target_latency(model, context.example_input, context.target).total_ms
+            ms = context.latency(model).total_ms
             if all(v <= 0 for v in context.violations(model_cost(model, context.example_input), ms)):
                 timed.append(c)
         rest = timed
@@ -513,7 +537,7 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
         if shown.latency_measured:  # the timing the selection rule compared
             latency_ms, latency_source = shown.latency_ms, "measured"
         else:
-            estimate = _target_latency(model_out, example, context.target)
+            estimate = context.latency(model_out)
             latency_ms, latency_source = estimate.total_ms, estimate.source
         host_ms, host_spread = _host_latency(model_out, example, onnx_path)
         # run.py and the device README beside the model: selected/ is what goes to the device.

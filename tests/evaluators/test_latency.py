@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgeopt import EdgeoptError, export_onnx, measure_latency
-from edgeopt.evaluators.latency import calibration_samples, measure_model_latency, summarize
+from edgeopt.evaluators.latency import ReferenceClock, calibration_samples, measure_model_latency, summarize
 from edgeopt.hw_models.lut import LayerKey
 from edgeopt.hw_models.profiler import layer_model
 
@@ -52,6 +52,20 @@ def test_a_thousand_times_the_work_measures_slower():
     big = measure_latency(layer_model(LayerKey("conv", 128, 128, (3, 3), (1, 1), 1, (56, 56))),
                           repeats=5, min_time_s=0.05)
     assert big.median_ms > 20 * tiny.median_ms  # ~460 MMACs against 64 MACs
+
+
+def test_the_reference_clock_reads_models_against_its_reference():
+    small = layer_model(LayerKey("conv", 4, 4, (1, 1), (1, 1), 1, (4, 4)))
+    big = layer_model(LayerKey("conv", 64, 64, (3, 3), (1, 1), 1, (56, 56)))  # ~115 MMACs
+    clock = ReferenceClock(small, min_pairs=5, min_time_s=0.01)
+    assert clock.reference_ms > 0
+    itself = clock.measure(small)
+    assert itself.runs >= 3 * 5 and itself.spread_ms >= 0
+    # The reference against itself reads near its own time; a model of a million times the work
+    # far above it, on the scale the reference was given.
+    assert 0.5 * clock.reference_ms < itself.median_ms < 2 * clock.reference_ms
+    scaled = ReferenceClock(small, reference_ms=1.0, min_pairs=5, min_time_s=0.01)
+    assert scaled.reference_ms == 1.0 and scaled.measure(big).median_ms > 20
 
 
 def test_measure_latency_errors_say_what_to_do(tmp_path):

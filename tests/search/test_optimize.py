@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import onnxruntime as ort
 import pytest
 import torch
@@ -151,19 +153,21 @@ def test_candidates_estimated_within_budget_are_measured_before_none_is_said_to_
     """Where the finalists measure over a latency budget the estimate said they meet, the other
     candidates the estimate puts within it are timed and fine-tuned before the run gives up."""
     from edgeopt.hw_models.estimate import LatencyEstimate
-    from edgeopt.search import optimize as optimize_module
+    from edgeopt.search import objective as objective_module
 
-    real = optimize_module._target_latency
+    real = objective_module.target_latency
     calls = []
 
-    def measured(model, example, target):
+    def measured(model, example, target, clock=None):
+        if sys._getframe(2).f_code.co_name == "measure":  # a trial of the search (Context.measure)
+            return real(model, example, target, clock)
         calls.append(1)
         if len(calls) == 1:  # the base model
-            return real(model, example, target)
+            return real(model, example, target, clock)
         ms = 1e4 if len(calls) <= 1 + FAST_FT.top else 1e-3  # the first finalists measure over budget
         return LatencyEstimate(total_ms=ms, layers=(), source="measured", target=target.name)
 
-    monkeypatch.setattr(optimize_module, "_target_latency", measured)
+    monkeypatch.setattr(objective_module, "target_latency", measured)
     result = optimize(trained, bundle, target="host", budget="1000ms", out=tmp_path, progress=True,
                       search=SearchConfig(trials=8, seed=0, calib_batches=2), finetune_config=FAST_FT)
     assert "trying the" in capsys.readouterr().err
@@ -241,3 +245,28 @@ def test_starting_plans_add_uniform_2_4_only_where_the_target_runs_it_fast(bundl
     assert len(sparse["jetson-orin-nano"]) == 1
     plan = sparse["jetson-orin-nano"][0]
     assert all((lp.w_bits, lp.a_bits, lp.keep_ratio) == (8, 8, 1.0) for lp in plan.layers.values())
+
+
+def test_a_host_study_reads_every_latency_on_the_reference_timed_when_it_was_opened(
+        bundle, trained, tmp_path, monkeypatch):
+    """The base model's calm time is measured once per study and kept in it: a resumed run (or
+    another worker) reads its trials on the same scale instead of timing a reference of its own."""
+    from edgeopt.budget import parse_budget
+    from edgeopt.evaluators.latency import ReferenceClock
+    from edgeopt.hw_models.targets import get_target
+    from edgeopt.search.optimize import REFERENCE_MS, prepare
+
+    search = SearchConfig(trials=2, seed=0, calib_batches=1)
+    opened = dict(target=get_target("host"), budgets=(parse_budget("1ms"),), search=search, out_dir=tmp_path, seed=0)
+    first, study = prepare(trained, bundle, **opened)
+    assert first.clock.reference_ms == study.user_attrs[REFERENCE_MS] > 0
+    monkeypatch.setattr(ReferenceClock, "calibrate", lambda self, passes=5: pytest.fail("timed the reference again"))
+    again, _ = prepare(trained, bundle, **opened)
+    assert again.clock.reference_ms == first.clock.reference_ms
+    assert again.latency(trained).source == "measured"
+    given, study = prepare(trained, bundle, **{**opened, "out_dir": tmp_path / "given",
+                                              "search": SearchConfig(trials=2, calib_batches=1, reference_ms=2.5)})
+    assert given.clock.reference_ms == study.user_attrs[REFERENCE_MS] == 2.5
+    # Another target has no clock: its latencies are estimates.
+    pi4, _ = prepare(trained, bundle, **{**opened, "target": get_target("pi4"), "out_dir": tmp_path / "pi4"})
+    assert pi4.clock is None and pi4.latency(trained).source != "measured"
