@@ -97,6 +97,14 @@ def mixed_plan(space: SearchSpace) -> ModelPlan:
     return plan
 
 
+def shrunk_plan(space: SearchSpace) -> ModelPlan:
+    """Uniform int8 at keep 0.75 on 3/4 of the input size, every other residual block dropped:
+    issue 19's knobs, which the bundle's run.py must follow (a second resize on the float image)."""
+    plan = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75)
+    assert 0.75 in space.input_sizes, space.input_sizes
+    return ModelPlan(layers=plan.layers, input_scale=0.75, dropped=frozenset(space.blocks[::2]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, coverage_log):
@@ -116,7 +124,7 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
     example = x[:1]
     space = SearchSpace.from_model(model, example)
     plans = {"fp32": space.uniform(), "uniform int8": space.uniform(w_bits=8, a_bits=8),
-             "mixed (pruned, 2:4, float layers)": mixed_plan(space)}
+             "mixed (pruned, 2:4, float layers)": mixed_plan(space), "shrunk": shrunk_plan(space)}
     runs = {}
     for name, plan in plans.items():
         # pi4 keeps full-range int8 weights (reduce_range=False): the A72's kernels take them.
@@ -132,7 +140,8 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # From the plan: layers it leaves untouched are not among the model's compressed layers.
         quantized = [lp.w_bits not in FLOAT_BITS and lp.a_bits == 8 for lp in plan.layers.values()]
-        kind = ("integer" if all(quantized) and integer_only(small) else
+        kind = ("resized" if plan.input_scale < 1 else
+                "integer" if all(quantized) and integer_only(small) else
                 "mixed" if any(quantized) and integer_only(small) else "float" if not any(quantized) else "other")
         runs[name] = (proc, time.perf_counter(), folder, ref, kind)
     failures = []
@@ -150,12 +159,15 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
             # Every layer an integer layer: onnxruntime's ARM kernels compute the same integers,
             # and only the float rounding of the last dequantization can differ.
             rule, ok = "integer layers only: within 1e-5 on every input", off == 0
-        elif kind == "mixed":
+        elif kind in ("mixed", "resized"):
             # Integer layers read float layers' outputs: where two float kernels' last bits put a
             # value on the other side of the next quantizer's rounding tie, that input's scores
             # move by a quantization step (README, "The compression API"); every other input is
             # exact. At most one input in eight may, by at most 5% of the largest score.
-            rule = "integer and float layers: within 1e-5 but for rounding ties"
+            # A resized input differs from torch's resize by float rounding (under 1e-5), which
+            # reaches the first quantizer's ties the same way.
+            rule = ("integer and float layers" if kind == "mixed" else "resized in run.py") + \
+                ": within 1e-5 but for rounding ties"
             ok = off <= INPUTS // 8 and diff <= 0.05 * scale
         elif kind == "float":
             rule, ok = "float: within 1e-4, two float kernels' rounding", diff <= 1e-4 * scale
@@ -170,3 +182,69 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
         if flips or not ok:
             failures.append(coverage_log[-1])
     assert not failures, failures
+
+
+CASCADE_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])  # the project's torch-free cascade runner, as the device imports it
+import numpy as np
+from edgeopt.deploy.cascade import Cascade
+scores, sent_on = Cascade.load(sys.argv[2]).scores(np.load(sys.argv[3]))
+np.save(sys.argv[4], scores)
+np.save(sys.argv[5], sent_on)
+"""
+
+
+@pytest.mark.slow
+def test_a_cascade_runs_on_arm64_onnxruntime_as_in_pytorch(tmp_path, coverage_log):
+    """`edgeopt.Cascade` on the Pi's kernels: a small model at 3/4 of the input size (which the
+    runner resizes to) and a large one, each input answered by the one PyTorch's cascade picks,
+    with its top-1."""
+    import json
+
+    from edgeopt.deploy.cascade import CASCADE_FILE
+
+    python = _arm64_python()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    pi4 = get_target("pi4")
+    prep = preprocessing(SIZE, classes=CLASSES)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(INPUTS, 3, SIZE, SIZE, generator=generator)
+    model = settle_batchnorm(MODELS["edgenet"](), [torch.randn(32, 3, SIZE, SIZE, generator=generator) for _ in range(4)])
+    fit_head(model, torch.cat([x, torch.randn(96, 3, SIZE, SIZE, generator=generator)]), classes=CLASSES)
+    example = x[:1]
+    space = SearchSpace.from_model(model, example)
+    folder = tmp_path / "cascade"
+    members = {}
+    for role, plan in (("small", shrunk_plan(space)), ("large", space.uniform(w_bits=8, a_bits=8))):
+        member = apply_plan(model, plan, example, calib_data=[x], round_to=pi4.channel_multiple, space=space)
+        export_onnx(member, example, folder / f"{role}.onnx", preprocessing=prep)
+        with torch.no_grad():
+            members[role] = member(x).numpy()
+    confidence = torch.softmax(torch.from_numpy(members["small"]), 1).max(1).values.sort().values.numpy()
+    # Half the inputs go on, with the threshold midway between two of them: no input sits on it.
+    threshold = float(confidence[INPUTS // 2 - 1] + confidence[INPUTS // 2]) / 2
+    assert confidence[INPUTS // 2] - confidence[INPUTS // 2 - 1] > 1e-4
+    (folder / CASCADE_FILE).write_text(json.dumps({"threshold": threshold, "small": {"file": "small.onnx"},
+                                                   "large": {"file": "large.onnx"}}))
+    np.save(tmp_path / "x.npy", x.numpy())
+    (tmp_path / "driver.py").write_text(CASCADE_DRIVER)
+    outputs = [tmp_path / "scores.npy", tmp_path / "sent_on.npy"]
+    done = subprocess.run([*python, str(tmp_path / "driver.py"), str(Path(__file__).resolve().parents[2]),
+                           str(folder), str(tmp_path / "x.npy"), *map(str, outputs)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores, sent_on = (np.load(path) for path in outputs)
+    small_confidence = torch.softmax(torch.from_numpy(members["small"]), 1).max(1).values.numpy()
+    expected_sent = small_confidence < threshold
+    expected = np.where(expected_sent[:, None], members["large"], members["small"])
+    flips = int((scores.argmax(1) != expected.argmax(1)).sum())
+    coverage_log.append(f"ARM64 cascade (edgenet, small at 24x24 + large): {int(sent_on.sum())}/{INPUTS} sent on "
+                        f"(PyTorch: {int(expected_sent.sum())}), top-1 agrees on {INPUTS - flips}/{INPUTS}, "
+                        f"largest score difference {float(np.abs(scores - expected).max()):.3g}")
+    assert sent_on.sum() == INPUTS // 2 and (sent_on == expected_sent).all(), coverage_log[-1]
+    assert flips == 0, coverage_log[-1]
+    # Both members are integer layers only; the small one's resize may reach a rounding tie.
+    scale = float(np.abs(expected).max())
+    assert int((np.abs(scores - expected).max(1) > 1e-5 * scale).sum()) <= INPUTS // 8, coverage_log[-1]
