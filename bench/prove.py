@@ -581,6 +581,28 @@ def commit_models(base: str, target: str, pieces: dict, summary: dict) -> dict:
     return manifest
 
 
+def cascade_rows(folder: Path, pieces: dict) -> dict:
+    """The cascade each edgeopt run wrote (cascade/cascade.json) against the most accurate model
+    that run fine-tuned, on the same clock (issue 19: within 0.3 points at no more than 0.7x its
+    latency). Validation accuracy both."""
+    from edgeopt.deploy.cascade import CASCADE_FILE
+
+    rows = {}
+    for name, piece in pieces.items():
+        path = folder / name / "cascade" / CASCADE_FILE
+        if not (name.startswith("edgeopt-") and path.exists() and piece.get("finetuned")):
+            continue
+        spec = json.loads(path.read_text())
+        best = max(piece["finetuned"], key=lambda f: f["accuracy"])
+        ratio = spec["expected_latency_ms"] / best["latency_ms"]
+        rows[name] = {"accuracy": spec["accuracy"], "expected_latency_ms": spec["expected_latency_ms"],
+                      "worst_case_ms": spec["worst_case_ms"], "share_sent_on": spec["share_sent_on"],
+                      "threshold": spec["threshold"], "most_accurate_finetuned": best,
+                      "latency_ratio": round(ratio, 3),
+                      "meets_issue_19": spec["accuracy"] >= best["accuracy"] - 0.3 and ratio <= 0.7}
+    return rows
+
+
 def report(args) -> dict:
     runs = {}
     for folder in sorted((args.cache / "prove").glob("*-*")):
@@ -591,6 +613,10 @@ def report(args) -> dict:
         summary = summarize(base, target, pieces)
         if summary:
             summary["committed_models"] = commit_models(base, target, pieces, summary)
+            cascades = cascade_rows(folder, pieces)
+            if cascades:
+                summary["cascades"] = cascades
+                summary["targets"]["cascade_07x"] = any(c["meets_issue_19"] for c in cascades.values())
             runs[f"{base}/{target}"] = summary
     result = {"runs": runs, "machine": machine() | {"cpu_name": _cpu_name()}, "commit": commit(),
               "settings": {"trials": args.trials, "finetune_epochs": args.finetune_epochs, "budgets_percent": BUDGETS,
