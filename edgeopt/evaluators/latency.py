@@ -160,12 +160,18 @@ def measure_model_latency(model: nn.Module, example_input: torch.Tensor, *, thre
                           repeats: int = 50, min_time_s: float = 0.3) -> LatencyEstimate:
     """Export `model` (plain or made by apply_plan) to ONNX and measure it here: the
     "measured" latency source, for targets that can be measured on this machine (host)."""
+    return exported_latency(model, example_input, lambda path: measure_latency(
+        path, threads=threads, repeats=repeats, min_time_s=min_time_s))
+
+
+def exported_latency(model: nn.Module, example_input: torch.Tensor,
+                     measure: Callable[[Path], Measurement]) -> LatencyEstimate:
+    """`model` exported to a temporary ONNX file and timed there by `measure`."""
     from edgeopt.evaluators.onnx_export import export_onnx
     from edgeopt.hw_models.estimate import LatencyEstimate
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, example_input[:1], Path(tmp) / "model.onnx")
-        m = measure_latency(path, threads=threads, repeats=repeats, min_time_s=min_time_s)
+        m = measure(export_onnx(model, example_input[:1], Path(tmp) / "model.onnx"))
     return LatencyEstimate(total_ms=m.median_ms, layers=(), source="measured", target="host",
                            spread_ms=m.spread_ms)
 
@@ -177,8 +183,8 @@ class ReferenceClock:
     A VM's clock is not steady: the same ONNX file measured 0.77 ms and 1.03 ms minutes apart here,
     and a search that timed its trials at different moments compared them across those phases
     (BENCHMARKS.md, "First run on the trained base models"). Slow phases last seconds, so the
-    reference and the candidate run alternately, one run each, see the same phase: the ratio of
-    their times in a pair is steady where each time is not (bench/clock.py measures by how much).
+    reference and the candidate, run in turn, see the same phase: the ratio of their times in a
+    turn is steady where each time is not (bench/clock.py measures by how much).
     A second effect is not the clock's: an int8 model with float islands (edgeopt's residual sums)
     runs 0.75 or 1.1 ms here depending on where its input buffer lies, steadily for one buffer
     and at random across them, so the pairs are spread over `sessions` fresh sessions and inputs.
@@ -201,8 +207,8 @@ class ReferenceClock:
                              threads=self.threads).median_ms for _ in range(passes))
 
     def ratios(self, session, feed, reference_feed) -> list[float]:
-        """Candidate time over reference time, one pair of runs each, for at least `min_pairs`
-        pairs and `min_time_s` seconds (or until `max_time_s`)."""
+        """Candidate time over reference time, one turn of each model per ratio, for at least
+        `min_pairs` ratios and `min_time_s` seconds (or until `max_time_s`)."""
         reference, candidate = self._reference.run, session.run
         time_session(session, feed, repeats=5, min_time_s=0.0)  # warm-up: allocation, prepacking
         ratios: list[float] = []
@@ -238,14 +244,7 @@ class ReferenceClock:
 
     def measure_model(self, model: nn.Module, example_input: torch.Tensor) -> LatencyEstimate:
         """Export `model` to ONNX and read its latency on this clock: the "measured" source."""
-        from edgeopt.evaluators.onnx_export import export_onnx
-        from edgeopt.hw_models.estimate import LatencyEstimate
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(model, example_input[:1], Path(tmp) / "model.onnx")
-            m = self.measure(path)
-        return LatencyEstimate(total_ms=m.median_ms, layers=(), source="measured", target="host",
-                               spread_ms=m.spread_ms)
+        return exported_latency(model, example_input, self.measure)
 
 
 def export_calibration_plans(model: nn.Module, example_input: torch.Tensor, directory: str | Path, *,
