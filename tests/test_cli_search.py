@@ -228,7 +228,7 @@ def test_killed_run_resumes_without_losing_or_repeating_trials(folder, tmp_path)
     proc.wait()
     before = {t.user_attrs["plan_key"] for t in _completed(out)}
     assert 3 <= len(before) < 10
-    done = subprocess.run(_command(folder, out, 10), cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(_command(folder, out, 10), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     after = _completed(out)
     keys = [t.user_attrs["plan_key"] for t in after]

@@ -25,6 +25,10 @@ PLAN_KEY = "plan_key"
 CONSTRAINTS = "constraints"
 METRICS = "metrics"
 WORKER = "worker"  # host:pid of the process measuring the trial
+# A trial is signed (WORKER) by its objective's first line, milliseconds after Optuna starts it;
+# one still unsigned after this long belongs to a process killed in between, which nothing else
+# would ever fail: a resumed run waited for it forever.
+UNSIGNED_GRACE_S = 60.0
 JOINED = "joined "  # study attribute per process that opened the study: JOINED + host:pid -> time
 MADE_FOR = "made for"  # study attribute: what the study's trials were measured for (see open_study)
 
@@ -253,11 +257,18 @@ def fail_dead_trials(study: optuna.Study) -> None:
 
 def fail_orphans(study: optuna.Study) -> int:
     """Mark as failed the running trials whose worker process on this machine is gone (a run
-    killed mid-trial): their plans become free again and they stop counting. Workers on other
-    machines are left alone; an RDB storage's heartbeat covers those."""
+    killed mid-trial), and those never signed by a worker within UNSIGNED_GRACE_S of their start
+    (killed before its objective began): their plans become free again and they stop counting.
+    Signed trials of other machines are left alone; an RDB storage's heartbeat covers those."""
     failed = 0
+    now = datetime.now()  # Optuna stamps a trial's start in its process's local time
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if local_worker_gone(trial.user_attrs.get(WORKER, "")):
+        worker = trial.user_attrs.get(WORKER)
+        if worker is None:
+            gone = trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() > UNSIGNED_GRACE_S
+        else:
+            gone = local_worker_gone(worker)
+        if gone:
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             failed += 1
     return failed

@@ -188,3 +188,20 @@ def test_a_result_done_elsewhere_but_missing_here_says_to_share_the_folder(tmp_p
     done = set()
     tasks.do([failed_spec], stored=done.__contains__, work=lambda s: (done.add(s["task"]) or {}, 1.0))
     assert done == {"k2"} and isinstance(tasks, FinetuneTasks)
+
+
+def test_a_trial_its_process_never_signed_is_failed_after_the_grace(tmp_path, monkeypatch):
+    """A run killed between Optuna starting a trial and the objective's first line leaves a
+    running trial with no worker on it; a resumed run must not wait for it forever (it did)."""
+    from edgeopt.search import study as study_module
+    from edgeopt.search.study import fail_orphans, make_storage
+
+    study = optuna.create_study(storage=make_storage(None, tmp_path), study_name="edgeopt")
+    unsigned = study.ask()  # running, as the killed process left it
+    signed = study.ask()
+    signed.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")  # this process: alive
+    assert fail_orphans(study) == 0  # moments old: its process may be about to sign it
+    monkeypatch.setattr(study_module, "UNSIGNED_GRACE_S", -1.0)  # as if the grace had passed
+    assert fail_orphans(study) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {unsigned.number: optuna.trial.TrialState.FAIL, signed.number: optuna.trial.TrialState.RUNNING}
