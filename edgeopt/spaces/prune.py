@@ -16,6 +16,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import graph as tp_graph
 from torch_pruning.dependency import group as tp_group
+from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping, shape_infer
 from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
 
@@ -31,8 +32,13 @@ log = logging.getLogger(__name__)
 # and around split-and-sum blocks (ResNeSt, EfficientViT) the traversal passes the same reshapes
 # hundreds of times: resnest14d's 20 groups took 37 s. A group whose mappings make more index
 # objects than 8 times the elements of the model's largest activation (no index can be into
-# more; alexnet's classifier group passes its flatten 6 times) is given up as unprunable.
+# more; alexnet's classifier group passes its flatten 6 times) is given up as unprunable. So is
+# one whose single mapping makes more indices than twice that activation's elements: no tensor
+# of the model has that many channels x positions to index, only a chain of reshapes multiplied
+# out does, and stopping at the first such mapping spares the rest of the budget (swin_v2_t's
+# groups made 14 million index objects before their budgets ran out).
 MAPPED_INDICES_PER_ELEMENT = 8
+MAPPED_INDICES_PER_CALL = 2
 MIN_MAPPED_INDICES = 20_000
 
 
@@ -42,14 +48,23 @@ class MappingExplodes(RuntimeError):
 
 class _BoundedFlattenMapping(index_mapping._FlattenIndexMapping):
     budget = remaining = MIN_MAPPED_INDICES  # set for each group (see _mapping_rules)
+    per_call = MIN_MAPPED_INDICES
 
     def __call__(self, idxs):
         made = len(idxs) if self.reverse else len(idxs) * self._stride
+        if made > _BoundedFlattenMapping.per_call:
+            raise MappingExplodes(f"one reshape mapped its channels to {made:,} indices, more than the model's "
+                                  "tensors hold (a chain of reshapes multiplied out)")
         _BoundedFlattenMapping.remaining -= made
         if _BoundedFlattenMapping.remaining < 0:
             raise MappingExplodes(f"mapping its channels through reshapes took over {_BoundedFlattenMapping.budget:,} "
                                   "indices (chains of reshapes, or the same reshapes passed again and again)")
-        return super().__call__(idxs)
+        # Torch-Pruning's own mapping, with its index tuples made by tuple.__new__ instead of
+        # by keyword (half the time, where these tuples are most of from_model's).
+        make, stride = tuple.__new__, self._stride
+        if self.reverse:
+            return list({make(_HybridIndex, (i.idx // stride, i.root_idx)) for i in idxs})
+        return [make(_HybridIndex, (k, i.root_idx)) for i in idxs for k in range(i.idx * stride, (i.idx + 1) * stride)]
 
 
 def _bounded_group(limit: int):
@@ -131,6 +146,7 @@ def _mapping_rules(graph: TolerantDependencyGraph):
 
     index_mapping.update_index_mapping, tp_graph.Group = update_once, _bounded_group(4 * len(graph.module2node) + 100)
     _BoundedFlattenMapping.budget = _BoundedFlattenMapping.remaining = graph.mapping_budget
+    _BoundedFlattenMapping.per_call = graph.mapping_per_call
     try:
         with _bounded_flatten():
             yield
@@ -167,6 +183,7 @@ class TolerantDependencyGraph(tp.DependencyGraph):
             for hook in hooks:
                 hook.remove()
         self.mapping_budget = max(MIN_MAPPED_INDICES, MAPPED_INDICES_PER_ELEMENT * largest[0])
+        self.mapping_per_call = max(MIN_MAPPED_INDICES, MAPPED_INDICES_PER_CALL * largest[0])
         self._build_dependency(self.module2node)
         with _memoized_shape_inference(), _bounded_flatten():
             self._map_indices()
