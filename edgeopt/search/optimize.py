@@ -27,9 +27,12 @@ from edgeopt.evaluators.cost import model_cost
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.evaluators.latency import ReferenceClock, measure_latency
 from edgeopt.evaluators.onnx_export import export_onnx
-from edgeopt.hw_models.estimate import LatencyEstimate
+from edgeopt.evaluators.node_profile import profile_layers
+from edgeopt.hw_models.estimate import LatencyEstimate, estimate_latency
 from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import INPUT_SCALES, NM, ModelPlan
+from edgeopt.layers import trace_layers
+from edgeopt.search.accounting import LAYERS_FILE, account_layers, report_lines, write_layers_csv
 from edgeopt.search.allocate import allocate
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.tasks import FinetuneTasks
@@ -381,7 +384,7 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
         shown_accuracy = (evaluate(model_out, data.val), "validation, not fine-tuned")
     summary = _write_outputs(
         out_dir, candidates=candidates, budgets=budgets, selected=selected, shown=shown, model_out=model_out,
-        shown_accuracy=shown_accuracy, context=context, tuned=tuned, cascade=cascade, data=data,
+        shown_accuracy=shown_accuracy, context=context, tuned=tuned, cascade=cascade, data=data, progress=progress,
         base={"accuracy": base_accuracy, "macs": base_cost.macs, "bytes": base_cost.bytes,
               "latency_ms": base_latency.total_ms, "latency_source": base_latency.source},
         header={"model": model_name or type(model).__name__, "data": data.description,
@@ -522,12 +525,14 @@ def _cascade(tuned: list[Finetuned], budgets: tuple[Budget, ...], *, data, selec
 
 
 def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model_out, shown_accuracy, context,
-                   tuned, base: dict, header: dict, base_model: nn.Module, cascade=None, data=None) -> dict:
+                   tuned, base: dict, header: dict, base_model: nn.Module, cascade=None, data=None,
+                   progress: bool = False) -> dict:
     example = context.example_input
     trials_frame(candidates, budgets).to_csv(out_dir / "trials.csv", index=False)
     base_onnx = export_onnx(base_model, example, out_dir / "base.onnx", preprocessing=header["preprocessing"])
     base["host_ms"], base["host_spread_ms"] = _host_latency(base_model, example, base_onnx)
     summary = {**header, "base": base, "selected": None, "closest": []}
+    layer_section: list[str] = []
     if shown is not None and model_out is not None:
         sel_dir = out_dir / "selected"
         sel_dir.mkdir(exist_ok=True)
@@ -553,6 +558,8 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
                "dropped_blocks": sorted(shown.plan.dropped)}
         if selected is not None:
             summary["selected"] = row
+        layer_section = _account_layers(out_dir, base_model, model_out, shown.plan, base_onnx, onnx_path, context,
+                                        progress=progress)
     if selected is None:
         # The saved one first, with the accuracy of what was saved.
         listed = ([shown] if shown is not None else []) + [c for c in closest(candidates, 3)
@@ -589,6 +596,31 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
                        if cascade is not None else None)
     plot_pareto_png(info, out_dir / "pareto.png", target=context.target.name)
     plot_pareto_html(info, out_dir / "pareto.html", target=context.target.name)
-    write_report(out_dir / "report.md", summary=summary)
+    write_report(out_dir / "report.md", summary=summary, layer_section=layer_section)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _account_layers(out_dir: Path, base_model: nn.Module, model_out: nn.Module, plan: ModelPlan, base_onnx: Path,
+                    onnx_path: Path, context: Context, *, progress: bool) -> list[str]:
+    """layers.csv and report.md's per-layer section: the saved model against the base, layer by
+    layer, with onnxruntime's per-node profile of both exported models on this machine."""
+    example, target = context.example_input, context.target
+    if progress:
+        print("Profiling the base and the saved model layer by layer ...", file=sys.stderr)
+    base_layers = trace_layers(canonical(base_model), example[:1])
+    names = [spec.fqn for spec in base_layers]
+    try:
+        base_profile, profile = profile_layers(base_onnx, names), profile_layers(onnx_path, names)
+    except Exception as exc:  # the accounting explains the result; it must not lose it
+        log.warning("onnxruntime's profiler could not time the models layer by layer (%s: %s); layers.csv "
+                    "has the estimates only", type(exc).__name__, exc)
+        base_profile = profile = None
+    rows = account_layers(
+        plan=plan, base_layers=base_layers, layers=trace_layers(canonical(model_out), input_for(model_out, example[:1])),
+        modules=compressed_layers(model_out), base_estimate=estimate_latency(base_model, example, target=target),
+        estimate=estimate_latency(model_out, example, target=target), base_profile=base_profile, profile=profile,
+        measured_clock=target.measurable, target=target.name, simd=target.channel_multiple)
+    write_layers_csv(rows, out_dir / LAYERS_FILE)
+    between = (sum(base_profile.between.values()), sum(profile.between.values())) if profile else None
+    return report_lines(rows, target=target.name, measured_clock=target.measurable, between=between)

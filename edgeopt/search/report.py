@@ -144,8 +144,9 @@ PROXY_TEXT = {
 }
 
 
-def write_report(path: Path, *, summary: dict) -> None:
-    """report.md: what was run, base vs selected, and how the selection was made."""
+def write_report(path: Path, *, summary: dict, layer_section: list[str] = ()) -> None:
+    """report.md: what was run, base vs selected, how the selection was made, and (from
+    `edgeopt.search.accounting`) what each layer's compression paid."""
     s = summary
     lines = [
         "# edgeopt report", "",
@@ -222,6 +223,7 @@ def write_report(path: Path, *, summary: dict) -> None:
                   "not this machine's. On an x86 CPU without VNNI, int8 depthwise layers run no faster "
                   "than float ones, and every switch between float and int8 costs time (BENCHMARKS.md). "
                   "For a model to run fast here, optimize for `--target host`.", ""]
+    lines += list(layer_section)
     if s.get("kendall_tau") is not None:
         lines.append(f"Kendall tau between proxy and fine-tuned accuracy over the fine-tuned "
                      f"candidates: {s['kendall_tau']:.2f}.")

@@ -48,6 +48,19 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
         assert "## Cascade" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     assert "Selection rule" in report and "pi4" in report
+    # Layer by layer, the selected model against the base (layers.csv, and a section of report.md):
+    # a row per base layer, whose MACs are what the selected model's layers do.
+    import pandas as pd
+
+    from edgeopt.layers import trace_layers
+
+    layers = pd.read_csv(out / "layers.csv")
+    base_layers = trace_layers(trained, bundle.val.tensors[0][:1])
+    assert list(layers["layer"]) == [spec.fqn for spec in base_layers]
+    now = {spec.fqn: spec.macs for spec in trace_layers(result.model, input_for(result.model, bundle.val.tensors[0][:1]))}
+    assert layers.set_index("layer")["macs"].to_dict() == {spec.fqn: now.get(spec.fqn, 0) for spec in base_layers}
+    assert layers["base_measured_ms"].gt(0).all() and layers["measured_ms"].notna().all()
+    assert "## Per layer: what paid" in report
     # pi4's figures are for ncnn and the bundle runs onnxruntime: the report and the device README say so.
     assert "figures are for ncnn" in report and "runs onnxruntime" in report
     assert "optimize profile" in (out / "selected" / "README.md").read_text()
