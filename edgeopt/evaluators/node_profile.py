@@ -12,6 +12,9 @@ the nodes it times are not the exported ones. Each timed node is charged to a la
 - anything else (adds, pools, activations no layer absorbed) runs between layers and is kept
   under its op type.
 
+The profiler's own cost per node is measured against the same model's unprofiled runs and
+taken out of every node equally (a node faster than that keeps nothing), so that a model of many
+small nodes is not charged the profiler's time.
 onnxruntime is imported lazily.
 """
 
@@ -24,8 +27,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgeopt.errors import EdgeoptError
-from edgeopt.evaluators.latency import _feed
+from edgeopt.evaluators.latency import _feed, summarize, time_session
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops that carry a layer's value on unchanged in its channels: a fused node named after their
@@ -42,6 +47,7 @@ _TAIL = re.compile(r"(_token_\d+|_nchwc|_quant|_Q|_DQ)+$")
 class LayerTime:
     kernel_ms: float  # the layer's own (fused) kernel
     serving_ms: float  # quantizers and layout changes that serve it
+    spread_ms: float = 0.0  # of kernel + serving, between the fastest and slowest session
 
     @property
     def ms(self) -> float:
@@ -54,7 +60,9 @@ class NodeProfile:
 
     layers: dict[str, LayerTime]
     between: dict[str, float]  # op type -> ms of the nodes no layer owns
-    total_ms: float  # every timed node
+    total_ms: float  # every timed node, the profiler's own cost taken out (at most whole_ms)
+    whole_ms: float  # the same model's median run in a session without the profiler
+    overhead_ms: float  # the profiler's cost per node, taken out of each node's time
     runs: int
     threads: int
     nodes: list[tuple[str, str, float, str | None]] = field(default_factory=list)  # (node, op, ms, layer)
@@ -124,36 +132,29 @@ def _own_layer(name: str, node_layer: dict[str, str], tensor_layer: dict[str, st
     return max(prefixed, key=len) if prefixed else None
 
 
-def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20, warmup: int = 5) -> NodeProfile:
-    """Time `path` (an ONNX model exported by `export_onnx`) node by node with onnxruntime's
-    profiler and charge each node to one of `layers` (layer names, as in the plan) or to the ops
-    between them."""
-    import onnx
+def _profiled_session(path: Path, options, feed_seed: int, *, runs: int, warmup: int, threads: int
+                      ) -> tuple[dict[str, float], dict[str, str], float, float]:
+    """One fresh session's mean ms per node (the profiler's own cost taken out), each node's op,
+    the unprofiled median run and the overhead per node."""
     import onnxruntime as ort
 
-    layers = set(layers)
-    path = Path(path)
-    exported = onnx.load(str(path))
-    node_layer, tensor_layer = _exported_names(exported, layers)
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 3  # its warning that an NCHWc model is for this machine only
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise EdgeoptError(f"onnxruntime could not load {path} ({type(exc).__name__}: {str(exc)[:300]})") from None
-        feed = _feed(session, 1)
-        for _ in range(warmup + runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
-
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise EdgeoptError(f"onnxruntime could not load {path} ({type(exc).__name__}: {str(exc)[:300]})") from None
+    feed = _feed(session, 1, seed=feed_seed)
+    for _ in range(warmup + runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    # The profiler costs time per node (tens of microseconds here), which would make a model of
+    # many small nodes, an int8 one with its quantizers, look slower than it runs. The same
+    # model's runs without it say how much: spread equally over the nodes, it is taken out.
+    plain = ort.SessionOptions()
+    for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "log_severity_level"):
+        setattr(plain, attr, getattr(options, attr))
+    unprofiled = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
+    whole_ms = summarize(time_session(unprofiled, feed, repeats=max(runs, 20), warmup=warmup),
+                         threads=threads).median_ms
     # The profile holds the warm-up runs too: keep each node's last `runs` timings.
     durations: dict[str, list[float]] = defaultdict(list)
     op_of: dict[str, str] = {}
@@ -163,6 +164,45 @@ def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20
             durations[name].append(event["dur"] / 1000.0)
             op_of[name] = event.get("args", {}).get("op_name", "")
     mean_ms = {name: sum(times[-runs:]) / min(runs, len(times)) for name, times in durations.items()}
+    overhead = max(0.0, (sum(mean_ms.values()) - whole_ms) / max(len(mean_ms), 1))
+    # A node faster than the overhead keeps nothing, so the nodes may add up to less than a run.
+    return {name: max(0.0, ms - overhead) for name, ms in mean_ms.items()}, op_of, whole_ms, overhead
+
+
+def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20, warmup: int = 5,
+                   sessions: int = 3) -> NodeProfile:
+    """Time `path` (an ONNX model exported by `export_onnx`) node by node with onnxruntime's
+    profiler and charge each node to one of `layers` (layer names, as in the plan) or to the ops
+    between them. One session's per-node times move by tens of percent from the next here (the
+    same effect as whole-model times: `ReferenceClock`), so each node's time is the median over
+    `sessions` fresh sessions and inputs, and each layer carries its spread across them."""
+    import onnx
+    import onnxruntime as ort
+
+    layers = set(layers)
+    path = Path(path)
+    exported = onnx.load(str(path))
+    node_layer, tensor_layer = _exported_names(exported, layers)
+    per_session = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(sessions):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if i == 0:
+                options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            options.log_severity_level = 3  # its warning that an NCHWc model is for this machine only
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / f"profile{i}")
+            per_session.append(_profiled_session(path, options, i, runs=runs, warmup=warmup, threads=threads))
+        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
+    op_of = per_session[0][1]
+    names = [name for name in per_session[0][0] if all(name in s[0] for s in per_session)]
+    session_ms = {name: [s[0][name] for s in per_session] for name in names}
+    mean_ms = {name: float(np.median(values)) for name, values in session_ms.items()}
+    whole_ms = float(np.median([s[2] for s in per_session]))
+    overhead = float(np.median([s[3] for s in per_session]))
 
     owner = {node.name: _own_layer(node.name, node_layer, tensor_layer, layers) for node in optimized.graph.node}
     producers = {out: node for node in optimized.graph.node for out in node.output}
@@ -211,6 +251,13 @@ def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20
             serving[fqn] += ms
         nodes.append((name, op, ms, fqn))
     owned = set(kernel) | set(serving)
-    return NodeProfile(layers={fqn: LayerTime(kernel_ms=kernel.get(fqn, 0.0), serving_ms=serving.get(fqn, 0.0))
+    by_session: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(per_session))
+    for name, _, _, fqn in nodes:
+        if fqn is not None:
+            for i, ms in enumerate(session_ms[name]):
+                by_session[fqn][i] += ms
+    return NodeProfile(layers={fqn: LayerTime(kernel_ms=kernel.get(fqn, 0.0), serving_ms=serving.get(fqn, 0.0),
+                                              spread_ms=max(by_session[fqn]) - min(by_session[fqn]))
                                for fqn in sorted(owned)},
-                       between=dict(between), total_ms=sum(mean_ms.values()), runs=runs, threads=threads, nodes=nodes)
+                       between=dict(between), total_ms=sum(mean_ms.values()), whole_ms=whole_ms,
+                       overhead_ms=overhead, runs=runs, threads=threads, nodes=nodes)

@@ -38,6 +38,9 @@ def test_every_layer_gets_its_own_kernel_and_its_quantizers(arch, calib, tmp_pat
         # Every timed node is charged once: to a layer or between them.
         charged = sum(t.ms for t in profile.layers.values()) + sum(profile.between.values())
         assert charged == pytest.approx(profile.total_ms, rel=1e-9)
+        # The profiler's own cost per node is taken out, never below nothing (how near that brings
+        # the nodes to an unprofiled run is a timing: bench/layer_accounting.py).
+        assert profile.overhead_ms >= 0 and all(ms >= 0 for _, _, ms, _ in profile.nodes)
         charged_ops = Counter(op for _, op, _, layer in profile.nodes if layer is not None and op not in KERNELS)
         if name == "int8":
             # The export names each layer's quantizers after it: they are that layer's.

@@ -24,7 +24,8 @@ def estimate(ms: dict[str, float]) -> LatencyEstimate:
 
 def profile(times: dict[str, tuple[float, float]]) -> NodeProfile:
     layers = {f: LayerTime(kernel_ms=k, serving_ms=s) for f, (k, s) in times.items()}
-    return NodeProfile(layers=layers, between={"Add": 0.01}, total_ms=sum(k + s for k, s in times.values()) + 0.01,
+    total = sum(k + s for k, s in times.values()) + 0.01
+    return NodeProfile(layers=layers, between={"Add": 0.01}, total_ms=total, whole_ms=total, overhead_ms=0.0,
                        runs=3, threads=1)
 
 
@@ -83,3 +84,15 @@ def test_layers_csv_and_the_report_section_carry_the_rows(tmp_path):
     lines = "\n".join(report_lines(table, target="host", measured_clock=True, between=(0.01, 0.02)))
     assert "## Per layer: what paid" in lines and "3 of 5 compressed layers did not pay" in lines
     assert "| odd_width | keep 0.75 | 250 |" in lines
+
+
+def test_a_saving_within_the_sessions_spread_is_not_counted_as_paid():
+    from edgeopt.search.accounting import why_not_paid
+
+    args = dict(plan=PLAN, fqn="paid", spec=spec("paid"), base_ms=1.0, ms=0.5, kernel_ms=0.4, base_kernel_ms=1.0,
+                serving_ms=0.1, measured=True, target="host", simd=8)
+    assert why_not_paid(**args, noise_ms=0.3) == ""
+    assert why_not_paid(**args, noise_ms=0.6).startswith("not shown faster here (within the measurement's spread")
+    # Slower by more than the spread: the measurement shows why.
+    slower = dict(args, ms=1.5, kernel_ms=1.2)
+    assert why_not_paid(**slower, noise_ms=0.3).startswith("int8 kernel no faster than fp32 here")
