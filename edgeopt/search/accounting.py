@@ -159,7 +159,7 @@ def write_layers_csv(rows: list[LayerRow], path: Path) -> None:
 
 
 def report_lines(rows: list[LayerRow], *, target: str, measured_clock: bool, between: tuple[float, float] | None,
-                 top: int = 12) -> list[str]:
+                 overhead_ms: float | None = None, top: int = 12) -> list[str]:
     """report.md's section: the layers that saved most and every flagged one."""
     if not rows:
         return []
@@ -193,4 +193,7 @@ def report_lines(rows: list[LayerRow], *, target: str, measured_clock: bool, bet
     if between is not None:
         lines.append(f"Between the layers (adds, pools, activations no layer absorbs), measured here: "
                      f"{between[0]:.3f} ms in the base, {between[1]:.3f} ms in the selected model.")
+    if overhead_ms:
+        lines.append(f"The profiler's own cost, {overhead_ms * 1000:.1f} us per node here, is taken out of every "
+                     "node's time: a layer faster than that reads 0.")
     return lines + [""]

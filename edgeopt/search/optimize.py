@@ -623,4 +623,6 @@ def _account_layers(out_dir: Path, base_model: nn.Module, model_out: nn.Module, 
         measured_clock=target.measurable, target=target.name, simd=target.channel_multiple)
     write_layers_csv(rows, out_dir / LAYERS_FILE)
     between = (sum(base_profile.between.values()), sum(profile.between.values())) if profile else None
-    return report_lines(rows, target=target.name, measured_clock=target.measurable, between=between)
+    overhead = max(base_profile.overhead_ms, profile.overhead_ms) if profile else None
+    return report_lines(rows, target=target.name, measured_clock=target.measurable, between=between,
+                        overhead_ms=overhead)

@@ -81,7 +81,8 @@ def test_layers_csv_and_the_report_section_carry_the_rows(tmp_path):
         written = list(csv.DictReader(handle))
     assert [r["layer"] for r in written] == [r.layer for r in table]
     assert float(written[2]["saved_ms"]) == 0.5 and written[0]["flag"] == table[0].flag
-    lines = "\n".join(report_lines(table, target="host", measured_clock=True, between=(0.01, 0.02)))
+    lines = "\n".join(report_lines(table, target="host", measured_clock=True, between=(0.01, 0.02), overhead_ms=0.004))
+    assert "4.0 us per node" in lines
     assert "## Per layer: what paid" in lines and "3 of 5 compressed layers did not pay" in lines
     assert "| odd_width | keep 0.75 | 250 |" in lines
 
