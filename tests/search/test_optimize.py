@@ -59,7 +59,8 @@ def test_search_writes_every_output_and_resumes(bundle, trained, tmp_path):
     assert list(layers["layer"]) == [spec.fqn for spec in base_layers]
     now = {spec.fqn: spec.macs for spec in trace_layers(result.model, input_for(result.model, bundle.val.tensors[0][:1]))}
     assert layers.set_index("layer")["macs"].to_dict() == {spec.fqn: now.get(spec.fqn, 0) for spec in base_layers}
-    assert layers["base_measured_ms"].gt(0).all() and layers["measured_ms"].notna().all()
+    # Measured for every layer (a layer faster than the profiler's own cost per node reads 0).
+    assert layers["base_measured_ms"].ge(0).all() and layers["measured_ms"].ge(0).all()
     assert "## Per layer: what paid" in report
     # pi4's figures are for ncnn and the bundle runs onnxruntime: the report and the device README say so.
     assert "figures are for ncnn" in report and "runs onnxruntime" in report
