@@ -153,7 +153,7 @@ def _profiled_session(path: Path, options, feed_seed: int, *, runs: int, warmup:
     for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "log_severity_level"):
         setattr(plain, attr, getattr(options, attr))
     unprofiled = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
-    whole_ms = summarize(time_session(unprofiled, feed, repeats=max(runs, 20), warmup=warmup),
+    whole_ms = summarize(time_session(unprofiled, feed, repeats=max(runs, 20), warmup=warmup, min_time_s=0.1),
                          threads=threads).median_ms
     # The profile holds the warm-up runs too: keep each node's last `runs` timings.
     durations: dict[str, list[float]] = defaultdict(list)
