@@ -236,9 +236,8 @@ def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20
     nodes = []
     for name, ms in mean_ms.items():
         op = op_of[name]
-        fqn = owner.get(name)
-        if fqn is None:
-            fqn = _own_layer(name, node_layer, tensor_layer, layers)
+        # Worked out above for every node of the optimized graph; a profiled name outside it, here.
+        fqn = owner[name] if name in owner else _own_layer(name, node_layer, tensor_layer, layers)
         is_kernel = fqn is not None and op in LAYER_OPS + ("QLinearConv", "QLinearMatMul", "FusedConv", "FusedGemm",
                                                            "MatMulInteger", "ConvInteger", "NhwcFusedConv")
         if fqn is None and op in SERVING and name in by_name:
