@@ -30,11 +30,14 @@ Accuracy is top-1 on the 5,000 validation images, which neither the search, the 
 selection sees (they use the 48,000 training and 2,000 proxy images). Paired comparisons use exact
 McNemar tests on those images.
 
-Everything is cached by piece in --cache (outside the repository): each finished piece (the base,
-each hand member, each standard-tools model, each budget's edgeopt run, each search-only seed, the
-timing) is written to pieces.json at once, and every fine-tune goes to a store keyed by plan, recipe
-and seed (edgeopt.search.finetune.FinetuneStore) that edgeopt's runs and the hand family share: a
-run killed at any point resumes where it stopped, and nothing is trained twice.
+Everything is kept by piece: each finished piece (the base, each hand member, each standard-tools
+model, each budget's edgeopt run, each search-only seed, the timing) is written at once to
+bench/results/prove/<base>-<target>/pieces.json, in the repository, so that a run resumes in a
+later sitting on a fresh checkout (commit that file as pieces finish); the bulky rest (ONNX files,
+search folders, and the fine-tune store keyed by plan, recipe and seed that edgeopt's runs and the
+hand family share, edgeopt.search.finetune.FinetuneStore) lives in --cache, outside it. A run
+killed at any point resumes where it stopped, and nothing is trained twice. A host piece records
+the machine that timed it: on another machine (another clock) it is made again.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ sys.path.insert(0, str(ROOT.parent))
 from bench.compare import _cpu_name, hypervolume_2d, metered, study_trial_seconds  # noqa: E402
 from bench.prove_base import DEFAULT_CACHE, cifar_data, commit, load_base, machine  # noqa: E402
 from edgeopt.budget import parse_budget  # noqa: E402
+from edgeopt.deploy.cascade import CASCADE_FILE  # noqa: E402
 from edgeopt.evaluators.cost import model_cost  # noqa: E402
 from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.latency import ReferenceClock, measure_latency  # noqa: E402
@@ -70,6 +74,7 @@ from edgeopt.search.select import Candidate  # noqa: E402
 from edgeopt.search.training import predict  # noqa: E402
 
 RESULTS = ROOT / "results"
+PIECES = RESULTS / "prove"  # one folder per base model and target, each with its pieces.json
 BUDGETS = (70, 50, 35)  # percent of the fp32 base's latency on the target
 HAND_KEEPS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)
 HV_SEEDS = tuple(range(6))
@@ -88,6 +93,7 @@ class Pieces:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.done: dict = json.loads(path.read_text()) if path.exists() else {}
 
     def __contains__(self, name: str) -> bool:
@@ -101,6 +107,13 @@ class Pieces:
         partial = self.path.with_suffix(".partial")
         partial.write_text(json.dumps(self.done, indent=1, default=_json_default))
         partial.replace(self.path)
+
+
+def _machine_tag() -> str:
+    """The CPU a piece ran on, as far as its timings depend on it."""
+    m = machine()
+    flags = ",".join(f for f in ("avx2", "avx512", "vnni") if m.get(f))
+    return f"{_cpu_name()}, {m['cores']} cores, {flags or 'no avx2'}"
 
 
 def _json_default(value):
@@ -140,7 +153,7 @@ class Run:
         self.work = self.args.cache / "prove" / f"{self.base}-{self.target_name}"
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "onnx").mkdir(exist_ok=True)
-        self.pieces = Pieces(self.work / "pieces.json")
+        self.pieces = Pieces(PIECES / f"{self.base}-{self.target_name}" / "pieces.json")
         self.store = FinetuneStore(self.args.cache / "prove" / f"{self.base}-finetuned")
         self.target = get_target(self.target_name)
         self.data = cifar_data(self.args.cache)
@@ -186,12 +199,18 @@ class Run:
     # -- the pieces, each cached --
 
     def piece(self, name: str, make) -> dict:
+        here = _machine_tag()
+        if self.target.measurable and name in self.pieces and self.pieces[name].get("machine") != here:
+            # A host latency is this machine's clock: a piece timed on another is made again.
+            print(f"{name} was timed on another machine ({self.pieces[name].get('machine')}): making it again",
+                  file=sys.stderr)
+            self.pieces.done.pop(name)
         if name not in self.pieces:
             print(f"\n== {self.base} on {self.target_name}: {name}", file=sys.stderr, flush=True)
             record: dict = {}
             with metered(record):
                 value = make()
-            self.pieces.put(name, value | record)
+            self.pieces.put(name, value | record | {"machine": here})
         return self.pieces[name]
 
     def base_piece(self) -> dict:
@@ -352,6 +371,9 @@ class Run:
             row: dict = {"budget_ms": budget_ms, "finetuned": front, "met_budget": result.met_budget,
                          "selection": "proxy split", "clock": CLOCK,
                          "trial_seconds": study_trial_seconds(out), "trials": len(frame)}
+            cascade = out / "cascade" / CASCADE_FILE
+            if cascade.exists():  # kept in the piece: the search folder is in the cache
+                row["cascade"] = json.loads(cascade.read_text())
             if result.met_budget:
                 row |= self.row(result.model, name)
                 row["selection_latency_ms"] = result.selected.latency_ms
@@ -574,25 +596,28 @@ def commit_models(base: str, target: str, pieces: dict, summary: dict) -> dict:
             if name is None:
                 continue
             file = f"{name}.onnx"
-            shutil.copyfile(pieces[name]["onnx"], folder / file)
+            if Path(pieces[name]["onnx"]).exists():
+                shutil.copyfile(pieces[name]["onnx"], folder / file)
+            elif not (folder / file).exists():
+                # A piece finished in an earlier sitting whose cache is gone and whose model was
+                # not committed then: its figures stand, its file cannot be given.
+                print(f"{file}: the ONNX file is not in the cache any more; not committed", file=sys.stderr)
+                continue
             manifest.setdefault(file, {"piece": name, "accuracy": pieces[name]["accuracy"], "used_as": []})
             manifest[file]["used_as"].append({"method": method, "budget_percent": pct})
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def cascade_rows(folder: Path, pieces: dict) -> dict:
-    """The cascade each edgeopt run wrote (cascade/cascade.json) against the most accurate model
-    that run fine-tuned, on the same clock (issue 19: within 0.3 points at no more than 0.7x its
-    latency). Validation accuracy both."""
-    from edgeopt.deploy.cascade import CASCADE_FILE
-
+def cascade_rows(pieces: dict) -> dict:
+    """The cascade each edgeopt run wrote (its cascade.json, kept in the piece) against the most
+    accurate model that run fine-tuned, on the same clock (issue 19: within 0.3 points at no more
+    than 0.7x its latency). Validation accuracy both."""
     rows = {}
     for name, piece in pieces.items():
-        path = folder / name / "cascade" / CASCADE_FILE
-        if not (name.startswith("edgeopt-") and path.exists() and piece.get("finetuned")):
+        spec = piece.get("cascade") if isinstance(piece, dict) else None
+        if not (name.startswith("edgeopt-") and spec and piece.get("finetuned")):
             continue
-        spec = json.loads(path.read_text())
         best = max(piece["finetuned"], key=lambda f: f["accuracy"])
         ratio = spec["expected_latency_ms"] / best["latency_ms"]
         rows[name] = {"accuracy": spec["accuracy"], "expected_latency_ms": spec["expected_latency_ms"],
@@ -605,7 +630,7 @@ def cascade_rows(folder: Path, pieces: dict) -> dict:
 
 def report(args) -> dict:
     runs = {}
-    for folder in sorted((args.cache / "prove").glob("*-*")):
+    for folder in sorted(PIECES.glob("*-*")):
         if not (folder / "pieces.json").exists():
             continue
         base, target = folder.name.rsplit("-", 1)
@@ -613,7 +638,7 @@ def report(args) -> dict:
         summary = summarize(base, target, pieces)
         if summary:
             summary["committed_models"] = commit_models(base, target, pieces, summary)
-            cascades = cascade_rows(folder, pieces)
+            cascades = cascade_rows(pieces)
             if cascades:
                 summary["cascades"] = cascades
                 summary["targets"]["cascade_07x"] = any(c["meets_issue_19"] for c in cascades.values())
