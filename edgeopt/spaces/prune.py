@@ -30,14 +30,16 @@ log = logging.getLogger(__name__)
 # C x H x W gives C * H * W index objects) and back, every time its traversal of a group passes
 # a reshape. Through chains of reshapes (Swin's window partitions) the lists grow without bound,
 # and around split-and-sum blocks (ResNeSt, EfficientViT) the traversal passes the same reshapes
-# hundreds of times: resnest14d's 20 groups took 37 s. A group whose mappings make more index
-# objects than 8 times the elements of the model's largest activation (no index can be into
-# more; alexnet's classifier group passes its flatten 6 times) is given up as unprunable. So is
-# one whose single mapping makes more indices than twice that activation's elements: no tensor
-# of the model has that many channels x positions to index, only a chain of reshapes multiplied
-# out does, and stopping at the first such mapping spares the rest of the budget (swin_v2_t's
-# groups made 14 million index objects before their budgets ran out).
-MAPPED_INDICES_PER_ELEMENT = 8
+# hundreds of times: resnest14d's 20 groups took 37 s. The bounds are in units of the most
+# channels or features any layer of the model has (a flatten into a classifier counts as its
+# in_features, C x H x W), because a channel index can only ever index some layer's dimension.
+# One mapping that makes more than twice that many indices is a chain of reshapes multiplied
+# out, and its group is given up at once; so is a group whose mappings make more than 16 times
+# that many in all (alexnet's classifier group passes its flatten, both ways, 6 times). An
+# earlier bound in units of the largest activation (channels x positions) let maxvit_t's groups
+# at 224x224 each map millions of indices: from_model took over 500 s; now 26-35 s, with the same
+# prune groups. Never less than MIN_MAPPED_INDICES in all, for small models.
+MAPPED_INDICES_PER_DIM = 16
 MAPPED_INDICES_PER_CALL = 2
 MIN_MAPPED_INDICES = 20_000
 
@@ -154,6 +156,13 @@ def _mapping_rules(graph: TolerantDependencyGraph):
         index_mapping.update_index_mapping, tp_graph.Group = original_update, original_group
 
 
+def _largest_layer_dim(model: nn.Module) -> int:
+    """The most channels (or features) any layer of the model takes or gives: the most indices a
+    mapping into a layer's dimension can make (a flatten into a classifier makes C x H x W, its
+    in_features)."""
+    return max((max(p.shape[:2]) for p in model.parameters() if p.dim() >= 1), default=1)
+
+
 class TolerantDependencyGraph(tp.DependencyGraph):
     """Torch-Pruning's graph, except that an index mapping it cannot work out marks the coupled
     channels unprunable instead of failing the whole model.
@@ -169,21 +178,11 @@ class TolerantDependencyGraph(tp.DependencyGraph):
         self._module2name = {module: name for name, module in model.named_modules()}
         self.ignored_params = []
         self._param_to_name, self.unwrapped_parameters = self._detect_unwrapped_parameters(None)
-        largest = [0]
-
-        def measure(module, args, output):
-            if isinstance(output, torch.Tensor):
-                largest[0] = max(largest[0], output[0].numel() if output.dim() > 1 else output.numel())
-
-        hooks = [m.register_forward_hook(measure) for m in model.modules()]
-        try:
-            with torch.enable_grad():
-                self.module2node = self._trace(model, example_inputs, None, output_transform=None)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        self.mapping_budget = max(MIN_MAPPED_INDICES, MAPPED_INDICES_PER_ELEMENT * largest[0])
-        self.mapping_per_call = max(MIN_MAPPED_INDICES, MAPPED_INDICES_PER_CALL * largest[0])
+        with torch.enable_grad():
+            self.module2node = self._trace(model, example_inputs, None, output_transform=None)
+        largest_dim = _largest_layer_dim(model)
+        self.mapping_budget = max(MIN_MAPPED_INDICES, MAPPED_INDICES_PER_DIM * largest_dim)
+        self.mapping_per_call = MAPPED_INDICES_PER_CALL * largest_dim
         self._build_dependency(self.module2node)
         with _memoized_shape_inference(), _bounded_flatten():
             self._map_indices()
