@@ -29,6 +29,7 @@ FAMILIES = {**{f"torchvision {k}": v for k, v in TORCHVISION.items()}, **{f"timm
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_compresses_exports_and_agrees_with_onnxruntime(family, tmp_path, coverage_log):
     build, size = FAMILIES[family]
+    torch.manual_seed(0)  # the model's random weights, whichever tests ran before in this process
     result = check_family(family, build(), size, tmp_path)
     coverage_log.append(f"{family} at {size}x{size}: from_model {result.from_model_seconds:.1f} s, {result.headline}")
     coverage_log.extend(f"    {check.line()}" for check in result.plans)
