@@ -33,6 +33,10 @@ from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.latency import _feed, summarize, time_session
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# What onnxruntime runs a layer's own arithmetic as, once it has fused and quantized the graph:
+# these nodes are the layer's kernel time, the rest of what serves it is not.
+KERNEL_OPS = LAYER_OPS + ("QLinearConv", "QLinearMatMul", "FusedConv", "FusedGemm", "MatMulInteger", "ConvInteger",
+                          "NhwcFusedConv")
 # Ops that carry a layer's value on unchanged in its channels: a fused node named after their
 # output is that layer's.
 CARRIES = ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Mul", "Add", "Sum",
@@ -238,8 +242,7 @@ def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20
         op = op_of[name]
         # Worked out above for every node of the optimized graph; a profiled name outside it, here.
         fqn = owner[name] if name in owner else _own_layer(name, node_layer, tensor_layer, layers)
-        is_kernel = fqn is not None and op in LAYER_OPS + ("QLinearConv", "QLinearMatMul", "FusedConv", "FusedGemm",
-                                                           "MatMulInteger", "ConvInteger", "NhwcFusedConv")
+        is_kernel = fqn is not None and op in KERNEL_OPS
         if fqn is None and op in SERVING and name in by_name:
             fqn = served(by_name[name], True, set()) or served(by_name[name], False, set())
         if fqn is None:
