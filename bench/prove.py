@@ -154,6 +154,7 @@ class Run:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "onnx").mkdir(exist_ok=True)
         self.pieces = Pieces(PIECES / f"{self.base}-{self.target_name}" / "pieces.json")
+        self.machine_tag = _machine_tag()  # recorded in every piece; a host piece must match it
         self.store = FinetuneStore(self.args.cache / "prove" / f"{self.base}-finetuned")
         self.target = get_target(self.target_name)
         self.data = cifar_data(self.args.cache)
@@ -199,7 +200,7 @@ class Run:
     # -- the pieces, each cached --
 
     def piece(self, name: str, make) -> dict:
-        here = _machine_tag()
+        here = self.machine_tag
         if self.target.measurable and name in self.pieces and self.pieces[name].get("machine") != here:
             # A host latency is this machine's clock: a piece timed on another is made again.
             print(f"{name} was timed on another machine ({self.pieces[name].get('machine')}): making it again",

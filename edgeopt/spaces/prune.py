@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 # out, and its group is given up at once; so is a group whose mappings make more than 16 times
 # that many in all (alexnet's classifier group passes its flatten, both ways, 6 times). An
 # earlier bound in units of the largest activation (channels x positions) let maxvit_t's groups
-# at 224x224 each map millions of indices: from_model took over 500 s; now 26-35 s, with the same
-# prune groups. Never less than MIN_MAPPED_INDICES in all, for small models.
+# at 224x224 each map millions of indices: from_model took over 500 s, and under 20 s now, with
+# the same prune groups (BENCHMARKS.md, "Coverage"). Never less than MIN_MAPPED_INDICES in all,
+# for small models.
 MAPPED_INDICES_PER_DIM = 16
 MAPPED_INDICES_PER_CALL = 2
 MIN_MAPPED_INDICES = 20_000
