@@ -24,6 +24,8 @@ A_BITS: tuple[int, ...] = (32, 16, 8)
 FLOAT_BITS: frozenset[int] = frozenset({32, 16})
 # Channel keep ratios in steps of 1/8, from dense (1.0) down to a quarter.
 KEEP_RATIOS: tuple[float, ...] = tuple(k / 8 for k in range(8, 1, -1))
+# The share of a layer's weights zeroed by magnitude (edgeopt.spaces.sparsity): 0 keeps them all.
+SPARSITIES: tuple[float, ...] = (0.0, 0.5, 0.75, 0.9)
 # The share of the given input size a model may run at (edgeopt.spaces.resolution).
 INPUT_SCALES: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
 
@@ -59,12 +61,17 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class LayerPlan:
-    """What happens to one conv/linear layer. The defaults leave it untouched."""
+    """What happens to one conv/linear layer. The defaults leave it untouched.
+
+    `sparsity` is unstructured: that share of the weights, the smallest in magnitude, is zeroed.
+    It and N:M are two ways of zeroing weights, so a layer takes one of them at most.
+    """
 
     w_bits: int = 32
     a_bits: int = 32
     keep_ratio: float = 1.0
     nm: NM | None = None
+    sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("w_bits", self.w_bits, W_BITS)
@@ -81,6 +88,16 @@ class LayerPlan:
         if self.nm is not None and not isinstance(self.nm, NM):
             raise EdgeoptError(f"nm must be an NM(n=..., m=...) or None, got {self.nm!r}.")
         _check_choice("nm", self.nm, NM_PATTERNS)
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise EdgeoptError(f"sparsity must be a number, got {self.sparsity!r}.")
+        share = next((s for s in SPARSITIES if math.isclose(s, self.sparsity, abs_tol=1e-9)), None)
+        if share is None:
+            raise EdgeoptError(f"sparsity={self.sparsity!r} is not allowed; choose one of {list(SPARSITIES)} "
+                               "(the share of the layer's weights zeroed).")
+        object.__setattr__(self, "sparsity", share)
+        if self.nm is not None and self.sparsity:
+            raise EdgeoptError(f"A layer takes N:M ({self.nm}) or unstructured sparsity ({self.sparsity:g}), "
+                               "not both: both zero weights; choose one.")
 
     @property
     def is_identity(self) -> bool:
@@ -92,16 +109,17 @@ class LayerPlan:
             "a_bits": self.a_bits,
             "keep_ratio": self.keep_ratio,
             "nm": None if self.nm is None else [self.nm.n, self.nm.m],
+            "sparsity": self.sparsity,
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> LayerPlan:
         if not isinstance(data, Mapping):
             raise EdgeoptError(f"A layer plan must be a JSON object, got {data!r}.")
-        unknown = set(data) - {"w_bits", "a_bits", "keep_ratio", "nm"}
+        unknown = set(data) - {"w_bits", "a_bits", "keep_ratio", "nm", "sparsity"}
         if unknown:
             raise EdgeoptError(f"Unknown layer plan fields {sorted(map(str, unknown))}; "
-                               "allowed: w_bits, a_bits, keep_ratio, nm.")
+                               "allowed: w_bits, a_bits, keep_ratio, nm, sparsity.")
         nm = data.get("nm")
         if nm is not None:
             if not (isinstance(nm, (list, tuple)) and len(nm) == 2):
@@ -112,6 +130,7 @@ class LayerPlan:
             a_bits=data.get("a_bits", 32),
             keep_ratio=data.get("keep_ratio", 1.0),
             nm=nm,
+            sparsity=data.get("sparsity", 0.0),
         )
 
 
@@ -195,12 +214,15 @@ class ModelPlan:
 
     def key(self) -> str:
         """A stable digest of the plan: equal plans share it across processes (cache keys). A plan
-        at the full input size and depth has the digest it had before those knobs existed, so
-        stores of fine-tuned models made then stay valid."""
+        at the full input size and depth, without unstructured sparsity, has the digest it had
+        before those knobs existed, so stores of fine-tuned models made then stay valid."""
         data = self.to_dict()
         if self.input_scale == 1.0:
             del data["input_scale"]
         if not self.dropped:
             del data["dropped"]
+        for layer in data["layers"].values():
+            if not layer["sparsity"]:
+                del layer["sparsity"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -15,6 +15,7 @@ from edgeopt.canonical import canonical
 from edgeopt.layers import trace_layers
 from edgeopt.plan import FLOAT_BITS
 from edgeopt.spaces.quantize import CompressedConv2d, CompressedLinear, CompressedMixin
+from edgeopt.spaces.sparsity import kept_count
 from edgeopt.input_size import input_for
 
 
@@ -25,20 +26,24 @@ class Cost:
     macs: int  # dense, as thop counts the (physically pruned) model
     effective_macs: int  # N:M layers counted at N/M of their MACs
     params: int
-    bytes: int  # stored size: bit widths, N:M values plus index metadata, scales, float rest
+    bytes: int  # stored size: bit widths, N:M and sparse values plus where they are, scales, float rest
     latency_ms: float | None = None
     latency_source: str | None = None  # "lut", "model" or "measured"
     latency_spread_ms: float | None = None  # measured only: interquartile range
 
 
 def layer_bytes(layer: CompressedMixin) -> int:
-    """Bytes a compressed layer stores: weights at their bit width, N:M as values plus indices."""
+    """Bytes a compressed layer stores: weights at their bit width, N:M as values plus indices,
+    unstructured sparsity as the kept values plus a bitmask of where they are (one bit per
+    weight: below 1/bits of zeros, a list of positions would take more)."""
     numel = layer.weight.numel()
     bits = layer.w_bits
     if layer.nm is not None:
         kept = math.ceil(numel * layer.nm.n / layer.nm.m)
         index_bits = math.ceil(math.log2(layer.nm.m))  # position of each kept value in its block
         weight_bits = kept * (bits + index_bits)
+    elif layer.sparsity:
+        weight_bits = min(numel * bits, kept_count(numel, layer.sparsity) * bits + numel)
     else:
         weight_bits = numel * bits
     total = math.ceil(weight_bits / 8)

@@ -61,6 +61,8 @@ def knobs_text(plan: ModelPlan, fqn: str, dropped: bool, inputs_pruned: bool = F
         parts.append(f"keep {lp.keep_ratio:g}")
     if lp is not None and lp.nm is not None:
         parts.append(f"{lp.nm.n}:{lp.nm.m}")
+    if lp is not None and lp.sparsity:
+        parts.append(f"sparsity {lp.sparsity:g}")
     if plan.input_scale < 1:
         parts.append(f"input x{plan.input_scale:g}")
     if inputs_pruned and not (lp is not None and lp.keep_ratio < 1):
@@ -101,6 +103,8 @@ def why_not_paid(*, plan: ModelPlan, fqn: str, spec: LayerSpec, base_ms: float, 
         return f"channels ({spec.out_channels}) not a multiple of the SIMD width ({simd})"
     if lp.nm is not None:
         return f"{lp.nm.n}:{lp.nm.m} sparsity not run faster {where}"
+    if lp.sparsity:
+        return f"unstructured sparsity not run faster {where} (it saves stored bytes only)"
     return f"no faster {where} ({ms:.3f} vs {base_ms:.3f} ms)"
 
 

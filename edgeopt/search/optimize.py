@@ -128,6 +128,7 @@ def target_knobs(target, *, size_matters: bool) -> Knobs:
     return Knobs(w_bits=(32, *[b for b in fast.w_bits if b != 32]),
                  a_bits=(32, *[b for b in fast.a_bits if b != 32]),
                  nm=(None, *[p for p in fast.nm if p is not None]),
+                 sparsities=(0.0,),  # unstructured sparsity runs no faster on any target here
                  precisions=pairs)
 
 
@@ -440,7 +441,9 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
 def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
     """What a user tries by hand: uniform int8, uniform L1 pruning at the usual steps in int8 and
     in fp32 (where int8 does not pay on the target's clock, as for depthwise convolutions on x86
-    without VNNI, pruning alone is the hand answer), and uniform 2:4 where the target runs it fast."""
+    without VNNI, pruning alone is the hand answer), uniform 2:4 where the target runs it fast, and
+    uniform int8 magnitude pruning at 50% and 75% (TF-MOT's recipe) where sparsity is offered (under
+    a size budget)."""
     plans = []
     keeps = [k for k in (0.875, 0.75, 0.625, 0.5) if k in space.knobs.keep_ratios]
     if (8, 8) in space.knobs.pairs:
@@ -448,6 +451,8 @@ def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
         plans += [space.uniform(w_bits=8, a_bits=8, keep_ratio=keep) for keep in keeps]
         if NM(n=2, m=4) in space.knobs.nm:
             plans.append(space.uniform(w_bits=8, a_bits=8, nm=NM(n=2, m=4)))
+        plans += [space.uniform(w_bits=8, a_bits=8, sparsity=share) for share in (0.5, 0.75)
+                  if share in space.knobs.sparsities]
     plans += [space.uniform(keep_ratio=keep) for keep in keeps]
     return [p for i, p in enumerate(plans) if p not in plans[:i]]
 

@@ -2,9 +2,9 @@
 
 For a large model, running the held-out evaluation in every trial dominates the search
 (BENCHMARKS.md, "Search cost"). This proxy measures, once per search, what each single change
-costs on its own: every non-trivial bit width and N:M pattern of every layer, a few keep ratios
-of every prune group (the others interpolated; keeping everything costs nothing), each
-smaller input size, and each droppable residual block. Each
+costs on its own: every non-trivial bit width, N:M pattern and sparsity of every layer, a few
+keep ratios of every prune group (the others interpolated; keeping everything costs nothing),
+each smaller input size, and each droppable residual block. Each
 change is applied to the otherwise untouched model with `apply_plan` (so BatchNorm re-estimation
 and activation calibration are the search's own) and scored by how many of the proxy images'
 top-1 predictions it changes (percent). Disagreement with the base model, unlike the change in
@@ -67,6 +67,10 @@ def _nm_key(fqn: str, nm) -> str:
     return f"{nm} {fqn}"
 
 
+def _sparsity_key(fqn: str, sparsity: float) -> str:
+    return f"sparse{sparsity:g} {fqn}"
+
+
 def _keep_key(root: str, keep: float) -> str:
     return f"keep{keep:g} {root}"
 
@@ -114,6 +118,8 @@ class SensitivityTable:
                 drops.append(self.drops[_activations_key(fqn, lp.a_bits)])
             if lp.nm is not None:
                 drops.append(self.drops[_nm_key(fqn, lp.nm)])
+            if lp.sparsity:
+                drops.append(self.drops[_sparsity_key(fqn, lp.sparsity)])
         whole = {g.root for g in space.groups if all(inside(f, plan.dropped) for f in g.layers)}
         drops += [self.keep_drop(root, keep) for root, keep in space.group_keep(plan).items() if root not in whole]
         if plan.input_scale != 1.0:
@@ -160,6 +166,9 @@ def changes(space: SearchSpace) -> Iterator[tuple[str, ModelPlan]]:
         for nm in space.nm_choices(layer):
             if nm is not None:
                 yield _nm_key(layer.fqn, nm), ModelPlan(layers={layer.fqn: LayerPlan(nm=nm)})
+        for share in space.sparsity_choices(layer):
+            if share:
+                yield _sparsity_key(layer.fqn, share), ModelPlan(layers={layer.fqn: LayerPlan(sparsity=share)})
     for group in space.prunable_groups:
         for keep in _keep_levels(space.keep_choices(group)):
             plan = ModelPlan(layers={fqn: LayerPlan(keep_ratio=keep) for fqn in group.layers})

@@ -18,7 +18,7 @@ import optuna
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import NM, LayerPlan, ModelPlan
-from edgeopt.spaces.space import SearchSpace
+from edgeopt.spaces.space import SearchSpace, zeroing_fields
 
 PLAN = "plan"
 PLAN_KEY = "plan_key"
@@ -64,12 +64,12 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
     for layer in space.layers:
         nm = [_nm_label(p) for p in space.nm_choices(layer)]
         label = trial.suggest_categorical(f"q/{layer.fqn}", list(pairs)) if len(pairs) > 1 else next(iter(pairs))
-        layers[layer.fqn] = LayerPlan(
-            w_bits=pairs[label][0],
-            a_bits=pairs[label][1],
-            keep_ratio=keep.get(layer.fqn, 1.0),
-            nm=_nm_from_label(trial.suggest_categorical(f"nm/{layer.fqn}", nm)) if len(nm) > 1 else None,
-        )
+        shares = space.sparsity_choices(layer)
+        zeroing = zeroing_fields(
+            _nm_from_label(trial.suggest_categorical(f"nm/{layer.fqn}", nm)) if len(nm) > 1 else None,
+            trial.suggest_categorical(f"sparse/{layer.fqn}", shares) if len(shares) > 1 else 0.0)
+        layers[layer.fqn] = LayerPlan(w_bits=pairs[label][0], a_bits=pairs[label][1],
+                                      keep_ratio=keep.get(layer.fqn, 1.0), **zeroing)
     scales = space.input_scales
     scale = trial.suggest_categorical("input_scale", scales) if len(scales) > 1 else 1.0
     dropped = {block for block in space.blocks if trial.suggest_categorical(f"depth/{block}", DEPTH) == "drop"}
@@ -88,6 +88,8 @@ def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
             params[f"q/{layer.fqn}"] = _precision_label((lp.w_bits, lp.a_bits))
         if len(space.nm_choices(layer)) > 1:
             params[f"nm/{layer.fqn}"] = _nm_label(lp.nm)
+        if len(space.sparsity_choices(layer)) > 1:
+            params[f"sparse/{layer.fqn}"] = lp.sparsity
     if len(space.input_scales) > 1:
         params["input_scale"] = plan.input_scale
     for block in space.blocks:

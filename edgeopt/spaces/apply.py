@@ -105,7 +105,7 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     names = {module: name for name, module in compressed.named_modules()}
     outputs = {names[module] for module in output_layers(graph)}
     for fqn, layer_plan in plan.layers.items():
-        if (layer_plan.w_bits == 32 and layer_plan.a_bits == 32 and layer_plan.nm is None) or inside(fqn, plan.dropped):
+        if replace(layer_plan, keep_ratio=1.0).is_identity or inside(fqn, plan.dropped):
             continue  # pruning (already done) is all this layer gets, or it went with its block
         module = compress_module(compressed.get_submodule(fqn), layer_plan,
                                  float_output=fqn in outputs, reduce_range=reduce_range,

@@ -1,4 +1,4 @@
-"""Compressed conv/linear layers: N:M masked, fake-quantized weights and activations.
+"""Compressed conv/linear layers: N:M or magnitude masked, fake-quantized weights and activations.
 
 Our own few dozen lines on stable ops (torch.ao.quantization is being removed upstream). The
 arithmetic mirrors what an int8 QDQ runtime such as onnxruntime does, so the PyTorch model
@@ -27,6 +27,7 @@ from torch.nn.utils import skip_init
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import FLOAT_BITS, NM, LayerPlan
 from edgeopt.spaces.nm import nm_mask
+from edgeopt.spaces.sparsity import magnitude_mask
 
 # Bump when what a compressed layer computes changes: results measured before (the sensitivity
 # table) are then measured again instead of reused. 2: ReLU-absorbing outputs, exact integer layers;
@@ -147,15 +148,18 @@ class CompressedMixin:
     w_bits: int
     a_bits: int
     nm: NM | None
+    sparsity: float
 
     def _setup(self, plan: LayerPlan, *, float_output: bool, reduce_range: bool,
                output_activation: str | None) -> None:
-        self.w_bits, self.a_bits, self.nm = plan.w_bits, plan.a_bits, plan.nm
+        self.w_bits, self.a_bits, self.nm, self.sparsity = plan.w_bits, plan.a_bits, plan.nm, plan.sparsity
         self.output_activation = output_activation
         self.reduce_range = reduce_range
         self.calibrating = False
-        mask = nm_mask(self.weight, plan.nm) if plan.nm is not None else None
-        self.register_buffer("nm_mask", mask)
+        # The zeroed weights (N:M or unstructured; a plan has one at most), fixed from here on.
+        mask = (nm_mask(self.weight, plan.nm) if plan.nm is not None
+                else magnitude_mask(self.weight, plan.sparsity) if plan.sparsity else None)
+        self.register_buffer("weight_mask", mask)
         self.input_range = _Range() if plan.a_bits == 8 else None
         # A model output (class scores) stays float: 8-bit logits tie and flip the top-1.
         self.output_range = _Range() if self.integer and not float_output else None
@@ -172,7 +176,7 @@ class CompressedMixin:
         # it on every forward pass was a fifth of apply_plan's time on resnet18.
         if not self.training and getattr(self, "_snapped_version", None) == self.weight._version:
             return self.weight
-        weight = self.weight if self.nm_mask is None else self.weight * self.nm_mask
+        weight = self.weight if self.weight_mask is None else self.weight * self.weight_mask
         return quantize_weight(weight, self.w_bits, reduce_range=self.reduce_range)
 
     def weight_scale(self) -> torch.Tensor:
@@ -269,7 +273,8 @@ class CompressedMixin:
 
     def extra_repr(self) -> str:
         nm = f", nm={self.nm}" if self.nm is not None else ""
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}{nm}"
+        sparse = f", sparsity={self.sparsity:g}" if self.sparsity else ""
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}{nm}{sparse}"
 
 
 class CompressedConv2d(CompressedMixin, nn.Conv2d):

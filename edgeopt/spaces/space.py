@@ -14,7 +14,8 @@ from torch import nn
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.layers import LayerSpec, inventory
-from edgeopt.plan import A_BITS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, W_BITS, LayerPlan, ModelPlan
+from edgeopt.plan import (A_BITS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, SPARSITIES, W_BITS, LayerPlan,
+                           ModelPlan)
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups
 from edgeopt.spaces.depth import inside, residual_blocks
 from edgeopt.spaces.resolution import model_input_sizes
@@ -40,12 +41,17 @@ class Knobs:
     `w_bits` x `a_bits`. A target sets it to the pairs its runtime executes as they are: on a
     runtime with only int8 kernels, 8-bit weights with float activations run in float, so that
     pair would cost accuracy and buy no speed.
+
+    `sparsities` are the shares of a layer's weights that unstructured sparsity may zero
+    (edgeopt.spaces.sparsity); it buys stored size and no speed on any runtime here, so a search
+    offers it only under a size budget.
     """
 
     w_bits: tuple[int, ...] = W_BITS
     a_bits: tuple[int, ...] = A_BITS
     keep_ratios: tuple[float, ...] = KEEP_RATIOS
     nm: tuple[NM | None, ...] = NM_PATTERNS
+    sparsities: tuple[float, ...] = SPARSITIES
     precisions: tuple[tuple[int, int], ...] | None = None
     input_scales: tuple[float, ...] = INPUT_SCALES
     depth: bool = True  # residual blocks may be dropped (edgeopt.spaces.depth)
@@ -56,6 +62,8 @@ class Knobs:
         keep = tuple(LayerPlan(keep_ratio=k).keep_ratio for k in self.keep_ratios)
         object.__setattr__(self, "keep_ratios", _subset("keep_ratio", keep, KEEP_RATIOS, must_have=1.0))
         object.__setattr__(self, "nm", _subset("nm", self.nm, NM_PATTERNS, must_have=None))
+        shares = tuple(LayerPlan(sparsity=s).sparsity for s in self.sparsities)
+        object.__setattr__(self, "sparsities", _subset("sparsity", shares, SPARSITIES, must_have=0.0))
         scales = tuple(ModelPlan(input_scale=s).input_scale for s in self.input_scales)
         object.__setattr__(self, "input_scales", _subset("input_scale", scales, INPUT_SCALES, must_have=1.0))
         if self.precisions is not None:
@@ -80,6 +88,7 @@ class Knobs:
             a_bits=a_bits,
             keep_ratios=[k for k in self.keep_ratios if k in other.keep_ratios],
             nm=[p for p in self.nm if p in other.nm],
+            sparsities=[s for s in self.sparsities if s in other.sparsities],
             precisions=[(w, a) for w, a in self.pairs if (w, a) in other.pairs and w in w_bits and a in a_bits]
             if narrowed else None,
             input_scales=[s for s in self.input_scales if s in other.input_scales],
@@ -90,6 +99,12 @@ class Knobs:
 def nm_eligible(layer: LayerSpec, nm: NM) -> bool:
     """N:M needs a reduction of at least M weights; depthwise rows (one k x k filter) never pay."""
     return layer.kind != "depthwise" and layer.reduction >= nm.m
+
+
+def zeroing_fields(nm: NM | None, sparsity: float) -> dict:
+    """The LayerPlan fields of a layer drawn both an N:M pattern and a sparsity: N:M, the one a
+    runtime may run faster, wins (a layer takes one way of zeroing weights)."""
+    return {"nm": nm, "sparsity": 0.0 if nm is not None else sparsity}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,8 +228,13 @@ class SearchSpace:
                   for fqn, lp in plan.layers.items()}
         return ModelPlan(layers=layers, input_scale=plan.input_scale, dropped=plan.dropped)
 
+
     def nm_choices(self, layer: LayerSpec) -> tuple[NM | None, ...]:
         return tuple(p for p in self.knobs.nm if p is None or nm_eligible(layer, p))
+
+    def sparsity_choices(self, layer: LayerSpec) -> tuple[float, ...]:
+        """Every layer may take each share (a layer with N:M takes none: `settled`)."""
+        return self.knobs.sparsities
 
     @property
     def prunable_groups(self) -> tuple[PruneGroup, ...]:
@@ -242,20 +262,25 @@ class SearchSpace:
         layers = {}
         for layer in self.layers:
             w_bits, a_bits = rng.choice(self.knobs.pairs)
+            nm = rng.choice(self.nm_choices(layer))
+            # Drawn only where offered, so a space without sparsity samples the plans it did before.
+            shares = self.sparsity_choices(layer)
+            zeroing = zeroing_fields(nm, rng.choice(shares) if len(shares) > 1 else 0.0)
             layers[layer.fqn] = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep.get(layer.fqn, 1.0),
-                                          nm=rng.choice(self.nm_choices(layer)))
+                                          **zeroing)
         scale = rng.choice(self.input_scales)
         return self.settled(ModelPlan(layers=layers, input_scale=scale,
                                       dropped={b for b in self.blocks if rng.random() < 0.5}))
 
     def uniform(self, *, w_bits: int = 32, a_bits: int = 32, keep_ratio: float = 1.0,
-                nm: NM | None = None, input_scale: float = 1.0) -> ModelPlan:
+                nm: NM | None = None, sparsity: float = 0.0, input_scale: float = 1.0) -> ModelPlan:
         """The same choice for every layer, where it applies (N:M only on eligible layers,
         pruning only in prunable groups), at `input_scale` of the given input size."""
-        template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm)
+        template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm, sparsity=sparsity)
         for name, value, allowed in (("precision (w_bits, a_bits)", (w_bits, a_bits), self.knobs.pairs),
                                      ("keep_ratio", template.keep_ratio, self.knobs.keep_ratios),
                                      ("nm", nm, self.knobs.nm),
+                                     ("sparsity", template.sparsity, self.knobs.sparsities),
                                      ("input_scale", ModelPlan(input_scale=input_scale).input_scale,
                                       self.input_scales)):
             if value not in allowed:
@@ -289,6 +314,9 @@ class SearchSpace:
             if lp.nm not in self.nm_choices(layer):
                 problems.append(f"{fqn}: N:M {lp.nm} not allowed here (kind {layer.kind}, "
                                 f"reduction {layer.reduction})")
+            if lp.sparsity not in self.sparsity_choices(layer):
+                problems.append(f"{fqn}: sparsity {lp.sparsity:g} outside the space (its choices: "
+                                f"{', '.join(f'{c:g}' for c in self.sparsity_choices(layer))})")
         for group in self.groups:
             ratios = {plan.layers[f].keep_ratio if f in plan.layers else 1.0 for f in group.layers}
             if len(ratios) > 1:
