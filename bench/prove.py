@@ -68,7 +68,8 @@ from edgeopt.evaluators.latency import ReferenceClock, measure_latency  # noqa: 
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
 from edgeopt.hw_models.estimate import estimate_latency  # noqa: E402
 from edgeopt.hw_models.targets import get_target  # noqa: E402
-from edgeopt.search.finetune import FinetuneConfig, FinetuneStore, finetune  # noqa: E402
+from edgeopt.search.finetune import (INT8_FLOAT_SHARE, LOW_BIT_FLOAT_SHARE, FinetuneConfig,  # noqa: E402
+                                     FinetuneStore, finetune)
 from edgeopt.search.optimize import SearchConfig, optimize, prepare  # noqa: E402
 from edgeopt.search.select import Candidate  # noqa: E402
 from edgeopt.search.training import predict  # noqa: E402
@@ -81,6 +82,8 @@ HV_SEEDS = tuple(range(6))
 # The protocol host latencies are read by; pieces read by another are made again.
 CLOCK = "reference clock (each model against the fp32 base, run in turn)"
 # How optimize selects (edgeopt.search.select): an edgeopt piece selected by another rule is made again.
+# How a quantized plan is fine-tuned: a piece fine-tuned by another recipe is made again.
+RECIPE = f"float share {INT8_FLOAT_SHARE:g} (int8), {LOW_BIT_FLOAT_SHARE:g} (bits below 8)"
 SELECTION = f"proxy split; max_drop {FinetuneConfig.max_drop:g}, min_speedup {FinetuneConfig.min_speedup:g}"
 HV_BUDGET = 50
 SHRINK_BUDGETS = BUDGETS  # optimize's default space (resolution and depth too) at every budget
@@ -257,9 +260,12 @@ class Run:
             if not tuned:
                 return {"diverged": True}
             row = self.row(tuned[0].model, name)
-            return row | {"keep": keep, "bits": bits, "proxy_accuracy": metrics["proxy_accuracy"],
+            return row | {"keep": keep, "bits": bits, "proxy_accuracy": metrics["proxy_accuracy"], "recipe": RECIPE,
                           "tuned_proxy_accuracy": tuned[0].candidate.tuned_proxy_accuracy,
                           "trial_latency_ms": metrics["latency_ms"]}
+        if bits == 8 and self.pieces.done.get(name, {"recipe": RECIPE}).get("recipe") != RECIPE:
+            print(f"{name} was fine-tuned by another recipe: making it again", file=sys.stderr)
+            self.pieces.done.pop(name)
         piece = self.piece(name, make)
         if "tuned_proxy_accuracy" not in piece and not piece.get("diverged"):
             # A piece from before the selection went by the proxy split: its fine-tune is in the
@@ -372,7 +378,7 @@ class Run:
             front = [{"trial": int(r.trial), "accuracy": float(r.finetuned_accuracy), "latency_ms": float(r.latency_ms),
                       "feasible": bool(r.feasible)} for r in tuned.itertuples()]
             row: dict = {"budget_ms": budget_ms, "finetuned": front, "met_budget": result.met_budget,
-                         "selection": SELECTION, "clock": CLOCK,
+                         "selection": SELECTION, "recipe": RECIPE, "clock": CLOCK,
                          "trial_seconds": study_trial_seconds(out), "trials": len(frame)}
             cascade = out / "cascade" / CASCADE_FILE
             if cascade.exists():  # kept in the piece: the search folder is in the cache
@@ -382,8 +388,10 @@ class Run:
                 row["selection_latency_ms"] = result.selected.latency_ms
                 row["plan"] = _plan_summary(result.plan)
             return row
-        if self.pieces.done.get(name, {}).get("selection") not in (None, SELECTION):
-            print(f"{name} was selected by another rule: making it again", file=sys.stderr)
+        done = self.pieces.done.get(name)
+        if done and (done.get("selection") != SELECTION or done.get("recipe") != RECIPE):
+            print(f"{name} was selected by another rule or fine-tuned by another recipe: making it again",
+                  file=sys.stderr)
             self.pieces.done.pop(name)
             shutil.rmtree(self.work / name, ignore_errors=True)
         self._drop_if_stale(name, self.work / name)

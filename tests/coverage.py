@@ -24,7 +24,7 @@ grid rounds back to it).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from edgeopt import SearchSpace, apply_plan, export_onnx
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.plan import NM, ModelPlan
 from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
+from edgeopt.spaces.space import Knobs
 from edgeopt.input_size import input_for, input_size
 
 NUDGE = 1e-6  # relative noise on quantizer inputs and float layer outputs: another kernel's rounding
@@ -201,14 +202,21 @@ def check_plan(model: nn.Module, plan: ModelPlan, *, name: str, space: SearchSpa
 def coverage_plans(space: SearchSpace, *, random_plans: int = 3) -> dict[str, ModelPlan]:
     """The plans the issue asks every family to pass: uniform w8a8, uniform w8a8 with keep 0.75
     and 2:4 (and every other residual block dropped, where the family has them), and random
-    plans (each at a random input scale, each droppable block dropped or not at random)."""
+    plans (each at a random input scale, each droppable block dropped or not at random, every
+    other layer that may take it at 50% unstructured sparsity: drawn without the sparsity knob,
+    so each random plan's other choices are those it had before that knob existed)."""
     pruned = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75, nm=NM(n=2, m=4))
     plans = {"uniform w8a8": space.uniform(w_bits=8, a_bits=8), "uniform w8a8 keep 0.75 2:4": pruned}
     if space.blocks:
         plans = {"uniform w8a8": plans["uniform w8a8"], "uniform w8a8 keep 0.75 2:4 every other block dropped":
                  space.settled(ModelPlan(layers=pruned.layers, dropped=space.blocks[::2]))}
+    unsparse = space.restrict(Knobs(sparsities=(0.0,)))
     for seed in range(random_plans):
-        plans[f"random plan {seed}"] = space.sample(seed=seed)
+        drawn = unsparse.sample(seed=seed)
+        sparse = [f for f, lp in drawn.layers.items() if lp.nm is None and 0.5 in space.sparsity_choices(space.layer(f))]
+        plans[f"random plan {seed}"] = ModelPlan(
+            layers={f: replace(lp, sparsity=0.5) if f in sparse[::2] else lp for f, lp in drawn.layers.items()},
+            input_scale=drawn.input_scale, dropped=drawn.dropped)
     return plans
 
 

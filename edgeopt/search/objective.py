@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import optuna
@@ -20,6 +20,7 @@ from edgeopt.plan import ModelPlan
 from edgeopt.search.study import CONSTRAINTS, METRICS, PLAN, PLAN_KEY, WORKER, suggest_plan, worker_id
 from edgeopt.search.training import evaluate
 from edgeopt.spaces.apply import apply_plan
+from edgeopt.spaces.depth import inside
 from edgeopt.spaces.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,14 @@ class Context:
         return apply_plan(self.model, plan, self.example_input, calib_data=self.calib,
                           round_to=self.target.accelerates.channel_multiple, reduce_range=self.reduce_range,
                           space=self.space, calibrate_model=calibrate_model)
+
+    def quantize(self, model: nn.Module, plan: ModelPlan) -> nn.Module:
+        """`model`, already of `plan`'s structure (pruned, at its input size and depth: a
+        fine-tuned float stage), given `plan`'s bit widths, N:M patterns and sparsity, and
+        calibrated on its own weights."""
+        layers = {f: replace(lp, keep_ratio=1.0) for f, lp in plan.layers.items() if not inside(f, plan.dropped)}
+        return apply_plan(model, ModelPlan(layers=layers), self.example_input, calib_data=self.calib,
+                          reduce_range=self.reduce_range)
 
     def budget_macs(self, cost: Cost) -> int:
         # N:M only lowers the work on a target whose runtime has N:M kernels.

@@ -82,7 +82,8 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
         blocks = residual_blocks(compressed, example_input) if plan.dropped else ()
         space = SearchSpace(layers, groups, input_sizes=sizes, blocks=blocks)
     space.validate(plan)
-    set_input_size(compressed, space.input_size(plan.input_scale))
+    if plan.input_scale != 1.0:  # at 1 the model keeps its size: a compressed model quantized again keeps its own
+        set_input_size(compressed, space.input_size(plan.input_scale))
 
     keep = space.group_keep(plan)
     if keep:

@@ -31,8 +31,8 @@ from edgeopt.spaces.sparsity import magnitude_mask
 
 # Bump when what a compressed layer computes changes: results measured before (the sensitivity
 # table) are then measured again instead of reused. 2: ReLU-absorbing outputs, exact integer layers;
-# 3: input scales wide enough for the int32 bias.
-NUMERICS_VERSION = 3
+# 3: input scales wide enough for the int32 bias; 4: an all-zero weight channel takes scale 1.
+NUMERICS_VERSION = 4
 INT8_MIN, INT8_MAX = -128, 127  # weights
 UINT8_MIN, UINT8_MAX = 0, 255  # activations
 
@@ -46,7 +46,10 @@ def weight_scale(weight: torch.Tensor, bits: int, *, reduce_range: bool = False)
     """
     qmax = 63 if reduce_range and bits == 8 else 2 ** (bits - 1) - 1
     amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
-    return (amax / qmax).clamp_min(1e-12).float()
+    # An all-zero channel (a zero-initialized BatchNorm folded in, or every weight pruned by
+    # magnitude) takes scale 1: any scale holds its zeros, and a vanishing one would put its
+    # int32 bias, quantized at scale_x * scale_w, out of range.
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).float()
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | int,

@@ -233,8 +233,9 @@ class SearchSpace:
         return tuple(p for p in self.knobs.nm if p is None or nm_eligible(layer, p))
 
     def sparsity_choices(self, layer: LayerSpec) -> tuple[float, ...]:
-        """Every layer may take each share (a layer with N:M takes none: `settled`)."""
-        return self.knobs.sparsities
+        """Each share, except on a depthwise layer: its k x k filter per channel holds too few
+        weights (a 90% share leaves most channels all zero) for the bytes it would save."""
+        return (0.0,) if layer.kind == "depthwise" else self.knobs.sparsities
 
     @property
     def prunable_groups(self) -> tuple[PruneGroup, ...]:
