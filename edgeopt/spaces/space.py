@@ -275,8 +275,9 @@ class SearchSpace:
 
     def uniform(self, *, w_bits: int = 32, a_bits: int = 32, keep_ratio: float = 1.0,
                 nm: NM | None = None, sparsity: float = 0.0, input_scale: float = 1.0) -> ModelPlan:
-        """The same choice for every layer, where it applies (N:M only on eligible layers,
-        pruning only in prunable groups), at `input_scale` of the given input size."""
+        """The same choice for every layer, where it applies (N:M only on eligible layers, sparsity
+        not on depthwise ones, pruning only in prunable groups), at `input_scale` of the given
+        input size."""
         template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm, sparsity=sparsity)
         for name, value, allowed in (("precision (w_bits, a_bits)", (w_bits, a_bits), self.knobs.pairs),
                                      ("keep_ratio", template.keep_ratio, self.knobs.keep_ratios),
@@ -289,7 +290,8 @@ class SearchSpace:
         keep = self._group_keep(lambda g: template.keep_ratio if g.prunable else 1.0)
         return ModelPlan(layers={
             layer.fqn: replace(template, keep_ratio=keep.get(layer.fqn, 1.0),
-                               nm=nm if nm in self.nm_choices(layer) else None)
+                               nm=nm if nm in self.nm_choices(layer) else None,
+                               sparsity=sparsity if sparsity in self.sparsity_choices(layer) else 0.0)
             for layer in self.layers
         }, input_scale=input_scale)
 
