@@ -54,6 +54,11 @@ class NM:
 NM_PATTERNS: tuple[NM | None, ...] = (None, NM(n=1, m=4), NM(n=2, m=4), NM(n=4, m=8))
 
 
+def _snapped(value: float, allowed: tuple[float, ...]) -> float | None:
+    """The allowed value `value` is (to float rounding: 0.1 + 0.2 may be given for 0.3), or None."""
+    return next((a for a in allowed if math.isclose(a, value, abs_tol=1e-9)), None)
+
+
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if isinstance(value, bool) or value not in allowed:
         raise EdgeoptError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}.")
@@ -78,7 +83,7 @@ class LayerPlan:
         _check_choice("a_bits", self.a_bits, A_BITS)
         if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
             raise EdgeoptError(f"keep_ratio must be a number, got {self.keep_ratio!r}.")
-        snapped = next((k for k in KEEP_RATIOS if math.isclose(k, self.keep_ratio, abs_tol=1e-9)), None)
+        snapped = _snapped(self.keep_ratio, KEEP_RATIOS)
         if snapped is None:
             raise EdgeoptError(
                 f"keep_ratio={self.keep_ratio!r} is not allowed; use a multiple of 1/8 "
@@ -90,7 +95,7 @@ class LayerPlan:
         _check_choice("nm", self.nm, NM_PATTERNS)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise EdgeoptError(f"sparsity must be a number, got {self.sparsity!r}.")
-        share = next((s for s in SPARSITIES if math.isclose(s, self.sparsity, abs_tol=1e-9)), None)
+        share = _snapped(self.sparsity, SPARSITIES)
         if share is None:
             raise EdgeoptError(f"sparsity={self.sparsity!r} is not allowed; choose one of {list(SPARSITIES)} "
                                "(the share of the layer's weights zeroed).")
@@ -151,7 +156,7 @@ class ModelPlan:
                                f"reads version {PLAN_VERSION}.")
         if isinstance(self.input_scale, bool) or not isinstance(self.input_scale, (int, float)):
             raise EdgeoptError(f"input_scale must be a number, got {self.input_scale!r}.")
-        snapped = next((s for s in INPUT_SCALES if math.isclose(s, self.input_scale, abs_tol=1e-9)), None)
+        snapped = _snapped(self.input_scale, INPUT_SCALES)
         if snapped is None:
             raise EdgeoptError(f"input_scale={self.input_scale!r} is not allowed; choose one of {list(INPUT_SCALES)}.")
         object.__setattr__(self, "input_scale", snapped)

@@ -52,7 +52,7 @@ class FinetuneConfig:
     batch_size: int = 64
     # The share of a quantized plan's fine-tuning spent in float before it is quantized (calibrated
     # on the fine-tuned weights) and fine-tuned on at its bit widths (QAT) for the rest; 0: QAT
-    # from the first step; None: `default_float_share`. See `_tuned`.
+    # from the first step; None: by the plan's bit widths (`float_share_for`). See `_tuned`.
     float_share: float | None = None
     # Accuracy points a faster candidate may lose to the most accurate, and how much faster on the
     # target it must be to be worth them. A budget is what the user can afford, so speed beyond it
@@ -150,16 +150,14 @@ INT8_FLOAT_SHARE = 1.0
 LOW_BIT_FLOAT_SHARE = 0.75
 
 
-def default_float_share(plan: ModelPlan) -> float:
-    low = any(lp.w_bits < 8 for lp in plan.layers.values())
-    return LOW_BIT_FLOAT_SHARE if low else INT8_FLOAT_SHARE
-
-
 def float_share_for(plan: ModelPlan, config: FinetuneConfig) -> float:
-    """The float share of fine-tuning `plan` by `config` (0 where nothing is quantized)."""
+    """The float share of fine-tuning `plan` by `config`: 0 where nothing is quantized, else the
+    config's, or by default the one measured for the plan's bit widths."""
     if all((lp.w_bits, lp.a_bits) == (32, 32) for lp in plan.layers.values()):
         return 0.0
-    return default_float_share(plan) if config.float_share is None else config.float_share
+    if config.float_share is not None:
+        return config.float_share
+    return LOW_BIT_FLOAT_SHARE if any(lp.w_bits < 8 for lp in plan.layers.values()) else INT8_FLOAT_SHARE
 
 
 def _tuned(plan: ModelPlan, context: Context, *, data, lr: float, batch_size: int, epochs: float,
