@@ -179,7 +179,7 @@ def host_part(archs: list[str], *, plans: int, size: int, keep_ratios: tuple[flo
             model, x, workdir / f"cal_{arch}", precisions=HOST_PRECISIONS, keep_ratios=(1.0, 0.5),
             random_plans=16, round_to=round_to)
         space = SearchSpace.from_model(model, x).restrict(Knobs(w_bits=host.w_bits, a_bits=host.a_bits,
-                                                                nm=host.nm))
+                                                                nm=host.nm, dynamic_kinds=()))
         for seed in range(plans):
             plan = space.sample(seed)
             compressed = apply_plan(model, plan, x, calib_data=calib, round_to=round_to,

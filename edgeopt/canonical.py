@@ -28,6 +28,12 @@ class SplitAttention(nn.Module):
     """`nn.MultiheadAttention` with its projections as Linear modules (same call signature,
     same results up to float rounding)."""
 
+    # No fused projection: `nn.TransformerEncoderLayer` and `nn.TransformerDecoderLayer` read these
+    # to decide on their fused fast path, and with them so they take the path that calls modules.
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
+
     def __init__(self, attention: nn.MultiheadAttention) -> None:
         super().__init__()
         embed, self.num_heads = attention.embed_dim, attention.num_heads
@@ -145,4 +151,8 @@ def canonical(model: nn.Module) -> nn.Module:
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(copied.get_submodule(parent_name) if parent_name else copied, child, SplitAttention(module))
+    for module in copied.modules():
+        if isinstance(module, nn.TransformerEncoder):
+            # Its nested-tensor path runs the fused attention kernel on in_proj_weight, which is gone.
+            module.use_nested_tensor = False
     return copied

@@ -43,7 +43,8 @@ def _targets(argv: Sequence[str]) -> int:
     for target in targets:
         acc = target.accelerates
         fast = (f"accelerates w{'/'.join(map(str, acc.w_bits))} a{'/'.join(map(str, acc.a_bits))}"
-                f" N:M {'/'.join(str(p) for p in acc.nm if p) or 'none'}, channels x{acc.channel_multiple}")
+                f" N:M {'/'.join(str(p) for p in acc.nm if p) or 'none'}, channels x{acc.channel_multiple},"
+                f" dynamic-range int8 {'on ' + '/'.join(acc.dynamic_kinds) + ' layers' if acc.dynamic_kinds else 'not run'}")
         bundle = "" if target.deploy_note() is None else ", while the exported bundle runs onnxruntime"
         print(f"{target.name:<{width}}  {target.description}. {fast}. "
               f"Latency: {target.latency_note()}; its figures are for {target.runtime}{bundle}.")

@@ -38,11 +38,15 @@ class LayerSpec:
     w_bits: int = 32
     a_bits: int = 32
     nm: NM | None = None
+    dynamic: bool = False  # dynamic-range int8 (edgeopt.plan.LayerPlan.dynamic)
 
     @property
     def reduction(self) -> int:
         """Length of one output's dot product: the dimension N:M blocks run along."""
         return (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+
+
+LAYER_KINDS = ("conv", "depthwise", "grouped", "linear")  # what `layer_kind` tells apart
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -66,7 +70,7 @@ def _spec(fqn: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Laye
             kernel=(1, 1), stride=(1, 1), groups=1, input_hw=(1, 1), positions=positions,
             macs=positions * module.in_features * module.out_features, params=params,
             w_bits=getattr(module, "w_bits", 32), a_bits=getattr(module, "a_bits", 32),
-            nm=getattr(module, "nm", None),
+            nm=getattr(module, "nm", None), dynamic=getattr(module, "dynamic", False),
         )
     positions = int(y.shape[-2] * y.shape[-1])
     kh, kw = module.kernel_size
@@ -76,7 +80,7 @@ def _spec(fqn: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Laye
         input_hw=(int(x.shape[-2]), int(x.shape[-1])), positions=positions,
         macs=positions * module.out_channels * (module.in_channels // module.groups) * kh * kw,
         params=params, w_bits=getattr(module, "w_bits", 32), a_bits=getattr(module, "a_bits", 32),
-        nm=getattr(module, "nm", None),
+        nm=getattr(module, "nm", None), dynamic=getattr(module, "dynamic", False),
     )
 
 

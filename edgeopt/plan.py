@@ -70,6 +70,11 @@ class LayerPlan:
 
     `sparsity` is unstructured: that share of the weights, the smallest in magnitude, is zeroed.
     It and N:M are two ways of zeroing weights, so a layer takes one of them at most.
+
+    `dynamic` is dynamic-range quantization: int8 weights (w_bits 8) and float activations
+    (a_bits 32) between layers, which the layer quantizes to uint8 at run time from each input's
+    own range (onnxruntime's DynamicQuantizeLinear with MatMulInteger or ConvInteger): nothing to
+    calibrate, and the speed of an int8 kernel where the runtime has a fast one.
     """
 
     w_bits: int = 32
@@ -77,6 +82,7 @@ class LayerPlan:
     keep_ratio: float = 1.0
     nm: NM | None = None
     sparsity: float = 0.0
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("w_bits", self.w_bits, W_BITS)
@@ -103,6 +109,11 @@ class LayerPlan:
         if self.nm is not None and self.sparsity:
             raise EdgeoptError(f"A layer takes N:M ({self.nm}) or unstructured sparsity ({self.sparsity:g}), "
                                "not both: both zero weights; choose one.")
+        if not isinstance(self.dynamic, bool):
+            raise EdgeoptError(f"dynamic must be true or false, got {self.dynamic!r}.")
+        if self.dynamic and (self.w_bits, self.a_bits) != (8, 32):
+            raise EdgeoptError(f"dynamic quantization takes w_bits=8 and a_bits=32 (its activations are float "
+                               f"between layers and quantized at run time), got w{self.w_bits}/a{self.a_bits}.")
 
     @property
     def is_identity(self) -> bool:
@@ -115,16 +126,17 @@ class LayerPlan:
             "keep_ratio": self.keep_ratio,
             "nm": None if self.nm is None else [self.nm.n, self.nm.m],
             "sparsity": self.sparsity,
+            "dynamic": self.dynamic,
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> LayerPlan:
         if not isinstance(data, Mapping):
             raise EdgeoptError(f"A layer plan must be a JSON object, got {data!r}.")
-        unknown = set(data) - {"w_bits", "a_bits", "keep_ratio", "nm", "sparsity"}
+        unknown = set(data) - {"w_bits", "a_bits", "keep_ratio", "nm", "sparsity", "dynamic"}
         if unknown:
             raise EdgeoptError(f"Unknown layer plan fields {sorted(map(str, unknown))}; "
-                               "allowed: w_bits, a_bits, keep_ratio, nm, sparsity.")
+                               "allowed: w_bits, a_bits, keep_ratio, nm, sparsity, dynamic.")
         nm = data.get("nm")
         if nm is not None:
             if not (isinstance(nm, (list, tuple)) and len(nm) == 2):
@@ -136,6 +148,7 @@ class LayerPlan:
             keep_ratio=data.get("keep_ratio", 1.0),
             nm=nm,
             sparsity=data.get("sparsity", 0.0),
+            dynamic=data.get("dynamic", False),
         )
 
 
@@ -219,15 +232,17 @@ class ModelPlan:
 
     def key(self) -> str:
         """A stable digest of the plan: equal plans share it across processes (cache keys). A plan
-        at the full input size and depth, without unstructured sparsity, has the digest it had
-        before those knobs existed, so stores of fine-tuned models made then stay valid."""
+        at the full input size and depth, without unstructured sparsity or dynamic quantization, has
+        the digest it had before those knobs existed, so stores of fine-tuned models made then stay
+        valid."""
         data = self.to_dict()
         if self.input_scale == 1.0:
             del data["input_scale"]
         if not self.dropped:
             del data["dropped"]
         for layer in data["layers"].values():
-            if not layer["sparsity"]:
-                del layer["sparsity"]
+            for knob in ("sparsity", "dynamic"):
+                if not layer[knob]:
+                    del layer[knob]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

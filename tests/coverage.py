@@ -33,7 +33,7 @@ from torch import nn
 
 from edgeopt import SearchSpace, apply_plan, export_onnx
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
-from edgeopt.plan import NM, ModelPlan
+from edgeopt.plan import NM, LayerPlan, ModelPlan
 from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
 from edgeopt.spaces.space import Knobs
 from edgeopt.input_size import input_for, input_size
@@ -97,7 +97,7 @@ def _nudged(model: nn.Module, inputs: torch.Tensor, seed: int) -> np.ndarray:
         return x * (1 + NUDGE * torch.randn(x.shape, generator=generator))
 
     def nudge_input(module, args):
-        if module.a_bits in (8, 16):  # the quantizer reads what a float computation made
+        if module.a_bits in (8, 16) or module.dynamic:  # the quantizer reads what a float computation made
             return (noisy(args[0]), *args[1:])
         return None
 
@@ -176,7 +176,13 @@ def check_plan(model: nn.Module, plan: ModelPlan, *, name: str, space: SearchSpa
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     # The torch model resizes a full-size input itself (a plan's input scale); the ONNX takes
     # the model's size, as a deployed one is fed.
-    got = session.run(None, {"input": input_for(small, inputs).numpy()})[0]
+    feed = input_for(small, inputs).numpy()
+    if any(lp.dynamic for lp in plan.layers.values()):
+        # A dynamic-range layer quantizes at the range of what it is given: one image at a time
+        # as a device runs them, and as the PyTorch layer computes it.
+        got = np.concatenate([session.run(None, {"input": feed[i:i + 1]})[0] for i in range(len(feed))])
+    else:
+        got = session.run(None, {"input": feed})[0]
     assert got.shape == ref.shape, (got.shape, ref.shape)
     # A random-weight model can overflow a float16 activation (timm's mobileone at 16x16 reaches
     # 4.6e5 before a w4a16 layer): PyTorch then gives inf/NaN, while onnxruntime's scores stay
@@ -204,19 +210,28 @@ def coverage_plans(space: SearchSpace, *, random_plans: int = 3) -> dict[str, Mo
     and 2:4 (and every other residual block dropped, where the family has them), and random
     plans (each at a random input scale, each droppable block dropped or not at random, every
     other layer that may take it at 50% unstructured sparsity: drawn without the sparsity knob,
-    so each random plan's other choices are those it had before that knob existed)."""
+    so each random plan's other choices are those it had before that knob existed); and where a
+    family has several Linear layers (the transformers), dynamic-range int8 on all of them with
+    uniform w8a8 on the rest."""
     pruned = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75, nm=NM(n=2, m=4))
     plans = {"uniform w8a8": space.uniform(w_bits=8, a_bits=8), "uniform w8a8 keep 0.75 2:4": pruned}
     if space.blocks:
         plans = {"uniform w8a8": plans["uniform w8a8"], "uniform w8a8 keep 0.75 2:4 every other block dropped":
                  space.settled(ModelPlan(layers=pruned.layers, dropped=space.blocks[::2]))}
-    unsparse = space.restrict(Knobs(sparsities=(0.0,)))
+    # Drawn without the knobs added later (sparsity, dynamic-range int8), so each random plan
+    # keeps the choices it had before them.
+    unsparse = space.restrict(Knobs(sparsities=(0.0,), dynamic_kinds=()))
     for seed in range(random_plans):
         drawn = unsparse.sample(seed=seed)
         sparse = [f for f, lp in drawn.layers.items() if lp.nm is None and 0.5 in space.sparsity_choices(space.layer(f))]
         plans[f"random plan {seed}"] = ModelPlan(
             layers={f: replace(lp, sparsity=0.5) if f in sparse[::2] else lp for f, lp in drawn.layers.items()},
             input_scale=drawn.input_scale, dropped=drawn.dropped)
+    linear = {layer.fqn for layer in space.layers if layer.kind == "linear"}
+    if len(linear) > 1:
+        int8 = plans["uniform w8a8"].layers
+        plans["dynamic-range int8 Linear layers, w8a8 elsewhere"] = ModelPlan(layers={
+            f: LayerPlan(w_bits=8, dynamic=True) if f in linear else lp for f, lp in int8.items()})
     return plans
 
 

@@ -22,6 +22,8 @@ def test_targets_prints_one_line_per_target(capsys):
     assert "measured here with onnxruntime" in by_name["host"]
     assert "model:" in by_name["jetson-orin-nano"] and "N:M 2:4" in by_name["jetson-orin-nano"]
     assert all("Latency:" in line for line in lines)
+    assert "dynamic-range int8 on linear layers" in by_name["host"]
+    assert "dynamic-range int8 not run" in by_name["pi4"] and "dynamic-range int8 not run" in by_name["jetson-orin-nano"]
 
 
 def test_a_search_without_budget_is_a_usage_error_and_no_arguments_print_usage(capsys):

@@ -268,7 +268,8 @@ def export_calibration_plans(model: nn.Module, example_input: torch.Tensor, dire
     x = example_input[:1]
     space = SearchSpace.from_model(model, x)
     knobs = Knobs(w_bits=sorted({w for w, _ in precisions} | {32}), a_bits=sorted({a for _, a in precisions} | {32}),
-                  keep_ratios=space.knobs.keep_ratios, nm=(None,), sparsities=(0.0,))  # zeros run dense
+                  keep_ratios=space.knobs.keep_ratios, nm=(None,), sparsities=(0.0,),  # zeros run dense
+                  dynamic_kinds=())  # the profiled precisions are static ones
     space = space.restrict(knobs)
     uniform = [p for p in precisions if p in ((32, 32), (8, 8))] or list(precisions)[:1]
     plans = [space.uniform(w_bits=w, a_bits=a, keep_ratio=k) for w, a in uniform for k in keep_ratios]

@@ -14,6 +14,9 @@ rewritten in QDQ form with the exact scales the PyTorch layer used:
 - a Relu on a dequantized uint8 tensor with zero point 0 is dropped: it is the identity there;
 - a spatial mean of a dequantized tensor that feeds a quantizer is written as GlobalAveragePool,
   which onnxruntime runs as QLinearGlobalAveragePool (`_integer_pools` says why that is exact);
+- a dynamic layer becomes DynamicQuantizeLinear, ConvInteger or MatMulInteger on its int8
+  weights, a Cast and a Mul by scale_x * scale_w (plus its float bias): the pattern
+  onnxruntime's quantize_dynamic writes, which it fuses into DynamicQuantizeMatMul for MatMul;
 - N:M layers are stored dense with their zeros: onnxruntime has no N:M kernels on CPU.
 """
 
@@ -45,6 +48,7 @@ class _LayerQuant:
     w_bits: int
     a_bits: int
     integer: bool
+    dynamic: bool
     weight: np.ndarray  # effective weight, [out, ...]
     weight_scale: np.ndarray | None
     bias: np.ndarray | None
@@ -81,7 +85,7 @@ def _quant_info(fqn: str, layer: CompressedMixin, placeholder: torch.Tensor) -> 
         integer_w = layer.w_bits not in FLOAT_BITS
         qparams = lambda r: (float(r.scale), int(r.zero_point)) if r is not None else None  # noqa: E731
         return _LayerQuant(
-            fqn=fqn, w_bits=layer.w_bits, a_bits=layer.a_bits, integer=layer.integer,
+            fqn=fqn, w_bits=layer.w_bits, a_bits=layer.a_bits, integer=layer.integer, dynamic=layer.dynamic,
             weight=weight.cpu().numpy(),
             weight_scale=layer.weight_scale().cpu().numpy() if integer_w else None,
             bias=layer.effective_bias().cpu().numpy() if layer.bias is not None else None,
@@ -439,9 +443,54 @@ class _QDQWriter:
             self.graph.node.insert(index + 1, helper.make_node(
                 "QuantizeLinear", [raw, scale, zero], [f"{pooled}_q"], name=f"{pooled}_q"))
 
+    def _rewrite_dynamic(self, info: _LayerQuant, index: int, node, transposed: bool) -> None:
+        """The layer as DynamicQuantizeLinear -> ConvInteger / MatMulInteger -> Cast -> Mul
+        (-> Add of the float bias); the original node becomes the last of these."""
+        onnx, prefix = self.onnx, info.fqn
+        conv = node.op_type == "Conv"
+        ints = np.rint(info.weight / info.weight_scale.reshape((-1,) + (1,) * (info.weight.ndim - 1))).astype(np.int8)
+        if not conv:  # MatMulInteger takes B as [in, out]
+            ints = np.ascontiguousarray(ints.reshape(ints.shape[0], -1).T)
+        x_q, x_scale, x_zero = f"{prefix}.input_dyn_q", f"{prefix}.input_dyn_scale", f"{prefix}.input_dyn_zero_point"
+        self.new_nodes.setdefault(index, []).append(onnx.helper.make_node(
+            "DynamicQuantizeLinear", [node.input[0]], [x_q, x_scale, x_zero], name=f"{prefix}.input_dyn"))
+        weight = self._const(f"{prefix}.weight_quantized", ints)
+        # ConvInteger on onnxruntime's CPU takes one weight zero point only; it is 0 for every
+        # channel of a symmetric weight, and the per-channel scales go into the Mul below.
+        zero = self._const(f"{prefix}.weight_zero_point", np.array(0, dtype=np.int8))
+        if conv:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            acc = self._node(index, "ConvInteger", [x_q, weight, x_zero, zero], f"{prefix}.acc", **attrs)
+            scale_shape = (1, -1) + (1,) * (info.weight.ndim - 2)
+        else:
+            acc = self._node(index, "MatMulInteger", [x_q, weight, x_zero, zero], f"{prefix}.acc")
+            scale_shape = (-1,)
+        acc_float = self._node(index, "Cast", [acc], f"{prefix}.acc_float", to=onnx.TensorProto.FLOAT)
+        w_scale = self._const(f"{prefix}.weight_scale", info.weight_scale.astype(np.float32).reshape(scale_shape))
+        scale = self._node(index, "Mul", [x_scale, w_scale], f"{prefix}.scale")
+        has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and info.bias is not None
+        output = node.output[0]
+        del node.attribute[:]
+        del node.input[:]
+        if has_bias:
+            scaled = self._node(index, "Mul", [acc_float, scale], f"{prefix}.scaled")
+            bias = self._const(f"{prefix}.bias_float", info.bias.astype(np.float32).reshape(scale_shape))
+            node.op_type, node.name = "Add", f"{prefix}.bias_add"
+            node.input.extend([scaled, bias])
+        else:
+            node.op_type, node.name = "Mul", f"{prefix}.scaled"
+            node.input.extend([acc_float, scale])
+        node.output[0] = output
+
     def _rewrite(self, info: _LayerQuant) -> None:
         onnx = self.onnx
         index, node, w_pos, transposed = self._find(info)
+        if info.dynamic:
+            if node.op_type == "Gemm" and transposed:
+                raise EdgeoptError(f"ONNX export: layer {info.fqn!r} is a Gemm without transB, which the "
+                                   "dynamic-range rewrite does not handle.")
+            self._rewrite_dynamic(info, index, node, transposed)
+            return
         if info.integer:
             self.integer_nodes.add(node.name)
         prefix = info.fqn

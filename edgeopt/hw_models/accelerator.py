@@ -72,6 +72,6 @@ class RooflineLatency:
         return dense
 
     def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes:
-        ms = [self.layer_time(key.with_precision(*target.runs_as(key.w_bits, key.a_bits, key.nm)))
+        ms = [self.layer_time(key.with_precision(*target.runs_as(key.w_bits, key.a_bits, key.nm, key.dynamic)))
               for key in keys]
         return LayerTimes(ms=ms, sources=["model"] * len(keys), overhead_ms=self.inference_ms)

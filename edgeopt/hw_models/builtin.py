@@ -36,15 +36,22 @@ PI4 = HardwareTarget(
 
 HOST = HardwareTarget(
     name="host",
-    description="this machine, onnxruntime CPU execution provider (int8 through QLinearConv), 1 thread",
+    description="this machine, onnxruntime CPU execution provider (int8 through QLinearConv; dynamic-range "
+                "int8 on Linear layers), 1 thread",
     # onnxruntime's CPU kernels: int8 (QLinear*) pays; int4 weights and N:M have no fast path.
+    # Dynamic-range int8 is offered on Linear layers only: bench/dynamic_range.py measured
+    # MatMulInteger 3.5-6x faster than fp32 MatMul on a transformer's Linear layers and ConvInteger
+    # 4-7x slower than fp32 Conv (20-30x on depthwise); each shape is still timed here, so a layer
+    # too small to gain (a 10-class head) is priced as measured (BENCHMARKS.md, "Dynamic-range").
     accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,),
-                            channel_multiple=16 if "avx512f" in cpu_flags() else 8),
+                            channel_multiple=16 if "avx512f" in cpu_flags() else 8, dynamic_kinds=("linear",)),
     latency=OnDemandProfile(threads=1),
     threads=1,
     measurable=True,
 )
 
+# pi4 and jetson-orin-nano run no dynamic-range int8 (their Accelerates leave dynamic_kinds empty):
+# ncnn and TensorRT quantize activations statically.
 JETSON_ORIN_NANO = HardwareTarget(
     name="jetson-orin-nano",
     description="NVIDIA Jetson Orin Nano 8 GB (Ampere GPU, 32 Tensor Cores @ 625 MHz, 68 GB/s), "

@@ -117,8 +117,8 @@ class TableLatency:
         ms: list[float] = []
         sources: list[str] = []
         for key in keys:
-            exact = key.with_precision(storage_bits(key.w_bits), key.a_bits, key.nm)
-            runs = key.with_precision(*target.runs_as(key.w_bits, key.a_bits, key.nm))
+            exact = key.with_precision(storage_bits(key.w_bits), key.a_bits, key.nm, key.dynamic)
+            runs = key.with_precision(*target.runs_as(key.w_bits, key.a_bits, key.nm, key.dynamic))
             value = table.lookup(exact)
             used = exact
             if value is None and runs != exact:

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.layers import LayerSpec
+from edgeopt.layers import LAYER_KINDS, LayerSpec
 from edgeopt.plan import A_BITS, NM, NM_PATTERNS, W_BITS
 
-KINDS = ("conv", "depthwise", "grouped", "linear")
 KEY_COLUMNS = ("op_kind", "in_channels", "out_channels", "kernel_h", "kernel_w", "stride_h",
                "stride_w", "groups", "input_h", "input_w", "w_bits", "a_bits", "nm")
 REQUIRED_COLUMNS = KEY_COLUMNS + ("latency_ms",)
 OPTIONAL_COLUMNS = ("spread_ms",)
+# 1 on a row timed with dynamic-range int8 (`LayerKey.dynamic`); written only by tables that have one.
+DYNAMIC_COLUMN = "dynamic"
 # A profile cycles each layer through copies with their own weights until they add up to this
 # many MB (at most MAX_COPIES copies), so that its weights are not still in the core's cache
 # from the previous run, as they would not be inside a model.
@@ -62,7 +63,10 @@ def round_up(value: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class LayerKey:
-    """What a layer's latency depends on. For a linear layer `input_hw` is (tokens, 1)."""
+    """What a layer's latency depends on. For a linear layer `input_hw` is (tokens, 1).
+
+    `dynamic` marks dynamic-range int8 (w_bits 8, a_bits 32: float activations that the kernel
+    quantizes at run time), which runs other kernels than weight-only int8."""
 
     kind: str
     in_channels: int
@@ -74,23 +78,27 @@ class LayerKey:
     w_bits: int = 32
     a_bits: int = 32
     nm: NM | None = None
+    dynamic: bool = False
 
     @classmethod
     def from_spec(cls, spec: LayerSpec, *, w_bits: int | None = None, a_bits: int | None = None,
                   nm: NM | None | str = "same") -> LayerKey:
+        """The spec's layer, at its own precision unless one is given (a given one is static)."""
         hw = (max(1, spec.positions), 1) if spec.kind == "linear" else spec.input_hw
+        own = w_bits is None and a_bits is None
         return cls(spec.kind, spec.in_channels, spec.out_channels, tuple(spec.kernel), tuple(spec.stride),
                    spec.groups, tuple(hw), spec.w_bits if w_bits is None else w_bits,
-                   spec.a_bits if a_bits is None else a_bits, spec.nm if nm == "same" else nm)
+                   spec.a_bits if a_bits is None else a_bits, spec.nm if nm == "same" else nm,
+                   spec.dynamic and own)
 
-    def with_precision(self, w_bits: int, a_bits: int, nm: NM | None) -> LayerKey:
+    def with_precision(self, w_bits: int, a_bits: int, nm: NM | None, dynamic: bool = False) -> LayerKey:
         return LayerKey(self.kind, self.in_channels, self.out_channels, self.kernel, self.stride,
-                        self.groups, self.input_hw, w_bits, a_bits, nm)
+                        self.groups, self.input_hw, w_bits, a_bits, nm, dynamic)
 
     def with_channels(self, in_channels: int, out_channels: int) -> LayerKey:
         groups = in_channels if self.kind == "depthwise" else self.groups
         return LayerKey(self.kind, in_channels, out_channels, self.kernel, self.stride, groups,
-                        self.input_hw, self.w_bits, self.a_bits, self.nm)
+                        self.input_hw, self.w_bits, self.a_bits, self.nm, self.dynamic)
 
     # -- derived sizes (padding (k - 1) // 2, as nearly every CNN uses) ---------------------
     @property
@@ -131,11 +139,11 @@ class LayerKey:
     def family(self) -> tuple:
         """Same layer at other channel counts (keep ratios): what anchors the fitted model."""
         return (self.kind, self.kernel, self.stride, self.input_hw, self.w_bits, self.a_bits, self.nm,
-                self.groups if self.kind == "grouped" else 0)
+                self.dynamic, self.groups if self.kind == "grouped" else 0)
 
     @property
-    def precision(self) -> tuple[int, int, NM | None]:
-        return (self.w_bits, self.a_bits, self.nm)
+    def precision(self) -> tuple[int, int, NM | None, bool]:
+        return (self.w_bits, self.a_bits, self.nm, self.dynamic)
 
     def features(self, channel_multiple: int = 1) -> tuple[float, ...]:
         """The roofline's terms: (1, MACs with channels rounded up to the SIMD width, weight
@@ -160,13 +168,14 @@ class LayerKey:
                 "kernel_h": self.kernel[0], "kernel_w": self.kernel[1], "stride_h": self.stride[0],
                 "stride_w": self.stride[1], "groups": self.groups, "input_h": self.input_hw[0],
                 "input_w": self.input_hw[1], "w_bits": self.w_bits, "a_bits": self.a_bits,
-                "nm": "" if self.nm is None else f"{self.nm.n}:{self.nm.m}"}
+                "nm": "" if self.nm is None else f"{self.nm.n}:{self.nm.m}"} | (
+                    {DYNAMIC_COLUMN: 1} if self.dynamic else {})
 
 
 def _check_key(key: LayerKey) -> str | None:
     """Why a key is not a valid layer, or None."""
-    if key.kind not in KINDS:
-        return f"op_kind {key.kind!r} is not one of {list(KINDS)}"
+    if key.kind not in LAYER_KINDS:
+        return f"op_kind {key.kind!r} is not one of {list(LAYER_KINDS)}"
     if min(key.in_channels, key.out_channels, key.groups, *key.kernel, *key.stride, *key.input_hw) < 1:
         return "channels, kernel, stride, groups and input size must all be at least 1"
     if key.in_channels % key.groups or key.out_channels % key.groups:
@@ -179,6 +188,8 @@ def _check_key(key: LayerKey) -> str | None:
         return f"w_bits={key.w_bits} is not one of {list(W_BITS)}"
     if key.a_bits not in A_BITS:
         return f"a_bits={key.a_bits} is not one of {list(A_BITS)}"
+    if key.dynamic and (key.w_bits, key.a_bits) != (8, 32):
+        return f"a dynamic row needs w_bits=8 and a_bits=32, got {key.w_bits} and {key.a_bits}"
     return None
 
 
@@ -394,10 +405,13 @@ class LatencyTable:
                 raise EdgeoptError(f"{where}: latency_ms={get('latency_ms')!r} is not a number.") from None
             if not math.isfinite(latency) or latency <= 0:
                 raise EdgeoptError(f"{where}: latency_ms={get('latency_ms')} must be a positive number.")
+            dynamic = get(DYNAMIC_COLUMN) if DYNAMIC_COLUMN in index else ""
+            if dynamic not in ("", "0", "1"):
+                raise EdgeoptError(f"{where}: {DYNAMIC_COLUMN}={dynamic!r} must be 1, 0 or empty.")
             key = LayerKey(get("op_kind"), ints["in_channels"], ints["out_channels"],
                            (ints["kernel_h"], ints["kernel_w"]), (ints["stride_h"], ints["stride_w"]),
                            ints["groups"], (ints["input_h"], ints["input_w"]), ints["w_bits"],
-                           ints["a_bits"], nm)
+                           ints["a_bits"], nm, dynamic == "1")
             problem = _check_key(key)
             if problem:
                 raise EdgeoptError(f"{where}: {problem}.")
@@ -424,7 +438,7 @@ class LatencyTable:
         out = io.StringIO()
         for k, v in self.meta.items():
             out.write(f"# {k}: {v}\n")
-        extra = ["spread_ms"] if self.spread else []
+        extra = (["spread_ms"] if self.spread else []) + ([DYNAMIC_COLUMN] if any(k.dynamic for k in self.rows) else [])
         writer = csv.DictWriter(out, fieldnames=list(REQUIRED_COLUMNS) + extra, lineterminator="\n")
         writer.writeheader()
         for key in sorted(self.rows, key=_sort_key):
@@ -447,7 +461,7 @@ class LatencyTable:
 
 
 def _sort_key(key: LayerKey) -> tuple:
-    return (key.kind, key.w_bits, key.a_bits, str(key.nm), key.kernel, key.stride, key.input_hw,
+    return (key.kind, key.w_bits, key.a_bits, str(key.nm), key.dynamic, key.kernel, key.stride, key.input_hw,
             key.groups, key.in_channels, key.out_channels)
 
 

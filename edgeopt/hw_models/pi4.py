@@ -201,7 +201,7 @@ class Pi4Latency(TableLatency):
         if model is None or self.table.calibration is not None:
             return times
         # A shape the table lacks gets the model that wrote the table, not a fit to the table.
-        ms = [t if s == "lut" else model.layer_ms(k.with_precision(*target.runs_as(k.w_bits, k.a_bits, k.nm)))
+        ms = [t if s == "lut" else model.layer_ms(k.with_precision(*target.runs_as(k.w_bits, k.a_bits, k.nm, k.dynamic)))
               for k, t, s in zip(keys, times.ms, times.sources)]
         return dataclasses.replace(times, ms=ms)
 

@@ -122,6 +122,28 @@ def layer_model(key: LayerKey, *, copies: int = 1, seed: int = 0) -> bytes:
     outputs = []
     for c in range(copies):
         p = f"c{c}_"
+        if key.dynamic:
+            # As export_onnx writes a dynamic-range layer: the input quantized at run time, int8
+            # weights straight into ConvInteger / MatMulInteger, then Cast, Mul and the float bias.
+            nodes.append(helper.make_node("DynamicQuantizeLinear", ["x"], [p + "xq", p + "xs", p + "xz"]))
+            ints = rng.integers(-63, 64, size=w_shape).astype(np.int8)
+            if key.kind == "linear" and not tokens:
+                ints = np.ascontiguousarray(ints.T)  # MatMulInteger takes [in, out]
+            w_name, w_zero = const(p + "wq", ints), const(p + "wz", np.array(0, np.int8))
+            if key.kind == "linear":
+                acc = node("MatMulInteger", [p + "xq", w_name, p + "xz", w_zero], p + "acc")
+                channel_shape = (cout,)
+            else:
+                (kh, kw) = key.kernel
+                acc = node("ConvInteger", [p + "xq", w_name, p + "xz", w_zero], p + "acc",
+                           kernel_shape=list(key.kernel), strides=list(key.stride), group=key.groups,
+                           pads=[(kh - 1) // 2, (kw - 1) // 2, (kh - 1) // 2, (kw - 1) // 2])
+                channel_shape = (1, cout, 1, 1)
+            scale = node("Mul", [p + "xs", const(p + "ws", np.full(channel_shape, 0.01, np.float32))], p + "s")
+            scaled = node("Mul", [node("Cast", [acc], p + "accf", to=TensorProto.FLOAT), scale], p + "scaled")
+            y = node("Add", [scaled, const(p + "b", np.zeros(channel_shape, np.float32))], p + "y")
+            outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+            continue
         # Weights.
         w_scale = None
         if key.w_bits in FLOAT_BITS:
@@ -321,7 +343,7 @@ class OnDemandProfile:
     def layer_ms(self, keys: list[LayerKey], target):  # -> LayerTimes
         from edgeopt.hw_models.estimate import TableLatency
 
-        wanted = [k.with_precision(storage_bits(k.w_bits), k.a_bits, None) for k in keys]
+        wanted = [k.with_precision(storage_bits(k.w_bits), k.a_bits, None, k.dynamic) for k in keys]
         with self._lock:
             known = self._table.rows if self._table is not None else {}
             missing = [k for k in dict.fromkeys(wanted) if k not in known]

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.hw_models.lut import LatencyTable, LayerKey
+from edgeopt.layers import LAYER_KINDS
 from edgeopt.plan import A_BITS, FLOAT_BITS, NM, NM_PATTERNS, W_BITS
 
 
@@ -25,12 +26,15 @@ class Accelerates:
     `w_bits`/`a_bits` always contain 32 and `nm` always contains None (the uncompressed option),
     as `edgeopt.spaces.Knobs` requires; `channel_multiple` is the channel count the kernels
     work in (SIMD lanes, tensor-core tiles): prune to multiples of it or pay for the padding.
+    `dynamic_kinds` are the layer kinds ("conv", "depthwise", "grouped", "linear") on which the
+    runtime's dynamic-range int8 kernels beat fp32; empty where it has none that do.
     """
 
     w_bits: tuple[int, ...] = (32,)
     a_bits: tuple[int, ...] = (32,)
     nm: tuple[NM | None, ...] = (None,)
     channel_multiple: int = 1
+    dynamic_kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, values, allowed, must in (("w_bits", self.w_bits, W_BITS, 32), ("a_bits", self.a_bits, A_BITS, 32),
@@ -40,6 +44,10 @@ class Accelerates:
             if any(v not in allowed for v in values) or must not in values:
                 raise EdgeoptError(f"Accelerates.{name}={list(values)} must be a subset of "
                                    f"{list(allowed)} that includes {must!r}.")
+        object.__setattr__(self, "dynamic_kinds", tuple(self.dynamic_kinds))
+        if any(kind not in LAYER_KINDS for kind in self.dynamic_kinds):
+            raise EdgeoptError(f"Accelerates.dynamic_kinds={list(self.dynamic_kinds)} must name layer kinds "
+                               f"of {list(LAYER_KINDS)}.")
         if not isinstance(self.channel_multiple, int) or self.channel_multiple < 1:
             raise EdgeoptError(f"channel_multiple must be a whole number >= 1, got {self.channel_multiple!r}.")
 
@@ -128,23 +136,28 @@ class HardwareTarget:
                 f"you deploy with, run `optimize profile` there (--threads {self.threads}, as the target assumes) "
                 f"and pass the table it writes with --lut.")
 
-    def runs_as(self, w_bits: int, a_bits: int, nm: NM | None) -> tuple[int, int, NM | None]:
-        """The precision and sparsity a layer actually executes at on this runtime.
+    def runs_as(self, w_bits: int, a_bits: int, nm: NM | None,
+                dynamic: bool = False) -> tuple[int, int, NM | None, bool]:
+        """The precision and sparsity a layer actually executes at on this runtime, with whether
+        it runs dynamic-range int8.
 
         An integer layer (integer weights, 8-bit activations) runs on the narrowest integer
         kernel the runtime has that holds its weights (4-bit weights run as int8 where there is
-        no int4 kernel); anything else runs in float, at 16 bits only if the runtime computes in
-        fp16 and neither operand is wider. An N:M pattern without kernels runs dense.
+        no int4 kernel); a dynamic-range layer runs so where the runtime has such kernels;
+        anything else runs in float, at 16 bits only if the runtime computes in fp16 and neither
+        operand is wider. An N:M pattern without kernels runs dense.
         """
         acc = self.accelerates
         nm = nm if nm in acc.nm else None
+        if dynamic and acc.dynamic_kinds:
+            return 8, 32, nm, True
         if a_bits == 8 and w_bits not in FLOAT_BITS and 8 in acc.a_bits:
             ints = sorted(b for b in acc.w_bits if b not in FLOAT_BITS and b >= w_bits)
             if ints:
-                return ints[0], 8, nm
+                return ints[0], 8, nm, False
         if a_bits <= 16 and w_bits <= 16 and 16 in acc.a_bits and 16 in acc.w_bits:
-            return 16, 16, nm
-        return 32, 32, nm
+            return 16, 16, nm, False
+        return 32, 32, nm, False
 
     def with_lut(self, lut: str | Path | LatencyTable) -> HardwareTarget:
         """This target with its latency read from a table (`optimize profile` writes one)."""

@@ -55,7 +55,9 @@ def knobs_text(plan: ModelPlan, fqn: str, dropped: bool, inputs_pruned: bool = F
         return "dropped (its block left as the shortcut)"
     lp = plan.layers.get(fqn)
     parts = []
-    if lp is not None and (lp.w_bits, lp.a_bits) != (32, 32):
+    if lp is not None and lp.dynamic:
+        parts.append(f"w{lp.w_bits} dynamic-range")
+    elif lp is not None and (lp.w_bits, lp.a_bits) != (32, 32):
         parts.append(f"w{lp.w_bits}a{lp.a_bits}")
     if lp is not None and lp.keep_ratio < 1:
         parts.append(f"keep {lp.keep_ratio:g}")

@@ -172,7 +172,7 @@ def _tuned(plan: ModelPlan, context: Context, *, data, lr: float, batch_size: in
     from weights that no longer move by what pruning cost them."""
     stages = [(plan, epochs)]
     if float_share > 0 and epochs > 0:
-        in_float = ModelPlan(layers={f: replace(lp, w_bits=32, a_bits=32) for f, lp in plan.layers.items()},
+        in_float = ModelPlan(layers={f: replace(lp, w_bits=32, a_bits=32, dynamic=False) for f, lp in plan.layers.items()},
                              input_scale=plan.input_scale, dropped=plan.dropped)
         stages = [(in_float, epochs * float_share), (plan, epochs * (1 - float_share))]
     model = None

@@ -125,11 +125,12 @@ def target_knobs(target, *, size_matters: bool) -> Knobs:
     # Only pairs the runtime executes as they are: any other pair runs at a wider precision and
     # pays the quantization's accuracy for no speed (on pi4, w8a32 runs as float).
     pairs = [(w, a) for w in fast.w_bits for a in fast.a_bits if target.runs_as(w, a, None)[:2] == (w, a)]
+    # Dynamic-range int8 only on the layer kinds where the target measured it to pay.
     return Knobs(w_bits=(32, *[b for b in fast.w_bits if b != 32]),
                  a_bits=(32, *[b for b in fast.a_bits if b != 32]),
                  nm=(None, *[p for p in fast.nm if p is not None]),
                  sparsities=(0.0,),  # unstructured sparsity runs no faster on any target here
-                 precisions=pairs)
+                 precisions=pairs, dynamic_kinds=fast.dynamic_kinds)
 
 
 def _calibration_batches(dataset, *, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:

@@ -63,6 +63,10 @@ def _activations_key(fqn: str, bits: int) -> str:
     return f"a{bits} {fqn}"
 
 
+def _dynamic_key(fqn: str) -> str:
+    return f"dyn8 {fqn}"
+
+
 def _nm_key(fqn: str, nm) -> str:
     return f"{nm} {fqn}"
 
@@ -112,7 +116,9 @@ class SensitivityTable:
         for fqn, lp in plan.layers.items():
             if inside(fqn, plan.dropped):
                 continue  # gone with its block
-            if lp.w_bits != 32:
+            if lp.dynamic:  # its weights and its run-time activation quantization, measured as one change
+                drops.append(self.drops[_dynamic_key(fqn)])
+            elif lp.w_bits != 32:
                 drops.append(self.drops[_weights_key(fqn, lp.w_bits)])
             if lp.a_bits != 32:
                 drops.append(self.drops[_activations_key(fqn, lp.a_bits)])
@@ -163,6 +169,8 @@ def changes(space: SearchSpace) -> Iterator[tuple[str, ModelPlan]]:
         for bits in space.knobs.a_bits:
             if bits != 32:
                 yield _activations_key(layer.fqn, bits), ModelPlan(layers={layer.fqn: LayerPlan(a_bits=bits)})
+        if (8, 32, True) in space.precision_choices(layer):
+            yield _dynamic_key(layer.fqn), ModelPlan(layers={layer.fqn: LayerPlan(w_bits=8, dynamic=True)})
         for nm in space.nm_choices(layer):
             if nm is not None:
                 yield _nm_key(layer.fqn, nm), ModelPlan(layers={layer.fqn: LayerPlan(nm=nm)})

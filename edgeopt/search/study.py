@@ -44,8 +44,10 @@ def _nm_from_label(label: str) -> NM | None:
     return NM(n=int(n), m=int(m))
 
 
-def _precision_label(pair: tuple[int, int]) -> str:
-    return f"w{pair[0]}a{pair[1]}"
+def _precision_label(precision: tuple[int, int, bool]) -> str:
+    """w8a8, w32a32, ...; dynamic-range int8 is w8dyn."""
+    w_bits, a_bits, dynamic = precision
+    return f"w{w_bits}dyn" if dynamic else f"w{w_bits}a{a_bits}"
 
 
 DEPTH = ("keep", "drop")  # each droppable residual block's choices
@@ -60,15 +62,17 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
         ratio = trial.suggest_categorical(f"keep/{group.root}", choices) if len(choices) > 1 else 1.0
         keep.update({fqn: ratio for fqn in group.layers})
     layers = {}
-    pairs = {_precision_label(p): p for p in space.knobs.pairs}
     for layer in space.layers:
+        precisions = {_precision_label(p): p for p in space.precision_choices(layer)}
         nm = [_nm_label(p) for p in space.nm_choices(layer)]
-        label = trial.suggest_categorical(f"q/{layer.fqn}", list(pairs)) if len(pairs) > 1 else next(iter(pairs))
+        label = (trial.suggest_categorical(f"q/{layer.fqn}", list(precisions)) if len(precisions) > 1
+                 else next(iter(precisions)))
+        w_bits, a_bits, dynamic = precisions[label]
         shares = space.sparsity_choices(layer)
         zeroing = zeroing_fields(
             _nm_from_label(trial.suggest_categorical(f"nm/{layer.fqn}", nm)) if len(nm) > 1 else None,
             trial.suggest_categorical(f"sparse/{layer.fqn}", shares) if len(shares) > 1 else 0.0)
-        layers[layer.fqn] = LayerPlan(w_bits=pairs[label][0], a_bits=pairs[label][1],
+        layers[layer.fqn] = LayerPlan(w_bits=w_bits, a_bits=a_bits, dynamic=dynamic,
                                       keep_ratio=keep.get(layer.fqn, 1.0), **zeroing)
     scales = space.input_scales
     scale = trial.suggest_categorical("input_scale", scales) if len(scales) > 1 else 1.0
@@ -84,8 +88,8 @@ def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
             params[f"keep/{group.root}"] = plan[group.layers[0]].keep_ratio
     for layer in space.layers:
         lp = plan[layer.fqn]
-        if len(space.knobs.pairs) > 1:
-            params[f"q/{layer.fqn}"] = _precision_label((lp.w_bits, lp.a_bits))
+        if len(space.precision_choices(layer)) > 1:
+            params[f"q/{layer.fqn}"] = _precision_label((lp.w_bits, lp.a_bits, lp.dynamic))
         if len(space.nm_choices(layer)) > 1:
             params[f"nm/{layer.fqn}"] = _nm_label(lp.nm)
         if len(space.sparsity_choices(layer)) > 1:

@@ -12,7 +12,11 @@ predicts the exported one:
   as one integer kernel (QLinearConv). When a ReLU/ReLU6 follows, that output is calibrated after
   it: the range starts at 0, the activation is a no-op on the result, and the next layer's input
   quantizer (calibrated on the same values) matches it, so the runtime chains integer kernels;
-- 16 bits means a round trip through float16.
+- 16 bits means a round trip through float16;
+- a dynamic layer (int8 weights, float activations between layers) quantizes its input to uint8
+  from the input's own range as onnxruntime's DynamicQuantizeLinear does, per image (what a
+  device running one image at a time computes), accumulates exactly in integers and scales back
+  to float (ConvInteger / MatMulInteger, then Cast and Mul).
 
 Rounding is round-half-even, straight-through in the backward pass (QAT).
 """
@@ -32,6 +36,7 @@ from edgeopt.spaces.sparsity import magnitude_mask
 # Bump when what a compressed layer computes changes: results measured before (the sensitivity
 # table) are then measured again instead of reused. 2: ReLU-absorbing outputs, exact integer layers;
 # 3: input scales wide enough for the int32 bias; 4: an all-zero weight channel takes scale 1.
+# (Dynamic-range layers are new, not a change to what an existing plan computes.)
 NUMERICS_VERSION = 4
 INT8_MIN, INT8_MAX = -128, 127  # weights
 UINT8_MIN, UINT8_MAX = 0, 255  # activations
@@ -78,6 +83,20 @@ def activation_qparams(lo: float, hi: float, *, min_scale: float = 0.0) -> tuple
     scale = max((hi - lo) / (UINT8_MAX - UINT8_MIN), 1e-8, min_scale)
     zero_point = int(round(UINT8_MIN - lo / scale))
     return scale, max(UINT8_MIN, min(UINT8_MAX, zero_point))
+
+
+def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image uint8 scale and zero point as ONNX DynamicQuantizeLinear computes them from the
+    values themselves: the range widened to hold 0, scale = range / 255 (1 where the range is
+    empty, which onnxruntime's kernel does too), zero point = round(-min / scale) within [0, 255].
+    Shaped to broadcast over `x`, images along dim 0."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    lo, hi = flat.amin(dim=1).clamp(max=0.0), flat.amax(dim=1).clamp(min=0.0)
+    scale = (hi - lo) / (UINT8_MAX - UINT8_MIN)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(UINT8_MIN - lo / scale).clamp(UINT8_MIN, UINT8_MAX)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return scale.reshape(shape), zero_point.reshape(shape)
 
 
 class _Range(nn.Module):
@@ -152,10 +171,12 @@ class CompressedMixin:
     a_bits: int
     nm: NM | None
     sparsity: float
+    dynamic: bool
 
     def _setup(self, plan: LayerPlan, *, float_output: bool, reduce_range: bool,
                output_activation: str | None) -> None:
         self.w_bits, self.a_bits, self.nm, self.sparsity = plan.w_bits, plan.a_bits, plan.nm, plan.sparsity
+        self.dynamic = plan.dynamic
         self.output_activation = output_activation
         self.reduce_range = reduce_range
         self.calibrating = False
@@ -217,6 +238,8 @@ class CompressedMixin:
             return y
         if self.output_range is not None and not self.training:
             return self._integer_forward(x)
+        if self.dynamic:
+            return self._dynamic_forward(x)
         if self.a_bits == 16:
             x = x.to(torch.float16).to(x.dtype)
         elif self.input_range is not None:
@@ -253,6 +276,24 @@ class CompressedMixin:
         y = acc.mul_(multiplier.reshape(channel)).round_().clamp_(UINT8_MIN - zy, UINT8_MAX - zy)
         return y.mul_(sy)
 
+    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dynamic-range int8 as onnxruntime computes it: the input quantized from its own range,
+        an exact integer accumulation, times scale_x * scale_w, plus the float bias. While
+        training the same rounding is applied with a straight-through gradient."""
+        sx, zx = dynamic_qparams(x)
+        if self.training:
+            return self._op(fake_quantize(x, sx, zx, UINT8_MIN, UINT8_MAX), self.effective_weight(), self.bias)
+        sw = self.weight_scale()
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        w_int = torch.round(self.effective_weight() / sw.reshape(shape))
+        x_int = (torch.round(x / sx) + zx).clamp_(UINT8_MIN, UINT8_MAX).sub_(zx)
+        acc = integer_accumulate(self._op, x_int, w_int, None, accumulation_bounds(w_int, None))
+        # Output channels: dim 1 of a conv's output, the last dim of a linear layer's.
+        channel = (-1,) if isinstance(self, nn.Linear) else (1, -1) + (1,) * (x.dim() - 2)
+        per_image = sx.reshape((-1,) + (1,) * (acc.dim() - 1))
+        y = acc * (per_image * sw.reshape(channel))
+        return y if self.bias is None else y + self.bias.reshape(channel)
+
     def _integer_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[float, float]]:
         """Integer weights, int32 bias, float32 multiplier and accumulation bounds, kept while the
         weights, the bias and the quantization parameters they come from are unchanged (PyTorch
@@ -277,7 +318,8 @@ class CompressedMixin:
     def extra_repr(self) -> str:
         nm = f", nm={self.nm}" if self.nm is not None else ""
         sparse = f", sparsity={self.sparsity:g}" if self.sparsity else ""
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}{nm}{sparse}"
+        dynamic = ", dynamic" if self.dynamic else ""
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}{nm}{sparse}{dynamic}"
 
 
 class CompressedConv2d(CompressedMixin, nn.Conv2d):

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
-from edgeopt.layers import LayerSpec, inventory
+from edgeopt.layers import LAYER_KINDS, LayerSpec, inventory
 from edgeopt.plan import (A_BITS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, SPARSITIES, W_BITS, LayerPlan,
                            ModelPlan)
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups
@@ -45,6 +45,9 @@ class Knobs:
     `sparsities` are the shares of a layer's weights that unstructured sparsity may zero
     (edgeopt.spaces.sparsity); it buys stored size and no speed on any runtime here, so a search
     offers it only under a size budget.
+
+    `dynamic_kinds` are the layer kinds that may take dynamic-range int8 (`LayerPlan.dynamic`),
+    besides the `pairs`; a target names those on which its runtime's dynamic kernels pay.
     """
 
     w_bits: tuple[int, ...] = W_BITS
@@ -55,6 +58,7 @@ class Knobs:
     precisions: tuple[tuple[int, int], ...] | None = None
     input_scales: tuple[float, ...] = INPUT_SCALES
     depth: bool = True  # residual blocks may be dropped (edgeopt.spaces.depth)
+    dynamic_kinds: tuple[str, ...] = LAYER_KINDS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _subset("w_bits", self.w_bits, W_BITS, must_have=32))
@@ -66,6 +70,10 @@ class Knobs:
         object.__setattr__(self, "sparsities", _subset("sparsity", shares, SPARSITIES, must_have=0.0))
         scales = tuple(ModelPlan(input_scale=s).input_scale for s in self.input_scales)
         object.__setattr__(self, "input_scales", _subset("input_scale", scales, INPUT_SCALES, must_have=1.0))
+        kinds = tuple(self.dynamic_kinds)
+        if any(k not in LAYER_KINDS for k in kinds):
+            raise EdgeoptError(f"dynamic_kinds {list(kinds)} must name layer kinds of {list(LAYER_KINDS)}.")
+        object.__setattr__(self, "dynamic_kinds", tuple(k for k in LAYER_KINDS if k in kinds))
         if self.precisions is not None:
             chosen = tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in self.precisions)
             object.__setattr__(self, "precisions", _subset("precisions", chosen, self._all_pairs(), must_have=(32, 32)))
@@ -93,6 +101,7 @@ class Knobs:
             if narrowed else None,
             input_scales=[s for s in self.input_scales if s in other.input_scales],
             depth=self.depth and other.depth,
+            dynamic_kinds=[k for k in self.dynamic_kinds if k in other.dynamic_kinds],
         )
 
 
@@ -232,6 +241,12 @@ class SearchSpace:
     def nm_choices(self, layer: LayerSpec) -> tuple[NM | None, ...]:
         return tuple(p for p in self.knobs.nm if p is None or nm_eligible(layer, p))
 
+    def precision_choices(self, layer: LayerSpec) -> tuple[tuple[int, int, bool], ...]:
+        """(w_bits, a_bits, dynamic) for each precision the layer may take: the space's pairs, and
+        dynamic-range int8 where its kind may take it."""
+        dynamic = ((8, 32, True),) if layer.kind in self.knobs.dynamic_kinds else ()
+        return tuple((w, a, False) for w, a in self.knobs.pairs) + dynamic
+
     def sparsity_choices(self, layer: LayerSpec) -> tuple[float, ...]:
         """Each share, except on a depthwise layer: its k x k filter per channel holds too few
         weights (a 90% share leaves most channels all zero) for the bytes it would save."""
@@ -262,24 +277,27 @@ class SearchSpace:
         keep = self._group_keep(lambda g: rng.choice(self.keep_choices(g)))
         layers = {}
         for layer in self.layers:
-            w_bits, a_bits = rng.choice(self.knobs.pairs)
+            w_bits, a_bits, dynamic = rng.choice(self.precision_choices(layer))
             nm = rng.choice(self.nm_choices(layer))
             # Drawn only where offered, so a space without sparsity samples the plans it did before.
             shares = self.sparsity_choices(layer)
             zeroing = zeroing_fields(nm, rng.choice(shares) if len(shares) > 1 else 0.0)
-            layers[layer.fqn] = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep.get(layer.fqn, 1.0),
-                                          **zeroing)
+            layers[layer.fqn] = LayerPlan(w_bits=w_bits, a_bits=a_bits, dynamic=dynamic,
+                                          keep_ratio=keep.get(layer.fqn, 1.0), **zeroing)
         scale = rng.choice(self.input_scales)
         return self.settled(ModelPlan(layers=layers, input_scale=scale,
                                       dropped={b for b in self.blocks if rng.random() < 0.5}))
 
     def uniform(self, *, w_bits: int = 32, a_bits: int = 32, keep_ratio: float = 1.0,
-                nm: NM | None = None, sparsity: float = 0.0, input_scale: float = 1.0) -> ModelPlan:
+                nm: NM | None = None, sparsity: float = 0.0, input_scale: float = 1.0,
+                dynamic: bool = False) -> ModelPlan:
         """The same choice for every layer, where it applies (N:M only on eligible layers, sparsity
-        not on depthwise ones, pruning only in prunable groups), at `input_scale` of the given
-        input size."""
-        template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm, sparsity=sparsity)
-        for name, value, allowed in (("precision (w_bits, a_bits)", (w_bits, a_bits), self.knobs.pairs),
+        not on depthwise ones, dynamic-range int8 only on the kinds that may take it, the others
+        left in float, pruning only in prunable groups), at `input_scale` of the given input size."""
+        template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm, sparsity=sparsity,
+                             dynamic=dynamic)
+        precisions = self.knobs.pairs + (((8, 32),) if dynamic and self.knobs.dynamic_kinds else ())
+        for name, value, allowed in (("precision (w_bits, a_bits)", (w_bits, a_bits), precisions),
                                      ("keep_ratio", template.keep_ratio, self.knobs.keep_ratios),
                                      ("nm", nm, self.knobs.nm),
                                      ("sparsity", template.sparsity, self.knobs.sparsities),
@@ -288,10 +306,12 @@ class SearchSpace:
             if value not in allowed:
                 raise EdgeoptError(f"{name}={value} is outside this space's choices {list(allowed)}.")
         keep = self._group_keep(lambda g: template.keep_ratio if g.prunable else 1.0)
+        float_layer = {"w_bits": 32, "a_bits": 32, "dynamic": False}
         return ModelPlan(layers={
             layer.fqn: replace(template, keep_ratio=keep.get(layer.fqn, 1.0),
                                nm=nm if nm in self.nm_choices(layer) else None,
-                               sparsity=sparsity if sparsity in self.sparsity_choices(layer) else 0.0)
+                               sparsity=sparsity if sparsity in self.sparsity_choices(layer) else 0.0,
+                               **(float_layer if dynamic and layer.kind not in self.knobs.dynamic_kinds else {}))
             for layer in self.layers
         }, input_scale=input_scale)
 
@@ -312,8 +332,9 @@ class SearchSpace:
             layer = self._by_name.get(fqn)
             if layer is None:
                 continue
-            if (lp.w_bits, lp.a_bits) not in self.knobs.pairs:
-                problems.append(f"{fqn}: bits w{lp.w_bits}/a{lp.a_bits} outside the space")
+            if (lp.w_bits, lp.a_bits, lp.dynamic) not in self.precision_choices(layer):
+                kind = "dynamic-range int8" if lp.dynamic else f"bits w{lp.w_bits}/a{lp.a_bits}"
+                problems.append(f"{fqn}: {kind} outside the space (kind {layer.kind})")
             if lp.nm not in self.nm_choices(layer):
                 problems.append(f"{fqn}: N:M {lp.nm} not allowed here (kind {layer.kind}, "
                                 f"reduction {layer.reduction})")

@@ -92,7 +92,13 @@ def test_target_names_must_be_one_word():
     ("host", (6, 8, None), (8, 8, None)),
 ])
 def test_runs_as_follows_what_the_runtime_accelerates(target, given, runs):
-    assert get_target(target).runs_as(*given) == runs
+    assert get_target(target).runs_as(*given) == (*runs, False)
+
+
+@pytest.mark.parametrize("target, runs", [("host", (8, 32, None, True)), ("pi4", (32, 32, None, False)),
+                                          ("jetson-orin-nano", (32, 32, None, False))])
+def test_dynamic_range_runs_only_where_the_runtime_has_its_kernels(target, runs):
+    assert get_target(target).runs_as(8, 32, None, dynamic=True) == runs
 
 
 def test_every_plan_precision_maps_to_an_accelerated_one():
@@ -100,7 +106,7 @@ def test_every_plan_precision_maps_to_an_accelerated_one():
         for w in W_BITS:
             for a in (32, 16, 8):
                 for nm in NM_PATTERNS:
-                    rw, ra, rnm = target.runs_as(w, a, nm)
+                    rw, ra, rnm, _ = target.runs_as(w, a, nm)
                     assert rw in target.w_bits and ra in target.a_bits and rnm in target.nm
 
 

@@ -20,7 +20,7 @@ from edgeopt.search.training import evaluate
 from edgeopt.spaces.apply import apply_plan
 from edgeopt.spaces.space import Knobs, SearchSpace
 
-PI4_KNOBS = Knobs(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), sparsities=(0.0,))  # as target_knobs gives pi4
+PI4_KNOBS = Knobs(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), sparsities=(0.0,), dynamic_kinds=())  # as target_knobs gives pi4
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ attention heads prune evenly."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +74,42 @@ def test_multihead_attention_projections_are_layers_and_the_split_computes_the_s
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
         assert f"encoder.layers.encoder_layer_0.self_attention.{proj}" in names
     assert not space.left_out
+
+
+class _EncoderNet(nn.Module):
+    """A user's transformer built from PyTorch's own encoder layers, whose eval-mode fast path
+    reads the fused attention weights that the split takes away."""
+
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 8, stride=8)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.blocks = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(tokens).mean(dim=1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_pytorch_transformer_encoder_layers_split_and_compute_the_same(norm_first):
+    torch.manual_seed(0)
+    model = _EncoderNet(norm_first).eval()
+    x = torch.randn(3, 3, 32, 32)
+    split = canonical(model)
+    with torch.no_grad():
+        assert torch.allclose(split(x), model(x), atol=1e-5)
+        # The nested-tensor path (a padding mask) takes the split attention too.
+        mask = torch.zeros(3, 16, dtype=torch.bool)
+        mask[:, -2:] = True
+        tokens = model.patch(x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(split.blocks(tokens, src_key_padding_mask=mask)[:, :-2],
+                                   model.blocks(tokens, src_key_padding_mask=mask)[:, :-2], atol=1e-5, rtol=0)
+    space = SearchSpace.from_model(model, x[:1])
+    assert "blocks.layers.0.self_attn.q_proj" in {layer.fqn for layer in space.layers}
+    small = apply_plan(model, space.uniform(keep_ratio=0.75), x[:1], space=space)
+    assert small(x).shape == (3, 10)
 
 
 def test_attention_heads_and_mlp_widths_prune_evenly():

@@ -80,7 +80,8 @@ def test_restrict_narrows_choices_and_plans_follow(tiny, example):
 
 def test_precisions_narrow_the_weight_activation_pairs(tiny, example):
     pairs = ((32, 32), (8, 8))
-    space = SearchSpace.from_model(tiny, example).restrict(Knobs(w_bits=(32, 8), a_bits=(32, 8), precisions=pairs))
+    space = SearchSpace.from_model(tiny, example).restrict(Knobs(w_bits=(32, 8), a_bits=(32, 8), precisions=pairs,
+                                                                   dynamic_kinds=()))
     assert space.knobs.pairs == pairs
     seen = {(lp.w_bits, lp.a_bits) for seed in range(20) for lp in space.sample(seed=seed).layers.values()}
     assert seen == set(pairs)  # both pairs drawn, no w8a32 or w32a8

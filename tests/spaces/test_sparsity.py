@@ -46,8 +46,9 @@ def test_a_layer_takes_one_way_of_zeroing_and_known_shares_only():
 
 def test_a_plan_without_sparsity_keeps_its_old_digest():
     plan = ModelPlan(layers={"a": LayerPlan(w_bits=8, a_bits=8), "b": LayerPlan(keep_ratio=0.5)})
-    # The digest as it was computed before the knob existed: the layer dicts without "sparsity".
-    old = {"version": 1, "layers": {k: {f: v for f, v in d.items() if f != "sparsity"}
+    # The digest as it was computed before the knob existed: the layer dicts without "sparsity"
+    # (nor "dynamic", which came later).
+    old = {"version": 1, "layers": {k: {f: v for f, v in d.items() if f not in ("sparsity", "dynamic")}
                                     for k, d in plan.to_dict()["layers"].items()}}
     digest = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert plan.key() == digest
