@@ -32,6 +32,9 @@ commands:
 run `optimize COMMAND --help` for a command's options."""
 
 
+_SURGERY_TEXT = {"activation": "activations -> {}", "gate": "gates removed", "kernel": "kernels 3x3"}
+
+
 def _targets(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="optimize targets",
                                      description="List the hardware targets, one line each.")
@@ -44,7 +47,8 @@ def _targets(argv: Sequence[str]) -> int:
         acc = target.accelerates
         fast = (f"accelerates w{'/'.join(map(str, acc.w_bits))} a{'/'.join(map(str, acc.a_bits))}"
                 f" N:M {'/'.join(str(p) for p in acc.nm if p) or 'none'}, channels x{acc.channel_multiple},"
-                f" dynamic-range int8 {'on ' + '/'.join(acc.dynamic_kinds) + ' layers' if acc.dynamic_kinds else 'not run'}")
+                f" dynamic-range int8 {'on ' + '/'.join(acc.dynamic_kinds) + ' layers' if acc.dynamic_kinds else 'not run'},"
+                f" surgery {', '.join(_SURGERY_TEXT[k].format(acc.activation) for k in acc.surgery) or 'none'}")
         bundle = "" if target.deploy_note() is None else ", while the exported bundle runs onnxruntime"
         print(f"{target.name:<{width}}  {target.description}. {fast}. "
               f"Latency: {target.latency_note()}; its figures are for {target.runtime}{bundle}.")
@@ -268,6 +272,9 @@ def _search_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-depth", dest="depth", action="store_false",
                    help="never drop a residual block (by default each block with an identity shortcut may be "
                         "dropped, leaving the shortcut)")
+    p.add_argument("--no-surgery", dest="surgery", action="store_false",
+                   help="never replace activations, remove squeeze-excite gates or shrink depthwise kernels (by "
+                        "default each block may take the replacements the target says pay on it)")
     p.add_argument("--lut", default=None, help="a latency table from 'optimize profile' for the target")
     p.add_argument("--out", default="edgeopt-out", help="output folder (the study is stored here too)")
     p.add_argument("--storage", default=None, help="an Optuna storage URL; default: a journal file in --out")
@@ -319,7 +326,7 @@ def _search(argv: list[str]) -> int:
                 search=SearchConfig(trials=args.trials, sampler=args.sampler, seed=args.seed,
                                     storage=args.storage, study_name=args.study, proxy=args.proxy,
                                     start=args.start, input_scales=_input_scales(args.input_scales),
-                                    depth=args.depth),
+                                    depth=args.depth, surgery=args.surgery),
                 finetune_config=finetune_config, finetuned_dir=args.finetuned_dir,
             )
     except BaseException as exc:

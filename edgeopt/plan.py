@@ -28,6 +28,11 @@ KEEP_RATIOS: tuple[float, ...] = tuple(k / 8 for k in range(8, 1, -1))
 SPARSITIES: tuple[float, ...] = (0.0, 0.5, 0.75, 0.9)
 # The share of the given input size a model may run at (edgeopt.spaces.resolution).
 INPUT_SCALES: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
+# Model surgery (edgeopt.spaces.surgery): what a block's SiLU, Hardswish, GELU and Mish may become,
+# and the kernel its large depthwise convolutions may shrink to.
+CHEAP_ACTIVATIONS: tuple[str, ...] = ("relu", "relu6")
+SMALL_KERNEL = 3
+SURGERY_KINDS: tuple[str, ...] = ("activation", "gate", "kernel")  # the replacements a target may declare
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,14 +158,62 @@ class LayerPlan:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Surgery:
+    """What model surgery does to one block (TI's "lite" replacements; edgeopt.spaces.surgery).
+    The defaults leave it as it is.
+
+    `activation`: the block's SiLU, Hardswish, GELU and Mish become this ("relu" or "relu6");
+    `gate`: False removes the block's squeeze-excite gates (their input passes ungated);
+    `kernel`: 3 shrinks the block's depthwise kernels of 5x5 or more to their centre 3x3.
+    """
+
+    activation: str | None = None
+    gate: bool = True
+    kernel: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.activation is not None:
+            _check_choice("activation", self.activation, CHEAP_ACTIVATIONS)
+        if not isinstance(self.gate, bool):
+            raise EdgeoptError(f"gate must be true (kept) or false (removed), got {self.gate!r}.")
+        if self.kernel is not None:
+            _check_choice("kernel", self.kernel, (SMALL_KERNEL,))
+
+    @property
+    def is_identity(self) -> bool:
+        return self == Surgery()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"activation": self.activation, "gate": self.gate, "kernel": self.kernel}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Surgery:
+        if not isinstance(data, Mapping):
+            raise EdgeoptError(f"A block's surgery must be a JSON object, got {data!r}.")
+        unknown = set(data) - {"activation", "gate", "kernel"}
+        if unknown:
+            raise EdgeoptError(f"Unknown surgery fields {sorted(map(str, unknown))}; allowed: activation, gate, kernel.")
+        return cls(activation=data.get("activation"), gate=data.get("gate", True), kernel=data.get("kernel"))
+
+    def describe(self) -> str:
+        """'activations -> relu, gate removed, kernels 3x3' (or 'unchanged')."""
+        parts = ([f"activations -> {self.activation}"] if self.activation else []) + \
+            (["gate removed"] if not self.gate else []) + ([f"kernels {self.kernel}x{self.kernel}"] if self.kernel else [])
+        return ", ".join(parts) or "unchanged"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelPlan:
     """A `LayerPlan` per layer, keyed by the module's exact fully qualified name; the share of the
     given input size the model runs at (`input_scale`, one of INPUT_SCALES); and the residual
-    blocks dropped, leaving their shortcut (`dropped`, module names: edgeopt.spaces.depth)."""
+    blocks dropped, leaving their shortcut (`dropped`, module names: edgeopt.spaces.depth); and
+    the surgery done to each block (`surgery`, block name -> `Surgery`: edgeopt.spaces.surgery;
+    blocks left as they are are not listed)."""
 
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     input_scale: float = 1.0
     dropped: frozenset[str] = frozenset()
+    surgery: Mapping[str, Surgery] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -183,14 +236,23 @@ class ModelPlan:
                 raise EdgeoptError(f"Layer names must be non-empty strings, got {name!r}.")
             if not isinstance(layer, LayerPlan):
                 raise EdgeoptError(f"Layer {name!r} must have a LayerPlan, got {layer!r}.")
-        # A read-only copy, so that a frozen plan really cannot change under a cache key.
+        if not isinstance(self.surgery, Mapping):
+            raise EdgeoptError("ModelPlan.surgery must map block names to Surgery objects.")
+        for name, surgery in self.surgery.items():
+            if not isinstance(name, str) or not name or not isinstance(surgery, Surgery):
+                raise EdgeoptError(f"Block {name!r} must have a Surgery, got {surgery!r}.")
+        # Read-only copies, so that a frozen plan really cannot change under a cache key; a block
+        # whose surgery changes nothing is not kept, so equal plans compare equal.
         object.__setattr__(self, "layers", MappingProxyType(dict(sorted(self.layers.items()))))
+        object.__setattr__(self, "surgery", MappingProxyType(
+            {k: v for k, v in sorted(self.surgery.items()) if not v.is_identity}))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ModelPlan):
             return NotImplemented
         return (self.version == other.version and dict(self.layers) == dict(other.layers)
-                and self.input_scale == other.input_scale and self.dropped == other.dropped)
+                and self.input_scale == other.input_scale and self.dropped == other.dropped
+                and dict(self.surgery) == dict(other.surgery))
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -200,22 +262,27 @@ class ModelPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "input_scale": self.input_scale, "dropped": sorted(self.dropped),
+                "surgery": {k: v.to_dict() for k, v in self.surgery.items()},
                 "layers": {k: v.to_dict() for k, v in self.layers.items()}}
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelPlan:
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
             raise EdgeoptError('A plan must be a JSON object like {"version": 1, "layers": {...}}.')
-        unknown = set(data) - {"version", "input_scale", "dropped", "layers"}
+        unknown = set(data) - {"version", "input_scale", "dropped", "surgery", "layers"}
         if unknown:
             raise EdgeoptError(f"Unknown plan fields {sorted(map(str, unknown))}; allowed: version, input_scale, "
-                               "dropped, layers.")
+                               "dropped, surgery, layers.")
         dropped = data.get("dropped", [])
         if not isinstance(dropped, (list, tuple)):
             raise EdgeoptError(f"dropped must be a list of block names, got {dropped!r}.")
+        surgery = data.get("surgery", {})
+        if not isinstance(surgery, Mapping):
+            raise EdgeoptError(f"surgery must map block names to replacements, got {surgery!r}.")
         return cls(
             version=data.get("version", PLAN_VERSION),
             input_scale=data.get("input_scale", 1.0), dropped=frozenset(dropped),
+            surgery={name: Surgery.from_dict(block) for name, block in surgery.items()},
             layers={name: LayerPlan.from_dict(layer) for name, layer in data["layers"].items()},
         )
 
@@ -232,14 +299,16 @@ class ModelPlan:
 
     def key(self) -> str:
         """A stable digest of the plan: equal plans share it across processes (cache keys). A plan
-        at the full input size and depth, without unstructured sparsity or dynamic quantization, has
-        the digest it had before those knobs existed, so stores of fine-tuned models made then stay
-        valid."""
+        at the full input size and depth, without surgery, unstructured sparsity or dynamic
+        quantization, has the digest it had before those knobs existed, so stores of fine-tuned
+        models made then stay valid."""
         data = self.to_dict()
         if self.input_scale == 1.0:
             del data["input_scale"]
         if not self.dropped:
             del data["dropped"]
+        if not self.surgery:
+            del data["surgery"]
         for layer in data["layers"].values():
             for knob in ("sparsity", "dynamic"):
                 if not layer[knob]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from edgeopt import SearchSpace, apply_plan, export_onnx
 from edgeopt.evaluators.cpu import int8_needs_reduce_range
-from edgeopt.plan import NM, LayerPlan, ModelPlan
+from edgeopt.plan import NM, LayerPlan, ModelPlan, Surgery
 from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
 from edgeopt.spaces.space import Knobs
 from edgeopt.input_size import input_for, input_size
@@ -212,15 +212,17 @@ def coverage_plans(space: SearchSpace, *, random_plans: int = 3) -> dict[str, Mo
     other layer that may take it at 50% unstructured sparsity: drawn without the sparsity knob,
     so each random plan's other choices are those it had before that knob existed); and where a
     family has several Linear layers (the transformers), dynamic-range int8 on all of them with
-    uniform w8a8 on the rest."""
+    uniform w8a8 on the rest; and where a family is open to surgery, every replacement in every
+    block (TI's "lite" model) with w8a8 at keep 0.75, and a random plan with surgery drawn per
+    block too."""
     pruned = space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75, nm=NM(n=2, m=4))
     plans = {"uniform w8a8": space.uniform(w_bits=8, a_bits=8), "uniform w8a8 keep 0.75 2:4": pruned}
     if space.blocks:
         plans = {"uniform w8a8": plans["uniform w8a8"], "uniform w8a8 keep 0.75 2:4 every other block dropped":
                  space.settled(ModelPlan(layers=pruned.layers, dropped=space.blocks[::2]))}
-    # Drawn without the knobs added later (sparsity, dynamic-range int8), so each random plan
-    # keeps the choices it had before them.
-    unsparse = space.restrict(Knobs(sparsities=(0.0,), dynamic_kinds=()))
+    # Drawn without the knobs added later (sparsity, dynamic-range int8, surgery), so each random
+    # plan keeps the choices it had before them.
+    unsparse = space.restrict(Knobs(sparsities=(0.0,), dynamic_kinds=(), surgery=()))
     for seed in range(random_plans):
         drawn = unsparse.sample(seed=seed)
         sparse = [f for f, lp in drawn.layers.items() if lp.nm is None and 0.5 in space.sparsity_choices(space.layer(f))]
@@ -232,6 +234,11 @@ def coverage_plans(space: SearchSpace, *, random_plans: int = 3) -> dict[str, Mo
         int8 = plans["uniform w8a8"].layers
         plans["dynamic-range int8 Linear layers, w8a8 elsewhere"] = ModelPlan(layers={
             f: LayerPlan(w_bits=8, dynamic=True) if f in linear else lp for f, lp in int8.items()})
+    if space.surgery_blocks:
+        plans["lite surgery w8a8 keep 0.75"] = space.uniform(
+            w_bits=8, a_bits=8, keep_ratio=0.75, surgery=Surgery(activation="relu", gate=False, kernel=3))
+        drawn = space.restrict(Knobs(sparsities=(0.0,), dynamic_kinds=())).sample(seed=random_plans)
+        plans["random plan with surgery"] = drawn
     return plans
 
 

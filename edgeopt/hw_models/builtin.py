@@ -23,7 +23,10 @@ PI4 = HardwareTarget(
     description="Raspberry Pi 4 Model B: 4x Cortex-A72 @ 1.5 GHz (ARMv8.0, no SDOT), 4 threads, "
                 "ncnn-class CPU runtime; int8 pays, fp16, bits below 8 and N:M do not; its "
                 "table is calibrated on published ncnn figures",
-    accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), channel_multiple=8),
+    # ncnn fuses ReLU into its convolutions and runs Swish, HardSwish and squeeze-excite as layers
+    # of their own; a 3x3 depthwise kernel does 9/25 of a 5x5's work.
+    accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,), channel_multiple=8,
+                            surgery=("activation", "gate", "kernel"), activation="relu"),
     latency=Pi4Latency.shipped("pi4.csv"),
     threads=4,
     runtime="ncnn (its published benchncnn figures, 4 threads, 1.5 GHz)",
@@ -43,8 +46,12 @@ HOST = HardwareTarget(
     # MatMulInteger 3.5-6x faster than fp32 MatMul on a transformer's Linear layers and ConvInteger
     # 4-7x slower than fp32 Conv (20-30x on depthwise); each shape is still timed here, so a layer
     # too small to gain (a 10-class head) is priced as measured (BENCHMARKS.md, "Dynamic-range").
+    # onnxruntime fuses a Relu into the Conv before it (and an integer layer absorbs it), while
+    # SiLU runs as Sigmoid and Mul, and an int8 model dequantizes around it and around a
+    # squeeze-excite gate (BENCHMARKS.md, "What int8 buys on this host"): all three pay.
     accelerates=Accelerates(w_bits=(32, 8), a_bits=(32, 8), nm=(None,),
-                            channel_multiple=16 if "avx512f" in cpu_flags() else 8, dynamic_kinds=("linear",)),
+                            channel_multiple=16 if "avx512f" in cpu_flags() else 8, dynamic_kinds=("linear",),
+                            surgery=("activation", "gate", "kernel"), activation="relu"),
     latency=OnDemandProfile(threads=1),
     threads=1,
     measurable=True,
@@ -56,8 +63,10 @@ JETSON_ORIN_NANO = HardwareTarget(
     name="jetson-orin-nano",
     description="NVIDIA Jetson Orin Nano 8 GB (Ampere GPU, 32 Tensor Cores @ 625 MHz, 68 GB/s), "
                 "TensorRT-class runtime; fp16/int8 tensor math and 2:4 sparsity pay",
+    # TensorRT fuses a convolution's activation whatever it is, so replacing one buys nothing;
+    # a squeeze-excite gate is two more layer launches and a 3x3 kernel less work.
     accelerates=Accelerates(w_bits=(32, 16, 8), a_bits=(32, 16, 8), nm=(None, NM(n=2, m=4)),
-                            channel_multiple=16),
+                            channel_multiple=16, surgery=("gate", "kernel")),
     latency=RooflineLatency(
         peak_macs={"int8": 10e12, "fp16": 5e12, "fp32": 2.5e12},
         dram_bytes_per_s=68e9,

@@ -16,7 +16,7 @@ from typing import Protocol
 from edgeopt.errors import EdgeoptError
 from edgeopt.hw_models.lut import LatencyTable, LayerKey
 from edgeopt.layers import LAYER_KINDS
-from edgeopt.plan import A_BITS, FLOAT_BITS, NM, NM_PATTERNS, W_BITS
+from edgeopt.plan import A_BITS, CHEAP_ACTIVATIONS, FLOAT_BITS, NM, NM_PATTERNS, SURGERY_KINDS, W_BITS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +28,9 @@ class Accelerates:
     work in (SIMD lanes, tensor-core tiles): prune to multiples of it or pay for the padding.
     `dynamic_kinds` are the layer kinds ("conv", "depthwise", "grouped", "linear") on which the
     runtime's dynamic-range int8 kernels beat fp32; empty where it has none that do.
+    `surgery` names the model-surgery replacements that pay on the runtime ("activation",
+    "gate", "kernel": edgeopt.spaces.surgery), and `activation` what a replaced activation
+    becomes there (the one its kernels fuse: "relu" or "relu6").
     """
 
     w_bits: tuple[int, ...] = (32,)
@@ -35,6 +38,8 @@ class Accelerates:
     nm: tuple[NM | None, ...] = (None,)
     channel_multiple: int = 1
     dynamic_kinds: tuple[str, ...] = ()
+    surgery: tuple[str, ...] = ()
+    activation: str = "relu"
 
     def __post_init__(self) -> None:
         for name, values, allowed, must in (("w_bits", self.w_bits, W_BITS, 32), ("a_bits", self.a_bits, A_BITS, 32),
@@ -48,6 +53,11 @@ class Accelerates:
         if any(kind not in LAYER_KINDS for kind in self.dynamic_kinds):
             raise EdgeoptError(f"Accelerates.dynamic_kinds={list(self.dynamic_kinds)} must name layer kinds "
                                f"of {list(LAYER_KINDS)}.")
+        object.__setattr__(self, "surgery", tuple(self.surgery))
+        if any(kind not in SURGERY_KINDS for kind in self.surgery):
+            raise EdgeoptError(f"Accelerates.surgery={list(self.surgery)} must name some of {list(SURGERY_KINDS)}.")
+        if self.activation not in CHEAP_ACTIVATIONS:
+            raise EdgeoptError(f"Accelerates.activation={self.activation!r} must be one of {list(CHEAP_ACTIVATIONS)}.")
         if not isinstance(self.channel_multiple, int) or self.channel_multiple < 1:
             raise EdgeoptError(f"channel_multiple must be a whole number >= 1, got {self.channel_multiple!r}.")
 

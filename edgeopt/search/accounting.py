@@ -20,6 +20,7 @@ from edgeopt.evaluators.node_profile import NodeProfile
 from edgeopt.hw_models.estimate import LatencyEstimate
 from edgeopt.layers import LayerSpec
 from edgeopt.plan import FLOAT_BITS, ModelPlan
+from edgeopt.spaces.depth import inside
 
 LAYERS_FILE = "layers.csv"
 # A saving under this share of the base layer's time is within what one profile moves by.
@@ -52,9 +53,13 @@ class LayerRow:
 
 def knobs_text(plan: ModelPlan, fqn: str, dropped: bool, inputs_pruned: bool = False) -> str:
     if dropped:
-        return "dropped (its block left as the shortcut)"
+        return ("dropped (its block left as the shortcut)" if inside(fqn, plan.dropped)
+                else "removed with its squeeze-excite gate (surgery)")
     lp = plan.layers.get(fqn)
     parts = []
+    block = next((name for name in plan.surgery if inside(fqn, {name})), None)
+    if block is not None:
+        parts.append(f"in a block with surgery ({plan.surgery[block].describe()})")
     if lp is not None and lp.dynamic:
         parts.append(f"w{lp.w_bits} dynamic-range")
     elif lp is not None and (lp.w_bits, lp.a_bits) != (32, 32):

@@ -10,10 +10,11 @@ chooses precisions by per-layer sensitivity. This module does both at once, gree
 
 1. the budget's metric (latency on the target, or MACs) of the base with each single change
    (each prunable group at the sensitivity table's keep levels, each layer at w8a8, each smaller
-   input size, each residual block dropped) gives what that change saves; the other keep levels
-   are interpolated;
+   input size, each residual block dropped, each replacement of each block open to surgery)
+   gives what that change saves; the other keep levels are interpolated;
 2. from the unchanged model, the move (one group to a lower keep ratio, one layer to int8, the
-   input to a smaller size, or one block dropped)
+   input to a smaller size, one block dropped, or one block's activations, gates or kernels
+   replaced)
    that saves the most metric per point of sensitivity is taken, again and again, until the sum
    of savings reaches the budget;
 3. the first plans on the path that meet the budget, and 10% under it, when measured for real,
@@ -33,9 +34,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from edgeopt.plan import LayerPlan, ModelPlan
+from edgeopt.plan import LayerPlan, ModelPlan, Surgery
 from edgeopt.search.sensitivity import (SensitivityTable, _activations_key, _keep_levels, _weights_key, drop_key,
-                                        input_key)
+                                        input_key, surgery_key)
 from edgeopt.spaces.depth import inside
 from edgeopt.spaces.space import SearchSpace
 
@@ -84,6 +85,12 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
     saved_block = {block: base - metric(ModelPlan(layers=base_plan.layers, dropped={block}))
                    for block in space.blocks if drop_key(block) in table.drops}
 
+    # A block's surgery: each replacement the table measured.
+    saved_surgery = {(block.name, kind, value): base - metric(ModelPlan(layers=base_plan.layers,
+                                                                       surgery={block.name: Surgery(**{kind: value})}))
+                     for block in space.surgery_blocks for kind, choices in space.surgery_choices(block).items()
+                     for value in choices[1:] if surgery_key(block.name, kind, value) in table.drops}
+
     def bits_drop(fqn: str) -> float:
         return table.drops.get(_weights_key(fqn, 8), 0.0) + table.drops.get(_activations_key(fqn, 8), 0.0)
 
@@ -91,6 +98,7 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
     int8_now: set[str] = set()
     scale_now = 1.0
     dropped_now: set[str] = set()
+    surgery_now: dict[str, dict[str, object]] = {}
     predicted = base
     plans: list[ModelPlan] = []
     targets = [limit * m for m in MARGINS]
@@ -124,6 +132,11 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
                 score = gain / max(table.drops[drop_key(block)], 1e-3)
                 if best is None or score > best[0]:
                     best = (score, "drop", block, None, gain)
+        for (block, kind, value), gain in saved_surgery.items():
+            if gain > 0 and kind not in surgery_now.get(block, {}) and not inside(block, dropped_now):
+                score = gain / max(table.drops[surgery_key(block, kind, value)], 1e-3)
+                if best is None or score > best[0]:
+                    best = (score, "surgery", (block, kind), value, gain)
         if best is None:
             break  # nothing left that saves anything
         _, kind, name, value, gain = best
@@ -133,13 +146,15 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
             scale_now = value
         elif kind == "drop":
             dropped_now.add(name)
+        elif kind == "surgery":
+            surgery_now.setdefault(name[0], {})[name[1]] = value
         else:
             int8_now.add(name)
         predicted -= gain
         # Where the additive model says the budget is reached, the plan is measured for real;
         # short of it (the savings overlap), the path goes on.
         while targets and predicted <= targets[0]:
-            plan = _plan(space, keep_now, int8_now, scale_now, dropped_now)
+            plan = _plan(space, keep_now, int8_now, scale_now, dropped_now, surgery_now)
             if metric(plan) > targets[0]:
                 break
             plans.append(plan)
@@ -149,7 +164,7 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
 
 
 def _plan(space: SearchSpace, keep: dict[str, float], int8: set[str], input_scale: float,
-          dropped: set[str]) -> ModelPlan:
+          dropped: set[str], surgery: dict[str, dict[str, object]]) -> ModelPlan:
     ratios = {}
     for group in space.groups:
         for fqn in group.layers:
@@ -157,4 +172,5 @@ def _plan(space: SearchSpace, keep: dict[str, float], int8: set[str], input_scal
     return space.settled(ModelPlan(layers={
         layer.fqn: LayerPlan(w_bits=8 if layer.fqn in int8 else 32, a_bits=8 if layer.fqn in int8 else 32,
                              keep_ratio=ratios.get(layer.fqn, 1.0))
-        for layer in space.layers}, input_scale=input_scale, dropped=dropped))
+        for layer in space.layers}, input_scale=input_scale, dropped=dropped,
+        surgery={block: Surgery(**fields) for block, fields in surgery.items()}))

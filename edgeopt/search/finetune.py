@@ -173,7 +173,7 @@ def _tuned(plan: ModelPlan, context: Context, *, data, lr: float, batch_size: in
     stages = [(plan, epochs)]
     if float_share > 0 and epochs > 0:
         in_float = ModelPlan(layers={f: replace(lp, w_bits=32, a_bits=32, dynamic=False) for f, lp in plan.layers.items()},
-                             input_scale=plan.input_scale, dropped=plan.dropped)
+                             input_scale=plan.input_scale, dropped=plan.dropped, surgery=plan.surgery)
         stages = [(in_float, epochs * float_share), (plan, epochs * (1 - float_share))]
     model = None
     for i, (stage, length) in enumerate(stages):

@@ -89,10 +89,11 @@ class Context:
                           space=self.space, calibrate_model=calibrate_model)
 
     def quantize(self, model: nn.Module, plan: ModelPlan) -> nn.Module:
-        """`model`, already of `plan`'s structure (pruned, at its input size and depth: a
-        fine-tuned float stage), given `plan`'s bit widths, N:M patterns and sparsity, and
+        """`model`, already of `plan`'s structure (pruned, at its input size and depth, its surgery
+        done: a fine-tuned float stage), given `plan`'s bit widths, N:M patterns and sparsity, and
         calibrated on its own weights."""
-        layers = {f: replace(lp, keep_ratio=1.0) for f, lp in plan.layers.items() if not inside(f, plan.dropped)}
+        gone = self.space.gone(plan)
+        layers = {f: replace(lp, keep_ratio=1.0) for f, lp in plan.layers.items() if not inside(f, gone)}
         return apply_plan(model, ModelPlan(layers=layers), self.example_input, calib_data=self.calib,
                           reduce_range=self.reduce_range)
 

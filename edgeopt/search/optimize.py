@@ -30,7 +30,7 @@ from edgeopt.evaluators.onnx_export import export_onnx
 from edgeopt.evaluators.node_profile import profile_layers
 from edgeopt.hw_models.estimate import LatencyEstimate, estimate_latency
 from edgeopt.hw_models.targets import get_target
-from edgeopt.plan import INPUT_SCALES, NM, ModelPlan
+from edgeopt.plan import INPUT_SCALES, NM, SMALL_KERNEL, SURGERY_KINDS, ModelPlan, Surgery
 from edgeopt.layers import trace_layers
 from edgeopt.search.accounting import LAYERS_FILE, account_layers, report_lines, write_layers_csv
 from edgeopt.search.allocate import allocate
@@ -80,6 +80,7 @@ class SearchConfig:
     # keeps the input size fixed.
     input_scales: tuple[float, ...] = INPUT_SCALES
     depth: bool = True  # residual blocks with an identity shortcut may be dropped
+    surgery: bool = True  # the model surgery the target declares (activations, gates, kernels) is searched
     # host: the base model's calm time on this machine in ms, where it is already known (several
     # runs compared on one scale); None times it when the study is opened (ReferenceClock).
     reference_ms: float | None = None
@@ -130,7 +131,8 @@ def target_knobs(target, *, size_matters: bool) -> Knobs:
                  a_bits=(32, *[b for b in fast.a_bits if b != 32]),
                  nm=(None, *[p for p in fast.nm if p is not None]),
                  sparsities=(0.0,),  # unstructured sparsity runs no faster on any target here
-                 precisions=pairs, dynamic_kinds=fast.dynamic_kinds)
+                 precisions=pairs, dynamic_kinds=fast.dynamic_kinds,
+                 surgery=fast.surgery, activations=(fast.activation,))
 
 
 def _calibration_batches(dataset, *, batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -186,7 +188,8 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
     base = model_cost(model, example)
     size_matters = any(b.metric == "bytes" for b in budgets)
     space = (SearchSpace.from_model(model, example).restrict(target_knobs(target, size_matters=size_matters))
-             .restrict(Knobs(input_scales=search.input_scales, depth=search.depth)))
+             .restrict(Knobs(input_scales=search.input_scales, depth=search.depth,
+                             surgery=SURGERY_KINDS if search.surgery else ())))
     calib = _calibration_batches(data.train, batches=search.calib_batches, batch_size=search.calib_batch_size,
                                  seed=search.seed)
     reduce_range = target.measurable and int8_needs_reduce_range()
@@ -444,17 +447,24 @@ def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
     in fp32 (where int8 does not pay on the target's clock, as for depthwise convolutions on x86
     without VNNI, pruning alone is the hand answer), uniform 2:4 where the target runs it fast, and
     uniform int8 magnitude pruning at 50% and 75% (TF-MOT's recipe) where sparsity is offered (under
-    a size budget)."""
+    a size budget), and where surgery is offered, TI's "lite" model (every replacement the target
+    declares, in every block) in fp32 and in int8."""
     plans = []
     keeps = [k for k in (0.875, 0.75, 0.625, 0.5) if k in space.knobs.keep_ratios]
+    lite = Surgery(activation=space.knobs.activations[0] if space.knobs.activations else None, gate=False,
+                   kernel=SMALL_KERNEL)
     if (8, 8) in space.knobs.pairs:
         plans.append(space.uniform(w_bits=8, a_bits=8))
+        if space.surgery_blocks:
+            plans.append(space.uniform(w_bits=8, a_bits=8, surgery=lite))
         plans += [space.uniform(w_bits=8, a_bits=8, keep_ratio=keep) for keep in keeps]
         if NM(n=2, m=4) in space.knobs.nm:
             plans.append(space.uniform(w_bits=8, a_bits=8, nm=NM(n=2, m=4)))
         plans += [space.uniform(w_bits=8, a_bits=8, sparsity=share) for share in (0.5, 0.75)
                   if share in space.knobs.sparsities]
     plans += [space.uniform(keep_ratio=keep) for keep in keeps]
+    if space.surgery_blocks:
+        plans.append(space.uniform(surgery=lite))
     return [p for i, p in enumerate(plans) if p not in plans[:i]]
 
 
@@ -561,7 +571,8 @@ def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model
                "host_ms": host_ms, "host_spread_ms": host_spread, "trial": shown.trial,
                "host_outputs_exact": _host_outputs_exact(model_out, context),
                "input_size": list(input_for(model_out, example).shape[-2:]), "input_scale": shown.plan.input_scale,
-               "dropped_blocks": sorted(shown.plan.dropped)}
+               "dropped_blocks": sorted(shown.plan.dropped),
+               "surgery": {block: surgery.describe() for block, surgery in shown.plan.surgery.items()}}
         if selected is not None:
             summary["selected"] = row
         layer_section = _account_layers(out_dir, base_model, model_out, shown.plan, base_onnx, onnx_path, context,

@@ -193,6 +193,11 @@ def write_report(path: Path, *, summary: dict, layer_section: list[str] = ()) ->
     if gone:
         lines += [f"The selected model drops {len(gone)} residual block{'s' if len(gone) > 1 else ''}, each left as "
                   f"its shortcut: {', '.join(gone)} (plan.json, `dropped`).", ""]
+    surgery = (s.get("selected") or {}).get("surgery")
+    if surgery:
+        lines += [f"The selected model takes model surgery in {len(surgery)} block{'s' if len(surgery) > 1 else ''} "
+                  "(plan.json, `surgery`; fine-tuned with distillation from your model like every other change):", ""]
+        lines += [f"- {block}: {what}" for block, what in surgery.items()] + [""]
     chosen_size = (s.get("selected") or {}).get("input_size")
     if chosen_size and chosen_size != list((s.get("preprocessing") or {}).get("input_size", chosen_size)):
         h, w = chosen_size

@@ -4,7 +4,8 @@ For a large model, running the held-out evaluation in every trial dominates the 
 (BENCHMARKS.md, "Search cost"). This proxy measures, once per search, what each single change
 costs on its own: every non-trivial bit width, N:M pattern and sparsity of every layer, a few
 keep ratios of every prune group (the others interpolated; keeping everything costs nothing),
-each smaller input size, and each droppable residual block. Each
+each smaller input size, each droppable residual block, and each replacement of each block open
+to surgery (its activations, its gates, its kernels). Each
 change is applied to the otherwise untouched model with `apply_plan` (so BatchNorm re-estimation
 and activation calibration are the search's own) and scored by how many of the proxy images'
 top-1 predictions it changes (percent). Disagreement with the base model, unlike the change in
@@ -42,7 +43,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.plan import LayerPlan, ModelPlan
+from edgeopt.plan import LayerPlan, ModelPlan, Surgery
 from edgeopt.search.training import predict
 from edgeopt.spaces import quantize
 from edgeopt.spaces.apply import apply_plan
@@ -87,6 +88,17 @@ def drop_key(block: str) -> str:
     return f"drop {block}"
 
 
+def surgery_key(block: str, kind: str, value) -> str:
+    """'activation=relu B', 'gate=False B', 'kernel=3 B'."""
+    return f"{kind}={value} {block}"
+
+
+def surgery_changes(surgery: Surgery) -> list[tuple[str, object]]:
+    """(kind, value) of each replacement `surgery` makes."""
+    default = Surgery().to_dict()
+    return [(kind, value) for kind, value in surgery.to_dict().items() if value != default[kind]]
+
+
 @dataclass(frozen=True)
 class SensitivityTable:
     """Drops (percent of the images whose top-1 prediction the change alone alters) per single
@@ -113,9 +125,13 @@ class SensitivityTable:
     def changed(self, plan: ModelPlan, space: SearchSpace) -> list[float]:
         """The measured (or interpolated) drop of each change `plan` makes."""
         drops = [self.drops[drop_key(block)] for block in sorted(plan.dropped)]
+        for block, surgery in plan.surgery.items():
+            if not inside(block, plan.dropped):
+                drops += [self.drops[surgery_key(block, kind, value)] for kind, value in surgery_changes(surgery)]
+        gone = space.gone(plan)
         for fqn, lp in plan.layers.items():
-            if inside(fqn, plan.dropped):
-                continue  # gone with its block
+            if inside(fqn, gone):
+                continue  # gone with its block or gate
             if lp.dynamic:  # its weights and its run-time activation quantization, measured as one change
                 drops.append(self.drops[_dynamic_key(fqn)])
             elif lp.w_bits != 32:
@@ -126,7 +142,7 @@ class SensitivityTable:
                 drops.append(self.drops[_nm_key(fqn, lp.nm)])
             if lp.sparsity:
                 drops.append(self.drops[_sparsity_key(fqn, lp.sparsity)])
-        whole = {g.root for g in space.groups if all(inside(f, plan.dropped) for f in g.layers)}
+        whole = {g.root for g in space.groups if all(inside(f, gone) for f in g.layers)}
         drops += [self.keep_drop(root, keep) for root, keep in space.group_keep(plan).items() if root not in whole]
         if plan.input_scale != 1.0:
             drops.append(self.drops[input_key(plan.input_scale)])
@@ -186,6 +202,10 @@ def changes(space: SearchSpace) -> Iterator[tuple[str, ModelPlan]]:
             yield input_key(scale), ModelPlan(input_scale=scale)
     for block in space.blocks:
         yield drop_key(block), ModelPlan(dropped={block})
+    for block in space.surgery_blocks:
+        for kind, choices in space.surgery_choices(block).items():
+            for value in choices[1:]:
+                yield surgery_key(block.name, kind, value), ModelPlan(surgery={block.name: Surgery(**{kind: value})})
 
 
 def _keep_levels(choices: tuple[float, ...]) -> list[float]:
@@ -255,7 +275,7 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
     # The table measures 8-bit weights and 8-bit activations apart and combines them, so its single
     # changes may lie outside a space narrowed to (w_bits, a_bits) pairs such as w8a8.
     singles = SearchSpace(space.layers, space.groups, knobs=replace(space.knobs, precisions=None),
-                          input_sizes=space.input_sizes, blocks=space.blocks)
+                          input_sizes=space.input_sizes, blocks=space.blocks, surgery=space.found_surgery)
     bar = tqdm(total=len(todo), initial=len(drops), desc="sensitivity", unit="change", disable=not progress,
                file=sys.stderr)
     for name, plan in todo:

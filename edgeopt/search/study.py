@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.plan import NM, LayerPlan, ModelPlan
+from edgeopt.plan import NM, LayerPlan, ModelPlan, Surgery
 from edgeopt.spaces.space import SearchSpace, zeroing_fields
 
 PLAN = "plan"
@@ -53,6 +53,23 @@ def _precision_label(precision: tuple[int, int, bool]) -> str:
 DEPTH = ("keep", "drop")  # each droppable residual block's choices
 
 
+def _surgery_label(value: str | bool | int | None) -> str:
+    """A surgery choice as a parameter value: "keep" (None, or a gate kept), "remove" (a gate),
+    "3x3" (a kernel), or the activation's name."""
+    if value is None or value is True:
+        return "keep"
+    if value is False:
+        return "remove"
+    return f"{value}x{value}" if isinstance(value, int) else value
+
+
+def _surgery_params(space: SearchSpace):
+    """(parameter name, block, kind, {label: value}) for each surgery choice of the space."""
+    for block in space.surgery_blocks:
+        for kind, choices in space.surgery_choices(block).items():
+            yield f"{kind}/{block.name}", block, kind, {_surgery_label(c): c for c in choices}
+
+
 def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
     """One categorical parameter per prune group and per layer knob (fixed names, so every
     sampler, NSGA-II included, sees the same space in every trial)."""
@@ -77,7 +94,11 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
     scales = space.input_scales
     scale = trial.suggest_categorical("input_scale", scales) if len(scales) > 1 else 1.0
     dropped = {block for block in space.blocks if trial.suggest_categorical(f"depth/{block}", DEPTH) == "drop"}
-    return space.settled(ModelPlan(layers=layers, input_scale=scale, dropped=dropped))
+    surgery: dict[str, dict] = {}
+    for name, block, kind, choices in _surgery_params(space):
+        surgery.setdefault(block.name, {})[kind] = choices[trial.suggest_categorical(name, list(choices))]
+    return space.settled(ModelPlan(layers=layers, input_scale=scale, dropped=dropped,
+                                   surgery={b: Surgery(**fields) for b, fields in surgery.items()}))
 
 
 def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
@@ -98,6 +119,8 @@ def plan_params(plan: ModelPlan, space: SearchSpace) -> dict[str, object]:
         params["input_scale"] = plan.input_scale
     for block in space.blocks:
         params[f"depth/{block}"] = "drop" if block in plan.dropped else "keep"
+    for name, block, kind, _ in _surgery_params(space):
+        params[name] = _surgery_label(getattr(plan.surgery.get(block.name, Surgery()), kind))
     return params
 
 

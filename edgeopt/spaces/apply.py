@@ -20,6 +20,7 @@ from edgeopt.spaces.prune import build_graph, find_groups, output_layers, prune_
 from edgeopt.spaces.quantize import calibrate, compress_module
 from edgeopt.spaces.resolution import model_input_sizes
 from edgeopt.spaces.space import SearchSpace
+from edgeopt.spaces.surgery import apply_surgery, surgery_blocks
 
 
 def _inputs(batch) -> torch.Tensor:
@@ -65,7 +66,9 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     proxy does not run the model (per-layer sensitivity) needs no more. A plan's `input_scale`
     below 1 makes the model resize its input to that size first (`edgeopt.spaces.resolution`):
     calibration, evaluation and training then feed it full-size data as it is. The residual
-    blocks in `plan.dropped` are replaced by their shortcut (`edgeopt.spaces.depth`).
+    blocks in `plan.dropped` are replaced by their shortcut (`edgeopt.spaces.depth`). The plan's
+    surgery (`edgeopt.spaces.surgery`) replaces activations and shrinks depthwise kernels first,
+    and removes squeeze-excite gates with the dropped blocks, after pruning.
     """
     batches = list(calib_data) if calib_data is not None and calibrate_model else []
     if calibrate_model and any(lp.a_bits == 8 for lp in plan.layers.values()) and not batches:
@@ -73,15 +76,22 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
                            "batches of real inputs (for example 4 batches of 32).")
     compressed = canonical(model)  # a copy already where it changes anything
     compressed = (copy.deepcopy(compressed) if compressed is model else compressed).eval()
-    graph = build_graph(compressed, example_input)
+    graph = None
     if space is None:
+        graph = build_graph(compressed, example_input)
         groups, layer_group = find_groups(graph)
         traced = trace_layers(compressed, example_input)
         layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in traced]
         sizes = model_input_sizes(compressed, example_input, layers, (plan.input_scale,))
         blocks = residual_blocks(compressed, example_input) if plan.dropped else ()
-        space = SearchSpace(layers, groups, input_sizes=sizes, blocks=blocks)
+        surgery = surgery_blocks(compressed, example_input, layers) if plan.surgery else ()
+        space = SearchSpace(layers, groups, input_sizes=sizes, blocks=blocks, surgery=surgery)
     space.validate(plan)
+    if plan.surgery:  # channels stay as they are: the pruning graph is traced after it
+        apply_surgery(compressed, plan, space.found_surgery)
+        graph = None
+    if graph is None:
+        graph = build_graph(compressed, example_input)
     if plan.input_scale != 1.0:  # at 1 the model keeps its size: a compressed model quantized again keeps its own
         set_input_size(compressed, space.input_size(plan.input_scale))
 
@@ -93,12 +103,13 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
         except EdgeoptError as exc:
             raise EdgeoptError(f"Pruning broke this model ({exc}). Build the plan from "
                                "SearchSpace.from_model, which leaves unsafe groups dense.") from None
-    if plan.dropped:
-        # After pruning, so each dropped block's shortcut carries the pruned stream's channels;
-        # the graph is traced again without the blocks.
-        drop_blocks(compressed, sorted(plan.dropped))
+    gone = space.gone(plan)
+    if gone:
+        # After pruning, so each dropped block's shortcut (and each removed gate's input) carries
+        # the pruned stream's channels; the graph is traced again without them.
+        drop_blocks(compressed, sorted(gone))
         graph = build_graph(compressed, example_input)
-    if (keep or plan.dropped) and batches:  # what flows into later layers changed
+    if (keep or gone or plan.surgery) and batches:  # what flows into later layers changed
         recalibrate_batchnorm(compressed, batches)
     folded = fold_batchnorm(compressed, graph, example_input)
     activations = following_activations(compressed, graph, folded)
@@ -106,7 +117,7 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     names = {module: name for name, module in compressed.named_modules()}
     outputs = {names[module] for module in output_layers(graph)}
     for fqn, layer_plan in plan.layers.items():
-        if replace(layer_plan, keep_ratio=1.0).is_identity or inside(fqn, plan.dropped):
+        if replace(layer_plan, keep_ratio=1.0).is_identity or inside(fqn, gone):
             continue  # pruning (already done) is all this layer gets, or it went with its block
         module = compress_module(compressed.get_submodule(fqn), layer_plan,
                                  float_output=fqn in outputs, reduce_range=reduce_range,

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-from edgeopt.layers import COMPRESSIBLE
+from edgeopt.spaces.watch import shape_preserving_windows
 
 _ADDS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 # What may follow the add before the block returns (elementwise, shape-preserving, no weights).
@@ -29,66 +27,16 @@ _PASS_THROUGH = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "sil
                  "clone", "__get__"}
 
 
-class _Ops(TorchFunctionMode):
-    """Every torch call of a forward pass: its name, the ids of its tensor inputs and outputs.
-    The tensors are kept alive so that no id is reused within the pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
-        self._alive: list[torch.Tensor] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        self._alive += ins + outs
-        self.calls.append((getattr(func, "__name__", str(func)), tuple(map(id, ins)), tuple(map(id, outs))))
-        return out
-
-
 def residual_blocks(model: nn.Module, example_input: torch.Tensor) -> tuple[str, ...]:
     """The names of the blocks of `model` a plan may drop (module order), found on one forward
     pass of a structure copy (see the module docstring)."""
-    from edgeopt.spaces.space import structure_copy
-
-    work, x = structure_copy(model, example_input[:1])
-    ops = _Ops()
-    windows: dict[str, list] = {}
-    handles = []
-    for name, module in work.named_modules():
-        if not name or not any(isinstance(m, COMPRESSIBLE) for m in module.modules()):
-            continue
-
-        def before(mod, args, name=name):
-            if len(args) == 1 and isinstance(args[0], torch.Tensor):
-                windows[name] = [len(ops.calls), args[0]]
-
-        def after(mod, args, output, name=name):
-            window = windows.get(name)
-            if window is not None and len(window) == 2:
-                if isinstance(output, torch.Tensor) and output.shape == window[1].shape:
-                    window += [len(ops.calls), output]
-                else:
-                    del windows[name]
-
-        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
-        with torch.no_grad(), ops:
-            work(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    innermost: dict[int, tuple[int, str]] = {}  # add call -> (window length, module)
-    for name, window in windows.items():
-        if len(window) != 4:
-            continue
-        start, given, end, returned = window
-        add = _identity_add(ops.calls[start:end], id(given), id(returned))
+    innermost: dict[int, tuple[int, str]] = {}  # add call (its position in the pass) -> (window length, module)
+    for name, window in shape_preserving_windows(model, example_input).items():
+        add = _identity_add(window.calls, window.given, window.returned)
         if add is not None:
-            key = start + add
-            if key not in innermost or end - start < innermost[key][0]:
-                innermost[key] = (end - start, name)
+            key = window.start + add
+            if key not in innermost or len(window.calls) < innermost[key][0]:
+                innermost[key] = (len(window.calls), name)
     found = {name for _, name in innermost.values()}
     return tuple(name for name, _ in model.named_modules() if name in found)
 

@@ -14,11 +14,12 @@ from torch import nn
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.layers import LAYER_KINDS, LayerSpec, inventory
-from edgeopt.plan import (A_BITS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, SPARSITIES, W_BITS, LayerPlan,
-                           ModelPlan)
+from edgeopt.plan import (A_BITS, CHEAP_ACTIVATIONS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, SMALL_KERNEL,
+                           SPARSITIES, W_BITS, LayerPlan, ModelPlan, Surgery)
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups
 from edgeopt.spaces.depth import inside, residual_blocks
 from edgeopt.spaces.resolution import model_input_sizes
+from edgeopt.spaces.surgery import SURGERY_KINDS, SurgeryBlock, removed_gates, surgery_blocks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class Knobs:
 
     `dynamic_kinds` are the layer kinds that may take dynamic-range int8 (`LayerPlan.dynamic`),
     besides the `pairs`; a target names those on which its runtime's dynamic kernels pay.
+
+    `surgery` are the kinds of model surgery a block may take (edgeopt.spaces.surgery: "activation",
+    "gate", "kernel"), and `activations` what a replaced activation may become ("relu", "relu6");
+    a target names the replacements that pay on it and the activation its runtime fuses.
     """
 
     w_bits: tuple[int, ...] = W_BITS
@@ -59,6 +64,8 @@ class Knobs:
     input_scales: tuple[float, ...] = INPUT_SCALES
     depth: bool = True  # residual blocks may be dropped (edgeopt.spaces.depth)
     dynamic_kinds: tuple[str, ...] = LAYER_KINDS
+    surgery: tuple[str, ...] = SURGERY_KINDS
+    activations: tuple[str, ...] = CHEAP_ACTIVATIONS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _subset("w_bits", self.w_bits, W_BITS, must_have=32))
@@ -74,6 +81,12 @@ class Knobs:
         if any(k not in LAYER_KINDS for k in kinds):
             raise EdgeoptError(f"dynamic_kinds {list(kinds)} must name layer kinds of {list(LAYER_KINDS)}.")
         object.__setattr__(self, "dynamic_kinds", tuple(k for k in LAYER_KINDS if k in kinds))
+        for name, chosen, allowed in (("surgery", self.surgery, SURGERY_KINDS),
+                                      ("activations", self.activations, CHEAP_ACTIVATIONS)):
+            chosen = tuple(chosen)
+            if isinstance(self.surgery, str) or any(c not in allowed for c in chosen):
+                raise EdgeoptError(f"{name} {list(chosen)} must name some of {list(allowed)}.")
+            object.__setattr__(self, name, tuple(c for c in allowed if c in chosen))
         if self.precisions is not None:
             chosen = tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in self.precisions)
             object.__setattr__(self, "precisions", _subset("precisions", chosen, self._all_pairs(), must_have=(32, 32)))
@@ -102,6 +115,8 @@ class Knobs:
             input_scales=[s for s in self.input_scales if s in other.input_scales],
             depth=self.depth and other.depth,
             dynamic_kinds=[k for k in self.dynamic_kinds if k in other.dynamic_kinds],
+            surgery=[k for k in self.surgery if k in other.surgery],
+            activations=[a for a in self.activations if a in other.activations],
         )
 
 
@@ -128,6 +143,7 @@ class SpaceSummary:
     left_out: tuple[tuple[str, str], ...]  # (layer, why it is not in the space)
     dense_groups: tuple[tuple[str, str], ...]  # (group root, why it cannot be pruned)
     blocks: int = 0  # residual blocks a plan may drop
+    surgery_blocks: int = 0  # blocks with a replaceable activation, gate or large kernel
     input_sizes: tuple[tuple[int, int], ...] = ()  # the input sizes a plan may choose, largest first
 
     @property
@@ -140,6 +156,8 @@ class SpaceSummary:
                 f"{self.prunable_groups} of {self.groups} prune groups prunable")
         if self.blocks:
             text += f", {self.blocks} droppable block{'s' if self.blocks > 1 else ''}"
+        if self.surgery_blocks:
+            text += f", {self.surgery_blocks} block{'s' if self.surgery_blocks > 1 else ''} open to surgery"
         if self.left_out:
             text += f", {len(self.left_out)} layer{'s' if len(self.left_out) > 1 else ''} left out"
         return text + ")"
@@ -160,7 +178,7 @@ class SearchSpace:
     def __init__(self, layers: Iterable[LayerSpec], groups: Iterable[PruneGroup], *,
                  knobs: Knobs | None = None, left_out: dict[str, str] | None = None,
                  total_macs: int | None = None, input_sizes: dict[float, tuple[int, int]] | None = None,
-                 blocks: Iterable[str] = ()) -> None:
+                 blocks: Iterable[str] = (), surgery: Iterable[SurgeryBlock] = ()) -> None:
         self.layers: tuple[LayerSpec, ...] = tuple(layers)
         self.groups: tuple[PruneGroup, ...] = tuple(groups)
         self.knobs = knobs or Knobs()
@@ -172,6 +190,9 @@ class SearchSpace:
         # The residual blocks a plan may drop (from_model finds them); none where depth is off.
         self.found_blocks: tuple[str, ...] = tuple(blocks)
         self.blocks: tuple[str, ...] = self.found_blocks if self.knobs.depth else ()
+        # The blocks open to surgery (from_model finds them), and those with a replacement offered.
+        self.found_surgery: tuple[SurgeryBlock, ...] = tuple(surgery)
+        self.surgery_blocks: tuple[SurgeryBlock, ...] = tuple(b for b in self.found_surgery if self.surgery_choices(b))
         self.total_macs = total_macs if total_macs is not None else sum(layer.macs for layer in self.layers)
         self._by_name = {layer.fqn: layer for layer in self.layers}
 
@@ -192,7 +213,8 @@ class SearchSpace:
         knobs = knobs or Knobs()
         sizes = model_input_sizes(model, example_input, layers, knobs.input_scales)
         space = cls(layers, groups, knobs=knobs, left_out=found.left_out, total_macs=found.total_macs,
-                    input_sizes=sizes, blocks=residual_blocks(model, example_input))
+                    input_sizes=sizes, blocks=residual_blocks(model, example_input),
+                    surgery=surgery_blocks(model, example_input, layers))
         if verify:
             space.groups = tuple(_verified(model, example_input, space.groups))
         for name, why in space.left_out.items():
@@ -210,6 +232,7 @@ class SearchSpace:
             left_out=tuple(self.left_out.items()),
             dense_groups=tuple((g.root, g.reason) for g in self.groups if not g.prunable),
             input_sizes=tuple(self.input_sizes.values()), blocks=len(self.blocks),
+            surgery_blocks=len(self.surgery_blocks),
         )
 
     # -- choices -------------------------------------------------------------------------
@@ -228,14 +251,29 @@ class SearchSpace:
         """The input (H, W) of `scale`; None for the given size."""
         return None if scale == 1.0 else self.input_sizes[scale]
 
+    def gone(self, plan: ModelPlan) -> frozenset[str]:
+        """The modules the plan replaces with nn.Identity: its dropped residual blocks and the
+        squeeze-excite gates its surgery removes. Their layers leave the model."""
+        return plan.dropped | removed_gates(plan, self.found_surgery)
+
     def settled(self, plan: ModelPlan) -> ModelPlan:
-        """`plan` with the layers of its dropped blocks left as they are (their keep ratio stays:
-        it is their prune group's): two plans that differ only inside a dropped block are one."""
-        if not plan.dropped:
+        """`plan` with the layers of its dropped blocks and removed gates left as they are (their
+        keep ratio stays: it is their prune group's), and no surgery in dropped blocks: two plans
+        that differ only in what is gone are one."""
+        gone = self.gone(plan)
+        if not gone:
             return plan
-        layers = {fqn: LayerPlan(keep_ratio=lp.keep_ratio) if inside(fqn, plan.dropped) else lp
+        layers = {fqn: LayerPlan(keep_ratio=lp.keep_ratio) if inside(fqn, gone) else lp
                   for fqn, lp in plan.layers.items()}
-        return ModelPlan(layers=layers, input_scale=plan.input_scale, dropped=plan.dropped)
+        surgery = {name: s for name, s in plan.surgery.items() if not inside(name, plan.dropped)}
+        return ModelPlan(layers=layers, input_scale=plan.input_scale, dropped=plan.dropped, surgery=surgery)
+
+    def surgery_choices(self, block: SurgeryBlock) -> dict[str, tuple]:
+        """What each kind of surgery offered on `block` may set (the first choice leaves it as
+        it is): {"activation": (None, "relu"), "gate": (True, False), "kernel": (None, 3)}."""
+        offered = {"activation": (None, *self.knobs.activations) if self.knobs.activations else (None,),
+                   "gate": (True, False), "kernel": (None, SMALL_KERNEL)}
+        return {kind: offered[kind] for kind in self.knobs.surgery if block.has(kind) and len(offered[kind]) > 1}
 
 
     def nm_choices(self, layer: LayerSpec) -> tuple[NM | None, ...]:
@@ -259,7 +297,8 @@ class SearchSpace:
     def restrict(self, knobs: Knobs) -> SearchSpace:
         """The same model with fewer choices (for example what a target accelerates)."""
         return SearchSpace(self.layers, self.groups, knobs=self.knobs.restrict(knobs), left_out=self.left_out,
-                           total_macs=self.total_macs, input_sizes=self.input_sizes, blocks=self.found_blocks)
+                           total_macs=self.total_macs, input_sizes=self.input_sizes, blocks=self.found_blocks,
+                           surgery=self.found_surgery)
 
     # -- plans ---------------------------------------------------------------------------
     def _group_keep(self, keep_for_group) -> dict[str, float]:
@@ -285,15 +324,21 @@ class SearchSpace:
             layers[layer.fqn] = LayerPlan(w_bits=w_bits, a_bits=a_bits, dynamic=dynamic,
                                           keep_ratio=keep.get(layer.fqn, 1.0), **zeroing)
         scale = rng.choice(self.input_scales)
-        return self.settled(ModelPlan(layers=layers, input_scale=scale,
-                                      dropped={b for b in self.blocks if rng.random() < 0.5}))
+        dropped = {b for b in self.blocks if rng.random() < 0.5}
+        # Drawn only where offered, so a space without surgery samples the plans it did before.
+        surgery = {block.name: Surgery(**{kind: rng.choice(choices) for kind, choices in
+                                          self.surgery_choices(block).items()}) for block in self.surgery_blocks}
+        return self.settled(ModelPlan(layers=layers, input_scale=scale, dropped=dropped, surgery=surgery))
 
     def uniform(self, *, w_bits: int = 32, a_bits: int = 32, keep_ratio: float = 1.0,
                 nm: NM | None = None, sparsity: float = 0.0, input_scale: float = 1.0,
-                dynamic: bool = False) -> ModelPlan:
+                dynamic: bool = False, surgery: Surgery | None = None) -> ModelPlan:
         """The same choice for every layer, where it applies (N:M only on eligible layers, sparsity
         not on depthwise ones, dynamic-range int8 only on the kinds that may take it, the others
-        left in float, pruning only in prunable groups), at `input_scale` of the given input size."""
+        left in float, pruning only in prunable groups), at `input_scale` of the given input size;
+        with `surgery`, the same surgery in every block, each of its replacements where the block
+        has such sites and the space offers it (TI's "lite" model, with `Surgery(activation="relu",
+        gate=False, kernel=3)`)."""
         template = LayerPlan(w_bits=w_bits, a_bits=a_bits, keep_ratio=keep_ratio, nm=nm, sparsity=sparsity,
                              dynamic=dynamic)
         precisions = self.knobs.pairs + (((8, 32),) if dynamic and self.knobs.dynamic_kinds else ())
@@ -307,13 +352,18 @@ class SearchSpace:
                 raise EdgeoptError(f"{name}={value} is outside this space's choices {list(allowed)}.")
         keep = self._group_keep(lambda g: template.keep_ratio if g.prunable else 1.0)
         float_layer = {"w_bits": 32, "a_bits": 32, "dynamic": False}
-        return ModelPlan(layers={
+        wanted = (surgery or Surgery()).to_dict()
+        blocks = {}
+        for block in self.surgery_blocks:
+            offered = self.surgery_choices(block)
+            blocks[block.name] = Surgery(**{k: v for k, v in wanted.items() if k in offered and v in offered[k]})
+        return self.settled(ModelPlan(layers={
             layer.fqn: replace(template, keep_ratio=keep.get(layer.fqn, 1.0),
                                nm=nm if nm in self.nm_choices(layer) else None,
                                sparsity=sparsity if sparsity in self.sparsity_choices(layer) else 0.0,
                                **(float_layer if dynamic and layer.kind not in self.knobs.dynamic_kinds else {}))
             for layer in self.layers
-        }, input_scale=input_scale)
+        }, input_scale=input_scale, surgery=blocks))
 
     def validate(self, plan: ModelPlan) -> None:
         """Raise EdgeoptError listing every way the plan does not fit this model and space."""
@@ -322,6 +372,19 @@ class SearchSpace:
         if unknown_blocks:
             problems.append(f"blocks {unknown_blocks[:5]} cannot be dropped (droppable: "
                             f"{list(self.blocks[:5]) or 'none'}{' ...' if len(self.blocks) > 5 else ''})")
+        by_block = {block.name: block for block in self.surgery_blocks}
+        for name, surgery in plan.surgery.items():
+            block = by_block.get(name)
+            if block is None:
+                problems.append(f"block {name!r} takes no surgery here (blocks open to it: "
+                                f"{[b.name for b in self.surgery_blocks[:5]] or 'none'}"
+                                f"{' ...' if len(self.surgery_blocks) > 5 else ''})")
+                continue
+            offered = self.surgery_choices(block)
+            for kind, value in surgery.to_dict().items():
+                if value != Surgery().to_dict()[kind] and value not in offered.get(kind, ()):
+                    problems.append(f"block {name}: {kind} surgery {value!r} not offered here "
+                                    f"(its choices: {list(offered.get(kind, ()))[1:] or 'none'})")
         if plan.input_scale not in self.input_scales:
             problems.append(f"input scale {plan.input_scale:g} not allowed (this space's: "
                             f"{', '.join(f'{s:g}' for s in self.input_scales)})")

@@ -213,7 +213,8 @@ def test_targets_choose_differently_where_hardware_differs(bundle, trained, tmp_
     plans = {}
     for target in ("pi4", "jetson-orin-nano"):
         result = optimize(trained, bundle, target=target, budget="60%", out=tmp_path / target, progress=False,
-                          search=SearchConfig(trials=16, seed=0, calib_batches=2),
+                          # Surgery off: the question is N:M, which a removed gate would crowd out of 16 trials.
+                          search=SearchConfig(trials=16, seed=0, calib_batches=2, surgery=False),
                           finetune_config=FinetuneConfig(top=1, epochs=0))
         assert result.met_budget, target
         plans[target] = result.plan
@@ -284,3 +285,64 @@ def test_a_host_study_reads_every_latency_on_the_reference_timed_when_it_was_ope
     # Another target has no clock: its latencies are estimates.
     pi4, _ = prepare(trained, bundle, **{**opened, "target": get_target("pi4"), "out_dir": tmp_path / "pi4"})
     assert pi4.clock is None and pi4.latency(trained).source != "measured"
+
+
+class _SiluNet(torch.nn.Module):
+    """TinyNet's shape with SiLU everywhere and a 5x5 depthwise layer: open to all three kinds of surgery."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.conftest import SqueezeExcite
+
+        act = torch.nn.SiLU
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), act())
+        self.block = torch.nn.Sequential(
+            torch.nn.Conv2d(16, 32, 1), torch.nn.BatchNorm2d(32), act(),
+            torch.nn.Conv2d(32, 32, 5, stride=2, padding=2, groups=32), torch.nn.BatchNorm2d(32), act(),
+            SqueezeExcite(32), torch.nn.Conv2d(32, 24, 1), torch.nn.BatchNorm2d(24))
+        self.head = torch.nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.slow
+def test_surgery_plans_are_searched_fine_tuned_from_the_original_and_exported(bundle, tmp_path):
+    from edgeopt import SearchSpace, Surgery
+    from edgeopt.hw_models.targets import get_target
+    from edgeopt.search.optimize import target_knobs
+    from edgeopt.search.training import train
+
+    torch.manual_seed(0)
+    model = _SiluNet()
+    train(model, bundle.train, epochs=2, lr=0.01, batch_size=32, seed=0)
+    model.eval()
+    space = SearchSpace.from_model(model, bundle.example_input())
+    assert [b.name for b in space.surgery_blocks] == ["stem", "block"]
+    lite = Surgery(activation="relu", gate=False, kernel=3)
+    result = optimize(model, bundle, target="host", budget="80%", out=tmp_path, progress=False,
+                      search=SearchConfig(trials=8, seed=0, calib_batches=2, start="hand", input_scales=(1.0,),
+                                          depth=False),
+                      finetune_config=FinetuneConfig(top=8, epochs=0.25, batch_size=32))
+    import optuna
+    from edgeopt.search.study import trial_plan
+
+    study = optuna.load_study(study_name="edgeopt", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal"))))
+    plans = {t.number: trial_plan(t) for t in study.trials if "plan" in t.user_attrs}
+    lite_int8 = space.restrict(target_knobs(get_target("host"), size_matters=False)).uniform(
+        w_bits=8, a_bits=8, surgery=lite)
+    assert dict(lite_int8.surgery) == {"block": lite, "stem": Surgery(activation="relu")}
+    assert lite_int8 in plans.values()  # TI's lite model in int8 is one of the starting plans
+    tuned = result.trials[result.trials["finetuned_accuracy"].notna()]
+    assert any(plans[t].surgery for t in tuned["trial"]), "a plan with surgery should be among the fine-tuned"
+    if result.plan.surgery:
+        report = (tmp_path / "report.md").read_text()
+        assert "takes model surgery" in report and "activations -> relu" in report
+        assert ModelPlan.from_json((tmp_path / "selected" / "plan.json").read_text()) == result.plan
+    session = ort.InferenceSession(str(tmp_path / "selected" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = input_for(result.model, bundle.val.tensors[0][:16])
+    with torch.no_grad():
+        ref = result.model(bundle.val.tensors[0][:16]).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 15 / 16

@@ -38,10 +38,13 @@ def test_every_single_change_is_measured(setup):
     keys = [key for key, _ in changes(space)]
     assert set(table.drops) == set(keys) and len(keys) == len(set(keys))
     # pi4's space: 8-bit weights and 8-bit activations per layer, 3 keep ratios per prunable group
-    # (0.75, 0.5 and the smallest, 0.25), each smaller input size and each droppable block.
+    # (0.75, 0.5 and the smallest, 0.25), each smaller input size, each droppable block and each
+    # replacement of each block open to surgery (TinyNet: its squeeze-excite gate, removed).
     assert len(space.input_scales) == 5
+    surgery = sum(len(c) - 1 for b in space.surgery_blocks for c in space.surgery_choices(b).values())
+    assert surgery == 1
     assert len(keys) == (2 * len(space.layers) + 3 * len(space.prunable_groups) + len(space.input_scales) - 1
-                         + len(space.blocks))
+                         + len(space.blocks) + surgery)
     assert all(0.0 <= d <= 100.0 for d in table.drops.values())
 
 
@@ -57,7 +60,7 @@ def test_a_plan_scores_base_top1_scaled_by_the_predictions_it_leaves_alone(setup
     everything = space.uniform(w_bits=8, a_bits=8)
     expected = 1.0
     for key, drop in table.drops.items():
-        if not key.startswith(("keep", "input", "drop")):
+        if not key.startswith(("keep", "input", "drop", "gate")):  # int8 alone: no pruning, resizing or surgery
             expected *= 1 - drop / 100
     assert table.score(everything, space) == pytest.approx(25.0 + (table.base_top1 - 25.0) * expected)
     # A smaller input is one change of the whole model, measured as any other: half the size
