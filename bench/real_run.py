@@ -3,6 +3,7 @@
     python bench/real_run.py --arch mobilenet_v2 --size 224 --workers 1
     python bench/real_run.py --arch mobilenet_v2 --size 32 --workers 1     # how each phase grows
     python bench/real_run.py --arch mobilenet_v2 --size 224 --workers 2    # ... and with a second worker
+    python bench/real_run.py ... --start hand    # without the allocation's sensitivity table and timings
 
 The model is torchvision's, with random weights (only time matters here); the data is an
 ImageFolder of --images training images (an equal share per class) and 500 validation images taken
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=2)
     p.add_argument("--screen", type=int, default=4)
     p.add_argument("--budget", default="60%", help="as optimize --budget reads it (default 60%% of the MACs)")
+    p.add_argument("--start", default="allocated", choices=("allocated", "hand", "none"),
+                   help="as optimize --start (hand: no sensitivity table, no allocation)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     with timing(phases, "load"):
         data = load_data(str(folder), input_size=args.size, progress=False)
     model = getattr(torchvision.models, args.arch)(num_classes=data.num_classes).eval()
-    out = args.cache / "real_run" / f"{args.arch}-{args.size}-w{args.workers}"
+    key = f"{args.arch}-{args.size}-w{args.workers}" + ("" if args.start == "allocated" else f"-{args.start}")
+    out = args.cache / "real_run" / key
     if out.exists():
         import shutil
 
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     config = FinetuneConfig(top=args.top, epochs=args.finetune_epochs, screen=args.screen)
     result = optimize(model, data, target="host", budget=args.budget, out=out, workers=args.workers, progress=True,
-                      search=SearchConfig(trials=args.trials, seed=0), finetune_config=config)
+                      search=SearchConfig(trials=args.trials, seed=0, start=args.start), finetune_config=config)
     total = time.perf_counter() - started
     trials = study_trial_seconds(out)
     tuned_epochs = args.top * args.finetune_epochs
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "arch": args.arch, "size": args.size, "workers": args.workers, "images": {
             "train": len(data.train), "proxy": len(data.proxy), "val": len(data.val)},
         "settings": {"trials": args.trials, "finetune_epochs": args.finetune_epochs, "top": args.top,
-                     "screen": args.screen, "screen_epochs": config.screen_length, "budget": args.budget},
+                     "screen": args.screen, "screen_epochs": config.screen_length, "budget": args.budget,
+                     "start": args.start},
         "phases_s": {k: round(v, 1) for k, v in phases.seconds.items()},
         "calls": phases.calls, "trial_s": trials, "total_optimize_s": round(total, 1),
         "finetune_s_per_epoch": round(phases.seconds.get("finetuning", 0.0) / tuned_epochs, 1) if tuned_epochs else None,
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine() | {"cpu_name": _cpu_name(), "python": platform.python_version()}, "commit": commit(),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[f"{args.arch}-{args.size}-w{args.workers}"] = entry
+    results[key] = entry
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(entry, indent=2))
