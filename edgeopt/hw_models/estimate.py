@@ -113,6 +113,8 @@ class TableLatency:
 
     def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes:
         table = self.table
+        if not table.times_outputs:
+            keys = [key.with_output(None, None) for key in keys]
         fitted = None
         ms: list[float] = []
         sources: list[str] = []

@@ -14,7 +14,9 @@ optimizer drops work whose result is multiplied by zero (NAS-Bench-201's `none` 
 - the other ops that run, as `OpKey`s, in execution order. Views, reshapes, eval-mode dropout,
   adding zero and multiplying by one are free; a BatchNorm right after a conv/linear is folded
   into it and an activation right after one (or after its folded BatchNorm) is fused, where the
-  conv's output goes nowhere else, as ncnn, TFLite and onnxruntime all do; everything else that
+  conv's output goes nowhere else, as ncnn, TFLite and onnxruntime all do (the layer's key
+  carries such an activation, `LayerSpec.activation`, and the target prices it there where it
+  is not ReLU-class); everything else that
   moves data is priced by its kind (pool, elementwise, copy). Torch calls it does not know cost
   nothing but keep their inputs alive.
 """

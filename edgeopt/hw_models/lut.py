@@ -2,9 +2,11 @@
 
 A table has one row per layer shape and precision, keyed by structured fields (never a string
 that must be parsed): op kind, in/out channels, kernel, stride, groups, input size, weight and
-activation bits, N:M pattern. `optimize profile` writes one from measurements; the shipped pi4
-table was estimated (its header says so). Lines starting with `#` before the header carry
-metadata (`# key: value`: device, runtime, threads, origin, overhead_ms).
+activation bits, N:M pattern, and (optional columns) what runs on the layer's output before the
+next layer: an activation other than ReLU/ReLU6 and a squeeze-excite gate. `optimize profile`
+writes one from measurements; the shipped pi4 table was estimated (its header says so). Lines
+starting with `#` before the header carry metadata (`# key: value`: device, runtime, threads,
+origin, overhead_ms).
 
 A shape that is not in the table gets an estimate from a roofline-style model fitted to the
 table, per op kind and precision: a fixed overhead plus a compute term (MACs with channels
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.layers import LAYER_KINDS, LayerSpec
+from edgeopt.layers import ACTIVATIONS, FUSED_ACTIVATIONS, GATES, LAYER_KINDS, LayerSpec
 from edgeopt.plan import A_BITS, NM, NM_PATTERNS, W_BITS
 
 KEY_COLUMNS = ("op_kind", "in_channels", "out_channels", "kernel_h", "kernel_w", "stride_h",
@@ -34,11 +36,19 @@ REQUIRED_COLUMNS = KEY_COLUMNS + ("latency_ms",)
 OPTIONAL_COLUMNS = ("spread_ms",)
 # 1 on a row timed with dynamic-range int8 (`LayerKey.dynamic`); written only by tables that have one.
 DYNAMIC_COLUMN = "dynamic"
-# A profile cycles each layer through copies with their own weights until they add up to this
-# many MB (at most MAX_COPIES copies), so that its weights are not still in the core's cache
-# from the previous run, as they would not be inside a model.
+# The activation and the gate after the layer (`LayerKey.activation`, `.gate`); written only by
+# tables that have them, empty meaning none (a table without them never timed one).
+ACTIVATION_COLUMN, GATE_COLUMN = "activation", "gate"
+PRICED_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a not in FUSED_ACTIVATIONS)
+# A profile cycles each layer through copies with their own weights until they add up to
+# `footprint_mb()` (at most MAX_COPIES copies), so that its weights are not still in the core's
+# cache from the previous run, as they would not be inside a model: four times the core's L2,
+# at least FOOTPRINT_MB. On a Xeon with 2 MB of L2 the former 2 MB (up to 8 copies) left the
+# weights in L2, and the host estimate of efficientnet_b0 at 32x32 came out 23% under its
+# measured time in fp32 and 14% in int8 (8.4 MB, up to 32 copies: within 9%; BENCHMARKS.md,
+# "Latency sees activations and gates").
 FOOTPRINT_MB = 2.0
-MAX_COPIES = 8
+MAX_COPIES = 32
 _INT_COLUMNS = KEY_COLUMNS[1:12]
 
 
@@ -51,9 +61,17 @@ def weight_mb_of(key: LayerKey) -> float:
     return key.weight_elements * storage_bits(key.w_bits) / 8 / 1e6
 
 
+def footprint_mb() -> float:
+    """The weight MB a profile's micro-benchmark cycles through: four times this CPU's L2."""
+    from edgeopt.evaluators.cpu import l2_cache_bytes
+
+    l2 = l2_cache_bytes()
+    return max(FOOTPRINT_MB, 4 * l2 / 1e6) if l2 else FOOTPRINT_MB
+
+
 def micro_copies(key: LayerKey) -> int:
     """How many copies of a layer a profile's micro-benchmark cycles through."""
-    return max(1, min(MAX_COPIES, math.ceil(FOOTPRINT_MB / max(weight_mb_of(key), 1e-9))))
+    return max(1, min(MAX_COPIES, math.ceil(footprint_mb() / max(weight_mb_of(key), 1e-9))))
 
 
 
@@ -66,7 +84,11 @@ class LayerKey:
     """What a layer's latency depends on. For a linear layer `input_hw` is (tokens, 1).
 
     `dynamic` marks dynamic-range int8 (w_bits 8, a_bits 32: float activations that the kernel
-    quantizes at run time), which runs other kernels than weight-only int8."""
+    quantizes at run time), which runs other kernels than weight-only int8. `activation` is the
+    activation on the layer's output where it is not ReLU-class (None: ReLU, ReLU6, a clamp, or
+    none; those run inside the kernel), and `gate` the kind of squeeze-excite gate multiplying
+    it (`edgeopt.layers.LayerSpec`): an int8 model runs both in float between its integer
+    layers, which a layer timed alone would not show."""
 
     kind: str
     in_channels: int
@@ -79,6 +101,8 @@ class LayerKey:
     a_bits: int = 32
     nm: NM | None = None
     dynamic: bool = False
+    activation: str | None = None
+    gate: str | None = None
 
     @classmethod
     def from_spec(cls, spec: LayerSpec, *, w_bits: int | None = None, a_bits: int | None = None,
@@ -86,19 +110,25 @@ class LayerKey:
         """The spec's layer, at its own precision unless one is given (a given one is static)."""
         hw = (max(1, spec.positions), 1) if spec.kind == "linear" else spec.input_hw
         own = w_bits is None and a_bits is None
+        activation = spec.activation if spec.activation not in FUSED_ACTIVATIONS else None
         return cls(spec.kind, spec.in_channels, spec.out_channels, tuple(spec.kernel), tuple(spec.stride),
                    spec.groups, tuple(hw), spec.w_bits if w_bits is None else w_bits,
                    spec.a_bits if a_bits is None else a_bits, spec.nm if nm == "same" else nm,
-                   spec.dynamic and own)
+                   spec.dynamic and own, activation, spec.gate)
 
     def with_precision(self, w_bits: int, a_bits: int, nm: NM | None, dynamic: bool = False) -> LayerKey:
         return LayerKey(self.kind, self.in_channels, self.out_channels, self.kernel, self.stride,
-                        self.groups, self.input_hw, w_bits, a_bits, nm, dynamic)
+                        self.groups, self.input_hw, w_bits, a_bits, nm, dynamic, self.activation, self.gate)
 
     def with_channels(self, in_channels: int, out_channels: int) -> LayerKey:
         groups = in_channels if self.kind == "depthwise" else self.groups
         return LayerKey(self.kind, in_channels, out_channels, self.kernel, self.stride, groups,
-                        self.input_hw, self.w_bits, self.a_bits, self.nm, self.dynamic)
+                        self.input_hw, self.w_bits, self.a_bits, self.nm, self.dynamic, self.activation, self.gate)
+
+    def with_output(self, activation: str | None, gate: str | None) -> LayerKey:
+        """The same layer followed by another activation and gate (None, None: the layer alone)."""
+        return LayerKey(self.kind, self.in_channels, self.out_channels, self.kernel, self.stride, self.groups,
+                        self.input_hw, self.w_bits, self.a_bits, self.nm, self.dynamic, activation, gate)
 
     # -- derived sizes (padding (k - 1) // 2, as nearly every CNN uses) ---------------------
     @property
@@ -139,7 +169,7 @@ class LayerKey:
     def family(self) -> tuple:
         """Same layer at other channel counts (keep ratios): what anchors the fitted model."""
         return (self.kind, self.kernel, self.stride, self.input_hw, self.w_bits, self.a_bits, self.nm,
-                self.dynamic, self.groups if self.kind == "grouped" else 0)
+                self.dynamic, self.groups if self.kind == "grouped" else 0, self.activation, self.gate)
 
     @property
     def precision(self) -> tuple[int, int, NM | None, bool]:
@@ -147,8 +177,9 @@ class LayerKey:
 
     def features(self, channel_multiple: int = 1) -> tuple[float, ...]:
         """The roofline's terms: (1, MACs with channels rounded up to the SIMD width, weight
-        bytes, activation bytes, outputs). The last one prices short dot products: a kernel
-        pays a fixed cost per output, which matters when each output needs few MACs."""
+        bytes, activation bytes, outputs, outputs through an activation, outputs through a
+        gate). The fifth prices short dot products: a kernel pays a fixed cost per output, which
+        matters when each output needs few MACs; the last two what runs after the kernel."""
         m = channel_multiple
         if self.kind == "depthwise":
             rounded = self.positions * round_up(self.out_channels, m) * self.kernel[0] * self.kernel[1]
@@ -161,7 +192,8 @@ class LayerKey:
         a_bytes = 1 if self.a_bits == 8 else 4
         outputs = self.out_channels * self.positions
         acts = (self.in_channels * self.input_hw[0] * self.input_hw[1] + outputs) * a_bytes
-        return (1.0, float(rounded), float(w_bytes), float(acts), float(outputs))
+        return (1.0, float(rounded), float(w_bytes), float(acts), float(outputs),
+                float(outputs if self.activation else 0), float(outputs if self.gate else 0))
 
     def row(self) -> dict[str, object]:
         return {"op_kind": self.kind, "in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -169,7 +201,9 @@ class LayerKey:
                 "stride_w": self.stride[1], "groups": self.groups, "input_h": self.input_hw[0],
                 "input_w": self.input_hw[1], "w_bits": self.w_bits, "a_bits": self.a_bits,
                 "nm": "" if self.nm is None else f"{self.nm.n}:{self.nm.m}"} | (
-                    {DYNAMIC_COLUMN: 1} if self.dynamic else {})
+                    {DYNAMIC_COLUMN: 1} if self.dynamic else {}) | (
+                    {ACTIVATION_COLUMN: self.activation} if self.activation else {}) | (
+                    {GATE_COLUMN: self.gate} if self.gate else {})
 
 
 def _check_key(key: LayerKey) -> str | None:
@@ -190,6 +224,11 @@ def _check_key(key: LayerKey) -> str | None:
         return f"a_bits={key.a_bits} is not one of {list(A_BITS)}"
     if key.dynamic and (key.w_bits, key.a_bits) != (8, 32):
         return f"a dynamic row needs w_bits=8 and a_bits=32, got {key.w_bits} and {key.a_bits}"
+    if key.activation is not None and key.activation not in PRICED_ACTIVATIONS:
+        return (f"activation {key.activation!r} is not one of {list(PRICED_ACTIVATIONS)} (empty: none, or "
+                "one the layer's kernel runs: ReLU, ReLU6, a clamp)")
+    if key.gate is not None and key.gate not in GATES:
+        return f"gate {key.gate!r} is not one of {list(GATES)} (empty: none)"
     return None
 
 
@@ -306,6 +345,7 @@ class LatencyTable:
             raise EdgeoptError(f"The latency table {self.name} has no rows.")
         self._fits: dict[int, _Fitted] = {}
         self._precisions: frozenset | None = None
+        self._times_outputs: bool | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -330,6 +370,15 @@ class LatencyTable:
         if self._precisions is None:
             self._precisions = frozenset(key.precision for key in self.rows)
         return self._precisions
+
+    @property
+    def times_outputs(self) -> bool:
+        """Whether any row times an activation or gate after its layer. A table without (written
+        before they were keyed, or for a model with neither) timed every layer alone, and is read
+        so: `TableLatency` looks a key up without them."""
+        if self._times_outputs is None:
+            self._times_outputs = any(key.activation or key.gate for key in self.rows)
+        return self._times_outputs
 
     def lookup(self, key: LayerKey) -> float | None:
         return self.rows.get(key)
@@ -408,10 +457,11 @@ class LatencyTable:
             dynamic = get(DYNAMIC_COLUMN) if DYNAMIC_COLUMN in index else ""
             if dynamic not in ("", "0", "1"):
                 raise EdgeoptError(f"{where}: {DYNAMIC_COLUMN}={dynamic!r} must be 1, 0 or empty.")
+            activation, gate = ((get(col) if col in index else "") or None for col in (ACTIVATION_COLUMN, GATE_COLUMN))
             key = LayerKey(get("op_kind"), ints["in_channels"], ints["out_channels"],
                            (ints["kernel_h"], ints["kernel_w"]), (ints["stride_h"], ints["stride_w"]),
                            ints["groups"], (ints["input_h"], ints["input_w"]), ints["w_bits"],
-                           ints["a_bits"], nm, dynamic == "1")
+                           ints["a_bits"], nm, dynamic == "1", activation, gate)
             problem = _check_key(key)
             if problem:
                 raise EdgeoptError(f"{where}: {problem}.")
@@ -438,7 +488,10 @@ class LatencyTable:
         out = io.StringIO()
         for k, v in self.meta.items():
             out.write(f"# {k}: {v}\n")
-        extra = (["spread_ms"] if self.spread else []) + ([DYNAMIC_COLUMN] if any(k.dynamic for k in self.rows) else [])
+        extra = (["spread_ms"] if self.spread else []) + [
+            column for column, attr in ((DYNAMIC_COLUMN, "dynamic"), (ACTIVATION_COLUMN, "activation"),
+                                        (GATE_COLUMN, "gate"))
+            if any(getattr(k, attr) for k in self.rows)]
         writer = csv.DictWriter(out, fieldnames=list(REQUIRED_COLUMNS) + extra, lineterminator="\n")
         writer.writeheader()
         for key in sorted(self.rows, key=_sort_key):
@@ -461,8 +514,8 @@ class LatencyTable:
 
 
 def _sort_key(key: LayerKey) -> tuple:
-    return (key.kind, key.w_bits, key.a_bits, str(key.nm), key.dynamic, key.kernel, key.stride, key.input_hw,
-            key.groups, key.in_channels, key.out_channels)
+    return (key.kind, key.w_bits, key.a_bits, str(key.nm), key.dynamic, key.activation or "", key.gate or "",
+            key.kernel, key.stride, key.input_hw, key.groups, key.in_channels, key.out_channels)
 
 
 def _nnls(rows: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:

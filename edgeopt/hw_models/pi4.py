@@ -10,6 +10,9 @@ tree; the source of every figure is in that file):
                      + short-dot-product cost per output
                      + weight bytes / weight bandwidth + activation bytes / activation bandwidth
                      (+ a requantization cost per int8 output element)
+                     (+ its activation, if not ReLU-class: output elements x work per
+                        element / activation throughput, and where ncnn runs it as a layer of
+                        its own, overhead + output bytes read and written / act. bandwidth)
     other op ms    = overhead + bytes read and written / activation bandwidth
                      (+ window taps / pooling throughput for a pool)
 
@@ -21,14 +24,26 @@ no more than `CACHE_BYTES` stream from the L2 cache at `cache_gbps`, larger ones
 concatenations, channel shuffles) and which layers never run (their result only multiplied by
 zero) come from `edgeopt.hw_models.graph.trace_graph`.
 
+An activation a layer absorbs (`LayerKey.activation`, past its BatchNorm) is free when it is
+ReLU-class, as ncnn fuses ReLU and its clamps into the convolution. Any other costs its work
+per output element, in sigmoid-equivalents (`ACTIVATION_WORK`, from the NEON instructions each
+takes) over one fitted throughput; ncnn's converter fuses a sigmoid, a mish and a leaky ReLU
+into the convolution too (pnnx's fuse_convolution_activation), while the rest (SiLU as Swish,
+Hardswish, GELU, ...) run as a layer of their own: a pass over the output, in fp32 as every op
+but convolutions and inner products. A squeeze-excite gate (`LayerKey.gate`) is priced as the
+ops it runs, which the traced graph holds: the global pool, the two small convolutions (layers
+with their own activations, the gate's sigmoid among them) and the product; the layer's own
+price leaves it out, so it is not counted twice.
+
 Each constant has a prior from the hardware (4x Cortex-A72 at 1.5 GHz: 8 fp32 MACs per cycle
 per core at peak, LPDDR4 at a few GB/s, a 1 MB L2; no SDOT, so int8 gains 1.5-2x, not 4x; a
 few microseconds to dispatch a layer to 4 threads) and the fit moves it only as far as the
 published figures demand (a ridge penalty in log space). Some constants the 17 figures hardly
 move (the overheads, the L2 bandwidth, the pooling throughput, the pointwise short-dot-product
-cost): those stay near their priors, and BENCHMARKS.md ("pi4 ranks NAS-Bench-201") says how
-the priors were chosen. The fitted model then writes `data/pi4.csv`, one row per distinct layer
-shape of common torchvision models at common input sizes and keep ratios, fp32 and int8, with
+cost, the activation throughput): those stay near their priors, and BENCHMARKS.md ("pi4 ranks
+NAS-Bench-201", "Latency sees activations and gates") says how the priors were chosen. The
+fitted model then writes `data/pi4.csv`, one row per distinct layer shape of common torchvision
+models at common input sizes and keep ratios, fp32 and int8, with
 its constants in the header; `Pi4Latency` reads the table, prices shapes outside it and the
 other ops with those constants.
 
@@ -106,7 +121,20 @@ PRIORS: dict[str, tuple[float, float]] = {
     "short_pointwise": (16.0, 1.0),
     # What is not a conv/linear layer: dispatch, L2 bandwidth, pooling (taps per second).
     "op_us": (2.0, 1.0), "cache_gbps": (40.0, 1.0), "gtaps_pool": (4.0, 1.0),
+    # Activations other than ReLU: G sigmoid-equivalents per second on 4 threads (a NEON sigmoid
+    # is about 30 instructions per 4 floats: ~0.4 G/s a core at 1.5 GHz).
+    "gelems_act": (1.5, 1.0),
 }
+
+# Work per element of each activation, in sigmoids: an exp polynomial and a reciprocal (sigmoid,
+# SiLU, tanh, the ELUs, GELU's erf or tanh), two or three transcendentals (softplus; mish), a
+# clamp and a multiply or two (the hard ones), a compare and a multiply (leaky ReLU, PReLU).
+ACTIVATION_WORK: dict[str, float] = {
+    "silu": 1.0, "sigmoid": 1.0, "tanh": 1.0, "elu": 1.0, "selu": 1.0, "celu": 1.0, "gelu": 1.0,
+    "gelu_tanh": 1.0, "softplus": 2.0, "mish": 3.0, "hardswish": 0.2, "hardsigmoid": 0.2,
+    "leaky_relu": 0.1, "prelu": 0.1,
+}
+NCNN_FUSED = ("sigmoid", "mish", "leaky_relu")  # run inside the convolution: no pass of their own
 
 
 @dataclass(frozen=True)
@@ -148,7 +176,16 @@ class Pi4Model:
         ms = p["layer_us"] / 1e3 + compute + memory
         if integer:
             ms += out_elems / (p["requant_gelems"] * 1e6)
+        if key.activation is not None:
+            ms += self.activation_ms(key.activation, out_elems)
         return ms
+
+    def activation_ms(self, kind: str, elements: int) -> float:
+        """A non-ReLU activation over a layer's output: its work, and unless ncnn fuses it, a pass
+        of its own reading and writing the output in fp32."""
+        p = self.params
+        ms = elements * ACTIVATION_WORK[kind] / (p["gelems_act"] * 1e6)
+        return ms if kind in NCNN_FUSED else ms + p["op_us"] / 1e3 + self.act_ms(elements * 8)
 
     def op_ms(self, op: OpKey) -> float:
         """A pool, elementwise op or copy between layers: always fp32 (see module docstring)."""
@@ -196,6 +233,7 @@ class Pi4Latency(TableLatency):
         return super().describe() + ("; ops between layers from its constants" if self.model() else "")
 
     def layer_ms(self, keys: list[LayerKey], target: HardwareTarget) -> LayerTimes:
+        keys = [key.with_output(key.activation, None) for key in keys]  # gates: priced as their ops
         times = super().layer_ms(keys, target)
         model = self.model()
         if model is None or self.table.calibration is not None:
@@ -319,7 +357,7 @@ def build_table(model: Pi4Model, *, models: Sequence[str] = REFERENCE_MODELS,
             except EdgeoptError:
                 continue  # too small an input for this architecture
             for key in model_keys(layers, keep_ratios=keep_ratios, precisions=PRECISIONS):
-                keys[key] = None
+                keys[key.with_output(key.activation, None)] = None
     rows = {key: model.layer_ms(key) for key in keys}
     return LatencyTable(rows=rows, meta=dict(meta or {}), name="pi4")
 

@@ -3,18 +3,21 @@
 Each layer shape becomes a one-layer ONNX graph written the way `export_onnx` writes that layer
 (float weights; int8 or int4 weights behind DequantizeLinear; 8-bit activations as
 QuantizeLinear/DequantizeLinear, with an int32 bias and a requantized output for an integer
-layer, which onnxruntime fuses into QLinearConv; 16 bits as Casts), so the table times the kernels
-the whole model will run. Graphs are built directly with `onnx.helper`: no PyTorch export per
-shape, and nothing from `edgeopt.spaces`.
+layer, which onnxruntime fuses into QLinearConv; 16 bits as Casts), followed by the activation
+and squeeze-excite gate the layer's key names (SiLU as Sigmoid and Mul, in float on the
+dequantized output of an integer layer), so the table times the kernels the whole model will run
+and the float islands an int8 model runs between them. Graphs are built directly with
+`onnx.helper`: no PyTorch export per shape, and nothing from `edgeopt.spaces`.
 
 Timing: a fixed thread count, warm-up, the median of repeats with interference dropped
-(`edgeopt.evaluators.latency`), and every shape measured in `passes` interleaved passes so that a
-burst of load from another process cannot bias one shape; the lowest pass median is kept. The
+(`edgeopt.evaluators.latency`), and every shape measured in `passes` interleaved passes so that
+a burst of load from another process cannot bias one shape; the lowest pass median is kept. The
 cost of an empty inference is measured too and subtracted from each layer; it is stored once as
-the table's `overhead_ms`. A small layer is timed as up to 8 copies with their own weights (2 MB
-in all), run in turn, so that its weights do not sit in the core's cache from the previous run
-as they would not inside a model. What a layer alone still misses (weights further away, glue
-between float and int8 layers) is fitted from whole-model runs by `calibrate_table`.
+the table's `overhead_ms`. A small layer is timed as up to 32 copies with their own weights
+(four times the core's L2 in all, `lut.footprint_mb`), run in turn, so that its weights do not
+sit in the core's cache from the previous run as they would not inside a model. What a layer
+alone still misses (weights further away, glue between float and int8 layers) is fitted from
+whole-model runs by `calibrate_table`.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _input_shape(key: LayerKey) -> list[int]:
 
 
 def layer_model(key: LayerKey, *, copies: int = 1, seed: int = 0) -> bytes:
-    """A serialized ONNX model running one layer as `export_onnx` writes it at key's precision.
+    """A serialized ONNX model running one layer as `export_onnx` writes it at key's precision,
+    with the activation and gate that follow it (`_after_layer`).
 
     With `copies` > 1 the graph holds that many copies of the layer, each with its own weights,
     all reading the one input: running them in turn pushes each copy's weights out of the
@@ -142,6 +146,7 @@ def layer_model(key: LayerKey, *, copies: int = 1, seed: int = 0) -> bytes:
             scale = node("Mul", [p + "xs", const(p + "ws", np.full(channel_shape, 0.01, np.float32))], p + "s")
             scaled = node("Mul", [node("Cast", [acc], p + "accf", to=TensorProto.FLOAT), scale], p + "scaled")
             y = node("Add", [scaled, const(p + "b", np.zeros(channel_shape, np.float32))], p + "y")
+            y = _after_layer(key, y, node, const, p, integer=False)
             outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
             continue
         # Weights.
@@ -191,6 +196,7 @@ def layer_model(key: LayerKey, *, copies: int = 1, seed: int = 0) -> bytes:
         if integer:
             s, z = const(p + "ys", np.array(0.05, np.float32)), const(p + "yz", np.array(128, np.uint8))
             y = node("DequantizeLinear", [node("QuantizeLinear", [y, s, z], p + "yq"), s, z], p + "ydq")
+        y = _after_layer(key, y, node, const, p, integer=integer)
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
 
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, _input_shape(key))],
@@ -198,6 +204,61 @@ def layer_model(key: LayerKey, *, copies: int = 1, seed: int = 0) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
     model.ir_version = 10
     return model.SerializeToString()
+
+
+def _activation(kind: str, x: str, node: Callable, const: Callable, p: str, channels: tuple[int, ...]) -> str:
+    """The nodes torch.onnx writes for activation `kind` on tensor x (opset 17, as `export_onnx`
+    exports before converting to 21); returns the output's name. `channels`: the shape of a
+    per-channel parameter (PReLU's slopes) against x."""
+    n = iter(range(100))
+
+    def c(value: float) -> str:
+        return const(f"{p}act_c{next(n)}", np.array(value, np.float32))
+
+    def op(name: str, inputs: list[str], **attrs) -> str:
+        return node(name, inputs, f"{p}act_{next(n)}", **attrs)
+
+    single = {"hardswish": "HardSwish", "sigmoid": "Sigmoid", "tanh": "Tanh", "selu": "Selu", "softplus": "Softplus"}
+    if kind in single:
+        return op(single[kind], [x])
+    if kind == "silu":
+        return op("Mul", [x, op("Sigmoid", [x])])
+    if kind == "hardsigmoid":
+        return op("HardSigmoid", [x], alpha=1 / 6)
+    if kind == "mish":
+        return op("Mul", [x, op("Tanh", [op("Softplus", [x])])])
+    if kind == "gelu":
+        return op("Mul", [op("Mul", [x, op("Add", [op("Erf", [op("Div", [x, c(2 ** 0.5)])]), c(1.0)])]), c(0.5)])
+    if kind == "gelu_tanh":
+        cube = op("Mul", [op("Mul", [x, x]), x])
+        inner = op("Mul", [op("Add", [x, op("Mul", [cube, c(0.044715)])]), c((2 / np.pi) ** 0.5)])
+        return op("Mul", [op("Mul", [x, op("Add", [op("Tanh", [inner]), c(1.0)])]), c(0.5)])
+    if kind in ("elu", "celu"):
+        return op(kind.capitalize(), [x], alpha=1.0)
+    if kind == "leaky_relu":
+        return op("LeakyRelu", [x], alpha=0.01)
+    if kind == "prelu":
+        return op("PRelu", [x, const(f"{p}act_slope", np.full(channels, 0.25, np.float32))])
+    raise EdgeoptError(f"No ONNX form for activation {kind!r}.")
+
+
+def _after_layer(key: LayerKey, y: str, node: Callable, const: Callable, p: str, *, integer: bool) -> str:
+    """The activation and squeeze-excite gate after a layer, as `export_onnx` writes them: in
+    float (after an integer layer, on its dequantized output; the next layer's input quantizer,
+    timed with that layer, quantizes the result again). A gate is the global pool of that
+    output and the product with it; its two small convolutions and their activations are layers
+    of their own (the squeeze conv reads the pool quantized in an int8 model, which lets
+    onnxruntime pool in uint8 where no float activation comes between)."""
+    if key.activation is not None:
+        channels = (key.out_channels,) if key.kind == "linear" else (key.out_channels, 1, 1)
+        y = _activation(key.activation, y, node, const, p, channels)
+    if key.gate is not None:
+        pooled = node("GlobalAveragePool", [y], p + "pool")
+        if integer:
+            s, z = const(p + "ps", np.array(0.05, np.float32)), const(p + "pz", np.array(128, np.uint8))
+            pooled = node("DequantizeLinear", [node("QuantizeLinear", [pooled, s, z], p + "pq"), s, z], p + "pdq")
+        y = node("Mul", [y, pooled], p + "gated")
+    return y
 
 
 def empty_model() -> bytes:

@@ -28,22 +28,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from edgeopt.layers import LayerSpec
+from edgeopt.layers import LayerSpec, probed_activation
 from edgeopt.plan import SMALL_KERNEL, SURGERY_KINDS, ModelPlan, Surgery
 from edgeopt.spaces.watch import shape_preserving_windows
 
 __all__ = ["SURGERY_KINDS", "SurgeryBlock", "activation_kind", "apply_surgery", "removed_gates", "shrink_kernel",
            "surgery_blocks"]
 
-# What each replaceable activation computes, to recognize the module by its output.
-_REPLACEABLE = {
-    "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "mish": F.mish,
-}
-_PROBE = torch.linspace(-6.0, 6.0, 97)
+# The activations a block's surgery replaces, as `probed_activation` names them -> as reported.
+_REPLACEABLE = {"silu": "silu", "hardswish": "hardswish", "gelu": "gelu", "gelu_tanh": "gelu", "mish": "mish"}
 _POOLS = {"adaptive_avg_pool2d", "mean", "avg_pool2d", "adaptive_max_pool2d", "amax"}
 _MULS = {"mul", "__mul__", "__rmul__", "mul_", "__imul__", "multiply"}
 _CHEAP = {"relu": nn.ReLU, "relu6": nn.ReLU6}
@@ -65,17 +60,9 @@ class SurgeryBlock:
 
 def activation_kind(module: nn.Module) -> str | None:
     """Which replaceable activation a parameter-free leaf module computes, or None."""
-    if list(module.children()) or any(True for _ in module.parameters()) or isinstance(module, (nn.ReLU, nn.ReLU6)):
+    if list(module.children()) or any(True for _ in module.parameters()):
         return None
-    try:
-        with torch.no_grad():
-            out = module(_PROBE.clone())
-    except Exception:  # noqa: BLE001 -- not an elementwise module of one tensor
-        return None
-    if not isinstance(out, torch.Tensor) or out.shape != _PROBE.shape:
-        return None
-    return next((name.split("_")[0] for name, fn in _REPLACEABLE.items()
-                 if torch.allclose(out, fn(_PROBE), atol=1e-4)), None)
+    return _REPLACEABLE.get(probed_activation(module))
 
 
 def _gate_names(model: nn.Module, example_input: torch.Tensor) -> set[str]:

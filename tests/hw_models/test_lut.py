@@ -93,7 +93,7 @@ def test_bad_calibration_metadata_is_reported():
 
 
 def _roofline(key: LayerKey) -> float:
-    _, per_mac, per_wbyte, per_abyte, _ = key.features(1)
+    _, per_mac, per_wbyte, per_abyte, *_ = key.features(1)
     return 0.01 + 2e-7 * per_mac + 1e-6 * per_wbyte + 3e-7 * per_abyte
 
 

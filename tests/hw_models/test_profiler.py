@@ -83,11 +83,18 @@ def test_integer_layers_run_as_int8_kernels(tmp_path):
     assert ops["QLinearConv"] == 0
 
 
-def test_copies_push_small_layers_past_the_core_cache():
-    small = LayerKey("conv", 16, 16, (3, 3), (1, 1), 1, (8, 8))
-    huge = LayerKey("conv", 512, 512, (3, 3), (1, 1), 1, (8, 8))
-    assert micro_copies(small) == 8
-    assert micro_copies(huge) == 1
+def test_copies_push_small_layers_past_the_core_cache(monkeypatch):
+    import edgeopt.evaluators.cpu as cpu
+
+    small = LayerKey("conv", 16, 16, (3, 3), (1, 1), 1, (8, 8))  # 9 KB of weights
+    mid = LayerKey("conv", 256, 256, (3, 3), (1, 1), 1, (8, 8))  # 2.36 MB
+    huge = LayerKey("conv", 1024, 1024, (3, 3), (1, 1), 1, (8, 8))  # 37.7 MB
+    monkeypatch.setattr(cpu, "l2_cache_bytes", lambda: 2 * 1024 * 1024)  # 8.4 MB cycled
+    assert [micro_copies(k) for k in (small, mid, huge)] == [32, 4, 1]
+    monkeypatch.setattr(cpu, "l2_cache_bytes", lambda: 256 * 1024)  # small L2: at least 2 MB
+    assert [micro_copies(k) for k in (small, mid, huge)] == [32, 1, 1]
+    monkeypatch.setattr(cpu, "l2_cache_bytes", lambda: None)
+    assert micro_copies(mid) == 1
 
 
 def test_empty_model_runs():
