@@ -154,16 +154,25 @@ def apply_surgery(model: nn.Module, plan: ModelPlan, blocks: Iterable[SurgeryBlo
     pruning: `removed_gates`)."""
     from edgeopt.spaces.fold import set_submodule
 
+    replaced = False
     for block in blocks:
         surgery = plan.surgery.get(block.name)
         if surgery is None:
             continue
         if surgery.activation is not None:
+            replaced = True
             for name in block.activations:
                 set_submodule(model, name, _CHEAP[surgery.activation]())
         if surgery.kernel is not None:
             for name in block.kernels:
                 shrink_kernel(model.get_submodule(name), surgery.kernel)
+    if replaced:
+        # ReLU's gradient is taken from its output, where Hardswish's and SiLU's are taken from
+        # their input: a module after it that writes in place (mobilenet_v3's Dropout(inplace=True)
+        # after its classifier's Hardswish) would break fine-tuning. In place only saves memory.
+        for module in model.modules():
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
 
 
 def removed_gates(plan: ModelPlan, blocks: Iterable[SurgeryBlock]) -> frozenset[str]:

@@ -202,3 +202,17 @@ def test_the_search_suggests_surgery_per_block_and_validates_it():
     # A gate removed takes its layers out of the plan's concern: plans differing only there are one.
     gate_layers = [f for f in plan.layers if f.startswith(block.gates[0] + ".")]
     assert gate_layers and all(plan.layers[f] == host.uniform().layers[f] for f in gate_layers)
+
+
+def test_a_replaced_activation_trains_where_a_module_after_it_writes_in_place():
+    # mobilenet_v3's classifier: Linear, Hardswish, Dropout(inplace=True), Linear. ReLU's gradient
+    # reads its output, which the in-place dropout would have overwritten.
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    space = SearchSpace.from_model(model.eval(), x[:1])
+    assert any(b.name == "classifier" for b in space.surgery_blocks)
+    small = apply_plan(model, space.uniform(surgery=Surgery(activation="relu")), x[:1], space=space).train()
+    assert isinstance(small.classifier[1], nn.ReLU)
+    small(x).sum().backward()
+    assert small.classifier[0].weight.grad is not None
