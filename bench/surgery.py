@@ -100,6 +100,7 @@ def search(model, data, *, out: Path, budget_ms: float, reference_ms: float, sur
         return {"met_budget": False, "budget_ms": budget_ms}
     predicted, labels = predict(result.model, data.val)
     return {"met_budget": True, "budget_ms": round(budget_ms, 4), "trial": result.selected.trial,
+            "commit": machine()["commit"], "command": " ".join(["python bench/surgery.py", *sys.argv[1:]]),
             "accuracy": round(100 * float((predicted == labels).double().mean()), 2),
             "latency_ms": round(result.summary["selected"]["latency_ms"], 4),
             "macs": result.selected.macs, "plan_surgery": {b: s.describe() for b, s in result.plan.surgery.items()},
@@ -123,6 +124,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=2000, help="alternating runs of the final paired timing")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgeopt-bench" / "surgery")
     parser.add_argument("--train-only", action="store_true", help="train (or load) the base models and stop")
+    parser.add_argument("--tag", default="", help="appended to each model's key in the results and its search folders, "
+                                                   "for a run with other settings")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} is missing; this benchmark needs the shared CIFAR-10 subset.")
@@ -134,15 +137,17 @@ def main() -> int:
     results["command"] = " ".join(["python bench/surgery.py", *sys.argv[1:]])
     for name in args.models.split(","):
         model, info = base_model(name, data, args.cache, args.epochs)
-        entry = results.setdefault(name, {})
+        entry = results.setdefault(name + args.tag, {})
         entry["base"] = info
+        entry["settings"] = {"budget": args.budget, "trials": args.trials, "start": args.start,
+                             "finetune_epochs": args.finetune_epochs}
         if args.train_only:
             continue
         base_onnx = export_onnx(model, data.example_input(), args.cache / f"{name}-fp32.onnx")
         reference_ms = entry.get("reference_ms") or ReferenceClock(base_onnx).reference_ms
         entry["reference_ms"] = round(reference_ms, 4)
         if "without_surgery" not in entry:
-            entry["without_surgery"] = search(model, data, out=args.cache / f"{name}-without", budget_ms=args.budget * reference_ms,
+            entry["without_surgery"] = search(model, data, out=args.cache / f"{name}{args.tag}-without", budget_ms=args.budget * reference_ms,
                                               reference_ms=reference_ms, surgery=False, args=args)
             OUT.write_text(json.dumps(results, indent=1) + "\n")
         s0 = entry["without_surgery"]
@@ -150,7 +155,7 @@ def main() -> int:
             print(f"{name}: the search without surgery met no model under the budget", file=sys.stderr)
             continue
         if "with_surgery" not in entry:
-            entry["with_surgery"] = search(model, data, out=args.cache / f"{name}-with", budget_ms=s0["latency_ms"] / SPEEDUP,
+            entry["with_surgery"] = search(model, data, out=args.cache / f"{name}{args.tag}-with", budget_ms=s0["latency_ms"] / SPEEDUP,
                                            reference_ms=reference_ms, surgery=True, args=args)
             OUT.write_text(json.dumps(results, indent=1) + "\n")
         s1 = entry["with_surgery"]

@@ -81,10 +81,10 @@ class Knobs:
         if any(k not in LAYER_KINDS for k in kinds):
             raise EdgeoptError(f"dynamic_kinds {list(kinds)} must name layer kinds of {list(LAYER_KINDS)}.")
         object.__setattr__(self, "dynamic_kinds", tuple(k for k in LAYER_KINDS if k in kinds))
-        for name, chosen, allowed in (("surgery", self.surgery, SURGERY_KINDS),
-                                      ("activations", self.activations, CHEAP_ACTIVATIONS)):
-            chosen = tuple(chosen)
-            if isinstance(self.surgery, str) or any(c not in allowed for c in chosen):
+        for name, given, allowed in (("surgery", self.surgery, SURGERY_KINDS),
+                                     ("activations", self.activations, CHEAP_ACTIVATIONS)):
+            chosen = (given,) if isinstance(given, str) else tuple(given)  # "gate" is one kind, not four letters
+            if any(c not in allowed for c in chosen):
                 raise EdgeoptError(f"{name} {list(chosen)} must name some of {list(allowed)}.")
             object.__setattr__(self, name, tuple(c for c in allowed if c in chosen))
         if self.precisions is not None:

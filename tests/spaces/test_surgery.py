@@ -187,6 +187,10 @@ def test_the_search_suggests_surgery_per_block_and_validates_it():
     assert host.surgery_choices(block) == {"activation": (None, "relu"), "gate": (True, False)}
     assert "activation" not in jetson.surgery_choices(block)  # TensorRT fuses any activation
     assert not space.restrict(Knobs(surgery=())).surgery_blocks
+    assert all(set(space.restrict(Knobs(surgery="gate")).surgery_choices(b)) == {"gate"}
+               for b in space.restrict(Knobs(surgery="gate")).surgery_blocks)
+    with pytest.raises(EdgeoptError, match="must name some of"):
+        Knobs(surgery=("activations",))
     plan = host.uniform(w_bits=8, a_bits=8, surgery=LITE)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     study.enqueue_trial(plan_params(plan, host))
