@@ -93,7 +93,7 @@ def base_model(name: str, data, cache: Path, epochs: float) -> tuple[torch.nn.Mo
 def search(model, data, *, out: Path, budget_ms: float, reference_ms: float, surgery: bool, args) -> dict:
     """One `optimize` run on host; its selected model's figures."""
     result = optimize(model, data, target="host", budget=f"{budget_ms:.4f}ms", out=out, progress=True,
-                      search=SearchConfig(trials=args.trials, seed=0, surgery=surgery, reference_ms=reference_ms,
+                      search=SearchConfig(trials=args.trials, seed=args.seed, surgery=surgery, reference_ms=reference_ms,
                                           start=args.start),
                       finetune_config=FinetuneConfig(epochs=args.finetune_epochs))
     if result.selected is None:
@@ -117,6 +117,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0.6, help="S0's latency budget, a share of the fp32 base's")
     parser.add_argument("--epochs", type=float, default=15, help="base training epochs")
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0, help="the searches' and fine-tunes' seed (the data split stays)")
     parser.add_argument("--start", default="hand", choices=("allocated", "hand", "none"),
                         help="as optimize --start; hand (default) skips the allocation's sensitivity table, "
                              "an hour per search on efficientnet_b0 here")
@@ -140,7 +141,7 @@ def main() -> int:
         entry = results.setdefault(name + args.tag, {})
         entry["base"] = info
         entry["settings"] = {"budget": args.budget, "trials": args.trials, "start": args.start,
-                             "finetune_epochs": args.finetune_epochs}
+                             "finetune_epochs": args.finetune_epochs, "seed": args.seed}
         if args.train_only:
             continue
         base_onnx = export_onnx(model, data.example_input(), args.cache / f"{name}-fp32.onnx")

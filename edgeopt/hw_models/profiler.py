@@ -397,6 +397,15 @@ class OnDemandProfile:
         self._table: LatencyTable | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # A lock belongs to one process: local workers get the target pickled (`--workers N
+        # --target host` failed with "cannot pickle '_thread.lock'") and make their own.
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def describe(self) -> str:
         return (f"measured here with onnxruntime, {self.threads} thread(s): each new layer shape is "
                 "micro-benchmarked on first use (or pass --lut with a table from `optimize profile`)")

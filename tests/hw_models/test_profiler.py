@@ -148,3 +148,18 @@ def test_host_without_a_table_profiles_on_first_use(tiny, example):
     assert estimate_latency(tiny, example, target="host").total_ms == estimate.total_ms
     bigger = estimate_latency(tiny, torch.randn(1, 3, 32, 32), target="host")
     assert bigger.source == "lut"
+
+
+def test_the_host_target_travels_to_a_worker_process(tmp_path):
+    # Local workers get the search's spec through torch.save; the on-demand profile held a lock.
+    import torch
+
+    from edgeopt.hw_models.lut import LayerKey
+    from edgeopt.hw_models.targets import get_target
+
+    host = get_target("host")
+    key = LayerKey("conv", 8, 8, (3, 3), (1, 1), 1, (8, 8))
+    host.latency.layer_ms([key], host)  # something profiled already travels with it
+    torch.save({"target": host}, tmp_path / "spec.pt")
+    copy = torch.load(tmp_path / "spec.pt", weights_only=False)["target"]
+    assert copy.latency.layer_ms([key], copy).ms == host.latency.layer_ms([key], host).ms
