@@ -97,14 +97,27 @@ def _tasks_of(out: Path):
     return FinetuneTasks(optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal"))), "edgeopt")
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo: edgeopt's built-in model on its built-in MNIST subset (trained for half an epoch
+    here, not the demo's full recipe, to keep the suite's time)."""
+    from edgeopt.search.data import load_data
+    from edgeopt.search.models import default_model
+
+    data = load_data("mnist", progress=False)
+    model, _ = default_model(data, cache_dir=tmp_path_factory.mktemp("demo"), epochs=0.5, progress=False)
+    return model, data
+
+
 @pytest.mark.slow
-def test_two_local_workers_share_the_fine_tunes_and_select_what_one_process_selects(bundle, trained, tmp_path):
+def test_two_local_workers_share_the_fine_tunes_and_select_what_one_process_selects(demo, tmp_path):
     from edgeopt.search.tasks import TASK
 
+    model, data = demo
     search = SearchConfig(trials=8, seed=0, calib_batches=2)
-    alone = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "alone", progress=False,
+    alone = optimize(model, data, target="pi4", budget="60%", out=tmp_path / "alone", progress=False,
                      search=search, finetune_config=SCREENED)
-    shared = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "shared", workers=2,
+    shared = optimize(model, data, target="pi4", budget="60%", out=tmp_path / "shared", workers=2,
                       progress=False, search=search, finetune_config=SCREENED)
     tasks = _tasks_of(tmp_path / "shared")
     done = tasks.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -122,7 +135,7 @@ def test_two_local_workers_share_the_fine_tunes_and_select_what_one_process_sele
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_fine_tune_loses_only_that_fine_tune(bundle, trained, tmp_path):
+def test_a_worker_killed_mid_fine_tune_loses_only_that_fine_tune(demo, tmp_path):
     import signal
     import time
 
@@ -133,13 +146,14 @@ def test_a_worker_killed_mid_fine_tune_loses_only_that_fine_tune(bundle, trained
     from edgeopt.search.study import worker_id
     from edgeopt.search.tasks import TASK
 
+    trained, bundle = demo
     search = SearchConfig(trials=6, seed=0, calib_batches=2)
     budgets = (__import__("edgeopt.budget", fromlist=["parse_budget"]).parse_budget("60%"),)
     out = tmp_path / "run"
     optimize(trained, bundle, target="pi4", budget="60%", out=out, search_only=True, progress=False, search=search)
     context, study = prepare(trained, bundle, target=__import__("edgeopt").get_target("pi4"), budgets=budgets,
                              search=search, out_dir=out, seed=0)
-    long = FinetuneConfig(top=1, epochs=20, batch_size=32)  # long enough to be killed in the middle
+    long = FinetuneConfig(top=1, epochs=2, batch_size=32)  # 250 steps: long enough to be killed in the middle
     candidate = _candidates(study)[1]
     store = FinetuneStore(tmp_path / "store")
     tasks = _tasks_of(out)
