@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING
 from edgeopt.errors import EdgeoptError
 from edgeopt.hw_models.estimate import TableLatency
 from edgeopt.hw_models.graph import OpKey, TracedGraph
-from edgeopt.hw_models.lut import LatencyTable, LayerKey, round_up, storage_bits
+from edgeopt.hw_models.lut import LatencyTable, LayerKey, round_up
 
 if TYPE_CHECKING:
     from edgeopt.hw_models.targets import HardwareTarget, LayerTimes
