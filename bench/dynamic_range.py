@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +34,11 @@ sys.path.insert(0, str(ROOT.parent))
 
 from paired_latency import paired_ratio  # noqa: E402
 
+from bench.compare import _cpu_name  # noqa: E402
+from bench.prove_base import commit, machine  # noqa: E402
+
 from edgeopt import LayerPlan, ModelPlan, SearchSpace, apply_plan  # noqa: E402
-from edgeopt.evaluators.cpu import cpu_flags, int8_needs_reduce_range  # noqa: E402
+from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
 from edgeopt.hw_models.lut import LayerKey  # noqa: E402
 from edgeopt.hw_models.profiler import profile_keys  # noqa: E402
@@ -60,13 +61,9 @@ SHAPES = [
 PRECISIONS = {"fp32": (32, 32, False), "static int8": (8, 8, False), "dynamic int8": (8, 32, True)}
 
 
-def machine() -> dict:
-    flags = cpu_flags()
-    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"cpu": name, "vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "avx512": "avx512f" in flags,
-            "reduce_range": int8_needs_reduce_range(), "commit": commit}
+def machine_record() -> dict:
+    """The CPU (flags: VNNI or not), whether int8 needs reduce_range here, and the commit."""
+    return machine() | {"cpu": _cpu_name(), "reduce_range": int8_needs_reduce_range(), "commit": commit()}
 
 
 def per_kind() -> list[dict]:
@@ -144,7 +141,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "dynamic_range.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = {"machine": machine(), "command": " ".join(["python bench/dynamic_range.py", *sys.argv[1:]])}
+    result = {"machine": machine_record(), "command": " ".join(["python bench/dynamic_range.py", *sys.argv[1:]])}
     print(json.dumps(result), flush=True)
     result["per_kind"] = per_kind()
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,10 @@ sys.path.insert(0, str(ROOT.parent))
 
 from paired_latency import paired_ratio  # noqa: E402
 
-from edgeopt.evaluators.cpu import cpu_flags, int8_needs_reduce_range  # noqa: E402
+from bench.compare import _cpu_name  # noqa: E402
+from bench.prove_base import commit, machine  # noqa: E402
+
+from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.latency import ReferenceClock  # noqa: E402
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
 from edgeopt.search.data import load_data  # noqa: E402
@@ -52,13 +53,9 @@ SPEEDUP = 1.3  # the issue's target: this much faster ...
 MAX_LOSS = 1.0  # ... at most this many points less accurate
 
 
-def machine() -> dict:
-    flags = cpu_flags()
-    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"cpu": name, "cores": torch.get_num_threads(), "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
-            "avx512": "avx512f" in flags, "reduce_range": int8_needs_reduce_range(), "commit": commit}
+def machine_record() -> dict:
+    """The CPU (flags: VNNI or not), whether int8 needs reduce_range here, and the commit."""
+    return machine() | {"cpu": _cpu_name(), "reduce_range": int8_needs_reduce_range(), "commit": commit()}
 
 
 def mcnemar(first: torch.Tensor, second: torch.Tensor) -> dict:
@@ -100,7 +97,7 @@ def search(model, data, *, out: Path, budget_ms: float, reference_ms: float, sur
         return {"met_budget": False, "budget_ms": budget_ms}
     predicted, labels = predict(result.model, data.val)
     return {"met_budget": True, "budget_ms": round(budget_ms, 4), "trial": result.selected.trial,
-            "commit": machine()["commit"], "command": " ".join(["python bench/surgery.py", *sys.argv[1:]]),
+            "commit": commit(), "command": " ".join(["python bench/surgery.py", *sys.argv[1:]]),
             "accuracy": round(100 * float((predicted == labels).double().mean()), 2),
             "latency_ms": round(result.summary["selected"]["latency_ms"], 4),
             "macs": result.selected.macs, "plan_surgery": {b: s.describe() for b, s in result.plan.surgery.items()},
@@ -134,7 +131,7 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     data = load_data(str(DATA), input_size=args.size, seed=0)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    results["machine"] = machine()
+    results["machine"] = machine_record()
     results["command"] = " ".join(["python bench/surgery.py", *sys.argv[1:]])
     for name in args.models.split(","):
         model, info = base_model(name, data, args.cache, args.epochs)
