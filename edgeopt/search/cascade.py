@@ -4,11 +4,16 @@ A cascade (small, large, threshold) runs the small model on every input and the 
 those where the small one's highest softmax probability is below the threshold. Its expected
 latency on the target is t_small + share sent on x t_large, both on the target's clock (host:
 measured whole, as the fine-tuned candidates are). The pair and threshold are chosen on the proxy
-split, as the selection is; validation only reports the choice. A cascade is kept only where it
-beats every single fine-tuned model that meets the budget: none of them is at least as accurate
-at no more latency, and it is more accurate than the selected model within the latency budget
-(without one: at no more latency than the selected model), or as accurate and faster. The device
-side is `edgeopt.deploy.cascade.Cascade`.
+split, as the selection is; validation only reports the choice. A cascade is kept only where the
+selection rule itself (`edgeopt.search.select.select`: the most accurate, or one within
+`max_drop` points of it and `min_speedup` times faster), run over every single fine-tuned model
+that meets the budgets and every cascade point whose expected latency meets a latency budget,
+picks a cascade: then no single model is as accurate at no more latency.
+
+A cascade pays only with a small member much faster than the large one (at 0.4x of it, 30% of
+the inputs may go on for 0.7x of the large one's time), and the finalists all sit near the
+budget; so one more candidate is fine-tuned for the role (`small_member`). The device side is
+`edgeopt.deploy.cascade.Cascade`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from edgeopt.search.select import Candidate
 from edgeopt.search.training import confidences
 
 THRESHOLDS = tuple(round(t, 3) for t in np.linspace(0.1, 0.99, 90))  # the grid the threshold is chosen from
+SMALL_MEMBER_SHARE = 0.4  # the small member's latency at most this share of the most accurate finalist's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,22 +61,38 @@ def points(confidence: np.ndarray, small_right: np.ndarray, large_right: np.ndar
     return out
 
 
-def choose_cascade(tuned: list[Finetuned], dataset, *, budget_ms: float | None, member_ok,
-                   selected: Candidate | None) -> CascadeChoice | None:
-    """The best cascade of two of `tuned` that beats every single one meeting the budgets (the
-    module docstring says how), or None. A latency budget (`budget_ms`) is read on the expected
-    latency, so the large member may exceed it alone; every other budget (MACs, size) each member
-    must meet itself (`member_ok`)."""
+def small_member(candidates: list[Candidate], tuned: list[Finetuned], *, member_ok) -> Candidate | None:
+    """The candidate to fine-tune as a cascade's small member, or None where a fine-tuned one
+    already is one: the most accurate of the search's candidates at most `SMALL_MEMBER_SHARE` of
+    the most accurate fine-tuned candidate's latency, by the screening's accuracy where it has one
+    (it ranks pruned plans well), else by the proxy's. Each member must meet the budgets other
+    than latency (`member_ok`)."""
+    if not tuned:
+        return None
+    large = max(tuned, key=lambda t: t.candidate.selection_accuracy).candidate
+    limit = SMALL_MEMBER_SHARE * large.latency_ms
+    if any(t.candidate.latency_ms <= limit and member_ok(t.candidate) for t in tuned):
+        return None
+    done = {t.candidate.trial for t in tuned}
+    fast = [c for c in candidates if c.latency_ms <= limit and c.trial not in done and member_ok(c)]
+    if not fast:
+        return None
+    return max(fast, key=lambda c: (c.screened_accuracy is not None, c.screened_accuracy or c.proxy_accuracy,
+                                    -c.latency_ms))
+
+
+def choose_cascade(tuned: list[Finetuned], dataset, *, budget_ms: float | None, member_ok, max_drop: float,
+                   min_speedup: float) -> CascadeChoice | None:
+    """The cascade of two of `tuned` that the selection rule picks over every single one meeting
+    the budgets (the module docstring says how), or None. A latency budget (`budget_ms`) is read
+    on the expected latency, so the large member may exceed it alone; every other budget (MACs,
+    size) each member must meet itself (`member_ok`)."""
     feasible = [t for t in tuned if member_ok(t.candidate)]
-    if len(feasible) < 2 or selected is None:
+    singles = [(t.candidate.selection_accuracy, t.candidate.latency_ms, None) for t in feasible if t.candidate.feasible]
+    if len(feasible) < 2 or not singles:
         return None
     scored = {t.candidate.trial: [x.numpy() for x in confidences(t.model, dataset)] for t in feasible}
-    singles = [(t.candidate.selection_accuracy, t.candidate.latency_ms) for t in feasible if t.candidate.feasible]
-    rival = (selected.selection_accuracy, selected.latency_ms)
-    # Under a latency budget the cascade may spend all of it: more accurate than the selected
-    # model within the budget, or as accurate and faster. Without one, at no more latency than it.
-    room = budget_ms if budget_ms is not None else rival[1]
-    best: CascadeChoice | None = None
+    options: list[tuple[float, float, CascadeChoice | None]] = list(singles)
     for small in feasible:
         for large in feasible:
             ts, tl = small.candidate.latency_ms, large.candidate.latency_ms
@@ -78,19 +100,17 @@ def choose_cascade(tuned: list[Finetuned], dataset, *, budget_ms: float | None, 
                 continue
             conf, small_right = scored[small.candidate.trial]
             _, large_right = scored[large.candidate.trial]
-            curve = points(conf, small_right, large_right, ts, tl)
+            curve = tuple(points(conf, small_right, large_right, ts, tl))
             for t, acc, ms in curve:
-                if budget_ms is not None and ms > budget_ms:
-                    continue
-                if any(a >= acc and m <= ms for a, m in singles):
-                    continue  # a single model is as good
-                if not ((acc > rival[0] and ms <= room) or (ms < rival[1] and acc >= rival[0])):
-                    continue
-                if best is None or (acc, -ms) > (best.accuracy, -best.expected_ms):
-                    share = float((conf < t).mean())
-                    best = CascadeChoice(small=small, large=large, threshold=t, accuracy=acc, share_sent_on=share,
-                                         expected_ms=ms, worst_ms=ts + tl, curve=tuple(curve))
-    return best
+                if budget_ms is None or ms <= budget_ms:
+                    options.append((acc, ms, CascadeChoice(
+                        small=small, large=large, threshold=t, accuracy=acc, share_sent_on=float((conf < t).mean()),
+                        expected_ms=ms, worst_ms=ts + tl, curve=curve)))
+    # The selection rule of edgeopt.search.select, over single models and cascade points alike.
+    best = max(options, key=lambda o: (o[0], -o[1], o[2] is None))
+    faster = [o for o in options if o[0] >= best[0] - max_drop and o[1] * min_speedup <= best[1]]
+    pick = min(faster, key=lambda o: (o[1], -o[0], o[2] is not None)) if faster else best
+    return pick[2]
 
 
 def on_validation(choice: CascadeChoice, dataset) -> dict:

@@ -66,8 +66,8 @@ class FinetuneConfig:
     # fine-tuned too. Fine-tuning closes most of a pruned model's proxy gap: on edgenet-64 and the
     # CIFAR-10 subset (4 epochs) plans 8 proxy points apart ended 0.7 apart, 23 apart ended 2.7.
     proxy_spread: float = 10.0
-    # A dynamic inference cascade of two fine-tuned candidates, kept where it beats every single
-    # one under the budget (edgeopt.search.cascade).
+    # A dynamic inference cascade of two fine-tuned candidates (one more fine-tuned as its small
+    # member), kept where the selection rule picks it over every single one (edgeopt.search.cascade).
     cascade: bool = True
 
     def __post_init__(self) -> None:

@@ -40,7 +40,7 @@ from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
-from edgeopt.search.cascade import choose_cascade, on_validation, write_cascade
+from edgeopt.search.cascade import choose_cascade, on_validation, small_member, write_cascade
 from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
 from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_dead_trials, finished, fingerprint, make_sampler,
                                   make_storage, open_study, plan_params, trial_plan, worker_id)
@@ -368,6 +368,9 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
     if not any(t.candidate.feasible for t in tuned):
         tuned += _tune_the_rest(candidates, tuned, context, data=data, config=config, seed=search.seed,
                                 progress=progress, store=store, tasks=tasks)
+    if config.cascade:
+        tuned += _small_member(candidates, tuned, context, budgets, data=data, config=config, seed=search.seed,
+                               progress=progress, store=store, tasks=tasks)
     by_trial = {t.candidate.trial: t for t in tuned}
     screened_by_trial = {c.trial: c for c in screened}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
@@ -375,7 +378,7 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
     pool = [t.candidate for t in tuned] or candidates
     selected = select(pool, max_drop=config.max_drop, min_speedup=config.min_speedup)
     shown = selected or (closest(pool, 1) or closest(candidates, 1) or [None])[0]
-    cascade = _cascade(tuned, budgets, data=data, selected=selected) if config.cascade else None
+    cascade = _cascade(tuned, budgets, data=data, config=config) if config.cascade else None
 
     model_out = by_trial[shown.trial].model if shown and shown.trial in by_trial else (
         context.compress(shown.plan) if shown else None)
@@ -531,13 +534,36 @@ def _host_outputs_exact(model: nn.Module, context: Context) -> bool:
     return not (full_range and int8_needs_reduce_range())
 
 
-def _cascade(tuned: list[Finetuned], budgets: tuple[Budget, ...], *, data, selected: Candidate | None):
-    """The cascade of two fine-tuned candidates that beats every single one under the budgets, or
-    None: a latency budget is read on its expected latency, the others on each member."""
-    latency = [b.value for b in budgets if b.metric == "latency_ms"]
+def _other_budgets_met(budgets: tuple[Budget, ...]):
+    """Whether a candidate meets every budget but latency: what each cascade member must meet
+    alone (a latency budget is read on the cascade's expected latency)."""
     others = [i for i, b in enumerate(budgets) if b.metric != "latency_ms"]
-    return choose_cascade(tuned, data.proxy, budget_ms=min(latency) if latency else None, selected=selected,
-                          member_ok=lambda c: all(c.violations[i] <= 0 for i in others))
+    return lambda c: all(c.violations[i] <= 0 for i in others)
+
+
+def _small_member(candidates: list[Candidate], tuned: list[Finetuned], context: Context, budgets, *, data,
+                  config: FinetuneConfig, seed: int, progress: bool, store: FinetuneStore,
+                  tasks: FinetuneTasks) -> list[Finetuned]:
+    """One more fine-tune, of a candidate fast enough to be a cascade's small member, where no
+    finalist is (`edgeopt.search.cascade.small_member`)."""
+    pick = small_member(candidates, tuned, member_ok=_other_budgets_met(budgets))
+    if pick is None:
+        return []
+    if progress:
+        print(f"Fine-tuning trial {pick.trial} as a cascade's small member ({pick.latency_ms:.3g} ms).",
+              file=sys.stderr)
+    more = finetune([pick], context, data=data, config=config, seed=seed, progress=progress, store=store, tasks=tasks)
+    return _measured_here(more, context) if context.target.measurable else more
+
+
+def _cascade(tuned: list[Finetuned], budgets: tuple[Budget, ...], *, data, config: FinetuneConfig):
+    """The cascade of two fine-tuned candidates that the selection rule picks over every single
+    one under the budgets, or None: a latency budget is read on its expected latency, the others
+    on each member."""
+    latency = [b.value for b in budgets if b.metric == "latency_ms"]
+    return choose_cascade(tuned, data.proxy, budget_ms=min(latency) if latency else None,
+                          member_ok=_other_budgets_met(budgets), max_drop=config.max_drop,
+                          min_speedup=config.min_speedup)
 
 
 def _write_outputs(out_dir: Path, *, candidates, budgets, selected, shown, model_out, shown_accuracy, context,

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from edgeopt import ModelPlan, SearchSpace, apply_plan
-from edgeopt.search.cascade import choose_cascade, on_validation, points, write_cascade
+from edgeopt.search.cascade import choose_cascade, on_validation, points, small_member, write_cascade
 from edgeopt.search.finetune import Finetuned
 from edgeopt.search.select import Candidate
 
@@ -61,9 +61,12 @@ def _two_models(n: int = 400, seed: int = 0):
     return TensorDataset(images, labels), _member(0, small, labels, 1.0), _member(1, large, labels, 4.0)
 
 
-def test_a_cascade_is_chosen_where_it_beats_every_single_model():
+RULE = {"max_drop": 0.3, "min_speedup": 1.25}  # the selection rule's defaults
+
+
+def test_a_cascade_is_chosen_where_the_selection_rule_takes_it_over_every_single_model():
     data, small, large = _two_models()
-    choice = choose_cascade([small, large], data, budget_ms=2.5, selected=small.candidate, member_ok=lambda c: True)
+    choice = choose_cascade([small, large], data, budget_ms=2.5, member_ok=lambda c: True, **RULE)
     assert choice is not None and choice.small is small and choice.large is large
     assert choice.expected_ms <= 2.5 and choice.accuracy > small.candidate.selection_accuracy
     # The threshold's figures are the data's own.
@@ -71,16 +74,43 @@ def test_a_cascade_is_chosen_where_it_beats_every_single_model():
     sent = conf < choice.threshold
     assert choice.share_sent_on == sent.mean()
     assert choice.expected_ms == 1.0 + sent.mean() * 4.0
-    # Without a latency budget, the cascade must still beat the selected (large) model: near its
-    # accuracy at a lower expected latency.
-    free = choose_cascade([small, large], data, budget_ms=None, selected=large.candidate, member_ok=lambda c: True)
-    assert free is not None and free.expected_ms < 4.0 and free.accuracy >= large.candidate.selection_accuracy
+    # Where the large model meets the budget too, the cascade must be near its accuracy (within
+    # max_drop of the best option) at least min_speedup times faster: the selection rule's trade.
+    free = choose_cascade([small, large], data, budget_ms=None, member_ok=lambda c: True, **RULE)
+    assert free is not None and free.expected_ms * 1.25 <= 4.0
+    assert free.accuracy >= large.candidate.selection_accuracy - 0.3
+    # It is the fastest such point of the curve: one threshold lower loses more than max_drop, or
+    # is not faster.
+    best = max(max(a for _, a, _ in free.curve), large.candidate.selection_accuracy)
+    assert all(a < best - 0.3 or m >= free.expected_ms for _, a, m in free.curve)
     # A budget only the small model meets, with too little room for the large one: no cascade.
-    assert choose_cascade([small, large], data, budget_ms=1.05, selected=small.candidate,
-                          member_ok=lambda c: True) is None
+    assert choose_cascade([small, large], data, budget_ms=1.05, member_ok=lambda c: True, **RULE) is None
     # Members must meet the other budgets themselves.
-    assert choose_cascade([small, large], data, budget_ms=2.5, selected=small.candidate,
-                          member_ok=lambda c: c.trial != 1) is None
+    assert choose_cascade([small, large], data, budget_ms=2.5, member_ok=lambda c: c.trial != 1, **RULE) is None
+    # A stricter trade (no point may be given up) keeps the large model: the cascade is not as accurate.
+    strict = choose_cascade([small, large], data, budget_ms=None, member_ok=lambda c: True, max_drop=0.0,
+                            min_speedup=1.25)
+    assert strict is None or strict.accuracy >= large.candidate.selection_accuracy
+
+
+def _candidate(trial: int, ms: float, proxy: float, screened: float | None = None, bytes_: int = 1) -> Candidate:
+    return Candidate(trial=trial, plan=ModelPlan(layers={}), proxy_accuracy=proxy, latency_ms=ms, macs=1,
+                     effective_macs=1, bytes=bytes_, violations=(-0.1,), screened_accuracy=screened)
+
+
+def test_the_small_member_is_the_best_candidate_fast_enough_and_only_where_no_finalist_is():
+    data, small, large = _two_models()
+    large_only = [large]  # 4 ms: a small member must take at most 0.4 x 4 = 1.6 ms
+    candidates = [_candidate(5, 1.0, 60.0), _candidate(6, 1.5, 70.0), _candidate(7, 1.7, 90.0),
+                  _candidate(8, 1.2, 40.0, screened=55.0)]
+    # A screened accuracy ranks first (the screening ranks pruned plans well); 1.7 ms is too slow.
+    assert small_member(candidates, large_only, member_ok=lambda c: True).trial == 8
+    assert small_member(candidates[:3], large_only, member_ok=lambda c: True).trial == 6
+    # One that misses another budget (here: trial 6) is not a member.
+    assert small_member(candidates[:3], large_only, member_ok=lambda c: c.trial != 6).trial == 5
+    # A finalist at 1 ms already is one: nothing more to fine-tune.
+    assert small_member(candidates, [small, large], member_ok=lambda c: True) is None
+    assert small_member([_candidate(7, 1.7, 90.0)], large_only, member_ok=lambda c: True) is None
 
 
 def test_the_device_runner_gives_the_cascades_answers_without_torch(tiny, tmp_path):
