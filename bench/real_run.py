@@ -42,18 +42,18 @@ from bench.prove_base import ARCHIVE, DEFAULT_CACHE, commit, machine  # noqa: E4
 RESULTS = ROOT / "results" / "real_run.json"
 
 
-def subset_folder(cache: Path, images: int) -> Path:
-    """An ImageFolder of `images` training images (equal per class) and 50 validation images per
-    class, as links into the unpacked CIFAR-10 set."""
+def subset_folder(cache: Path, images: int, val_per_class: int = 50) -> Path:
+    """An ImageFolder of `images` training images (equal per class) and `val_per_class`
+    validation images per class, as links into the unpacked CIFAR-10 set."""
     full = cache / "cifar10-full"
     if not full.is_dir():
         with tarfile.open(ARCHIVE) as archive:
             archive.extractall(cache, filter="data")
-    out = cache / f"cifar10-{images}"
+    out = cache / (f"cifar10-{images}" if val_per_class == 50 else f"cifar10-{images}-val{val_per_class}")
     if out.is_dir():
         return out
     classes = sorted(p.name for p in (full / "train").iterdir())
-    for split, per_class in (("train", images // len(classes)), ("val", 50)):
+    for split, per_class in (("train", images // len(classes)), ("val", val_per_class)):
         for name in classes:
             target = out / split / name
             target.mkdir(parents=True, exist_ok=True)

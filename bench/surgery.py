@@ -17,6 +17,11 @@ and compared on the same validation images (exact McNemar test). Each step is ca
 resumes; the figures go to bench/results/surgery.json with the machine's CPU flags.
 
     python bench/surgery.py [--models efficientnet_b0,mobilenet_v3_small] [--budget 0.6]
+
+`--train-images N` trains and searches on N images of the full CIFAR-10 training set
+(../shared/data/cifar10-full.tar.gz, unpacked into the cache) and validates on all 5,000 of its
+validation images, where the subset's 1,000 cannot tell one point (standard error about 1.2
+points of a paired difference there).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ sys.path.insert(0, str(ROOT.parent))
 from paired_latency import paired_ratio  # noqa: E402
 
 from bench.compare import _cpu_name  # noqa: E402
-from bench.prove_base import commit, machine  # noqa: E402
+from bench.prove_base import DEFAULT_CACHE, commit, machine  # noqa: E402
+from bench.real_run import subset_folder  # noqa: E402
 
 from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.latency import ReferenceClock  # noqa: E402
@@ -120,16 +126,23 @@ def main() -> int:
                              "an hour per search on efficientnet_b0 here")
     parser.add_argument("--finetune-epochs", type=float, default=2.0)
     parser.add_argument("--runs", type=int, default=2000, help="alternating runs of the final paired timing")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgeopt-bench" / "surgery")
+    parser.add_argument("--train-images", type=int, default=0,
+                        help="0 (default): the shared CIFAR-10 subset (5,000 train, 1,000 validation images); N: N "
+                             "training images of the full set and all its 5,000 validation images, for accuracies "
+                             "a point apart")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "surgery")
     parser.add_argument("--train-only", action="store_true", help="train (or load) the base models and stop")
     parser.add_argument("--tag", default="", help="appended to each model's key in the results and its search folders, "
                                                    "for a run with other settings")
     args = parser.parse_args()
-    if not DATA.is_dir():
+    if not args.train_images and not DATA.is_dir():
         sys.exit(f"{DATA} is missing; this benchmark needs the shared CIFAR-10 subset.")
     torch.set_num_threads(1)
+    if args.train_images:  # its own base models and searches
+        args.cache = args.cache / f"cifar10-{args.train_images}"
     args.cache.mkdir(parents=True, exist_ok=True)
-    data = load_data(str(DATA), input_size=args.size, seed=0)
+    folder = subset_folder(DEFAULT_CACHE, args.train_images, val_per_class=500) if args.train_images else DATA
+    data = load_data(str(folder), input_size=args.size, seed=0)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results["machine"] = machine_record()
     results["command"] = " ".join(["python bench/surgery.py", *sys.argv[1:]])
@@ -138,7 +151,9 @@ def main() -> int:
         entry = results.setdefault(name + args.tag, {})
         entry["base"] = info
         entry["settings"] = {"budget": args.budget, "trials": args.trials, "start": args.start,
-                             "finetune_epochs": args.finetune_epochs, "seed": args.seed}
+                             "finetune_epochs": args.finetune_epochs, "seed": args.seed,
+                             "data": f"{len(data.train) + len(data.proxy)} training images (of which {len(data.proxy)} "
+                                     f"proxy), {len(data.val)} validation images, {folder.name}"}
         if args.train_only:
             continue
         base_onnx = export_onnx(model, data.example_input(), args.cache / f"{name}-fp32.onnx")
