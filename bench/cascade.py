@@ -27,7 +27,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from bench.prove import RESULTS, Pieces, Run, _correct_bits, cascade_rows, mcnemar  # noqa: E402
-from bench.prove_base import DEFAULT_CACHE, commit  # noqa: E402
+from bench.prove import RESULTS, Pieces, Run, _correct_bits, cascade_rows, mcnemar, parse_run_options  # noqa: E402
+from bench.prove_base import commit  # noqa: E402
 from edgeopt.deploy.cascade import CASCADE_FILE, Cascade  # noqa: E402
 from edgeopt.evaluators.latency import ReferenceClock  # noqa: E402
-from edgeopt.search.optimize import SearchConfig  # noqa: E402
-from edgeopt.search.training import predict  # noqa: E402
 
 TOLERANCE = 0.3  # issue 19: within this many points of the most accurate fine-tuned model ...
 MAX_RATIO = 0.7  # ... at no more than this share of its latency
@@ -179,18 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", choices=("edgenet", "resnet20"), required=True)
     p.add_argument("--budget", type=int, default=70, choices=(70, 50, 35), help="percent of the fp32 base's latency")
-    p.add_argument("--trials", type=int, default=SearchConfig().trials)
-    p.add_argument("--finetune-epochs", type=float, default=0.25)
-    p.add_argument("--timing-passes", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    args = parse_run_options(p, argv, threads=1)
     started = time.perf_counter()
     run = CascadeRun(args.base, "host", args)
     check = run.check_piece(args.budget)

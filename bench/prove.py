@@ -704,17 +704,15 @@ def markdown(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", choices=("edgenet", "resnet20"))
-    p.add_argument("--target", choices=("host", "pi4"))
-    p.add_argument("--report", action="store_true", help="only write prove.json from the finished pieces")
+def parse_run_options(p: argparse.ArgumentParser, argv: list[str] | None, *, threads: int) -> argparse.Namespace:
+    """The options a run of `Run` reads (trials, recipe, timing, threads, cache), parsed; torch's
+    threads set and optuna's and torch's chatter quietened."""
     p.add_argument("--trials", type=int, default=SearchConfig().trials, help="search trials (default: optimize's)")
     p.add_argument("--finetune-epochs", type=float, default=0.25,
                    help="epochs of every full fine-tune, edgeopt's and the hand family's (default 0.25: "
                         "12,000 images; screening takes an eighth of it)")
     p.add_argument("--timing-passes", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=threads)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
@@ -723,6 +721,15 @@ def main(argv: list[str] | None = None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", choices=("edgenet", "resnet20"))
+    p.add_argument("--target", choices=("host", "pi4"))
+    p.add_argument("--report", action="store_true", help="only write prove.json from the finished pieces")
+    args = parse_run_options(p, argv, threads=2)
     if not args.report:
         if not (args.base and args.target):
             p.error("give --base and --target, or --report")
