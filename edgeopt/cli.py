@@ -267,7 +267,7 @@ def _search_parser() -> argparse.ArgumentParser:
                         "(default 1,0.875,0.75,0.625,0.5; sizes are rounded to the network's stride; 1 keeps "
                         "the input size fixed, as a fixed camera or a position embedding needs)")
     p.add_argument("--no-cascade", dest="cascade", action="store_false",
-                   help="no dynamic inference cascade (by default one more candidate is fine-tuned as a "
+                   help="no dynamic inference cascade (by default fast candidates are screened and one fine-tuned as a "
                         "cascade's small member, and where two fine-tuned candidates run as a cascade "
                         "beat every single one under the budget, cascade/ holds them)")
     p.add_argument("--no-depth", dest="depth", action="store_false",

@@ -12,7 +12,9 @@ picks a cascade: then no single model is as accurate at no more latency.
 
 A cascade pays only with a small member much faster than the large one (at 0.4x of it, 30% of
 the inputs may go on for 0.7x of the large one's time), and the finalists all sit near the
-budget; so one more candidate is fine-tuned for the role (`small_member`). The device side is
+budget; so a few fast candidates are screened for the role and the best is fine-tuned, longer
+than the finalists (`small_members`). It joins the cascade's choice, not the selection: the
+selected model stays the best of the finalists' one recipe. The device side is
 `edgeopt.deploy.cascade.Cascade`.
 """
 
@@ -33,6 +35,11 @@ from edgeopt.search.training import confidences
 
 THRESHOLDS = tuple(round(t, 3) for t in np.linspace(0.1, 0.99, 90))  # the grid the threshold is chosen from
 SMALL_MEMBER_SHARE = 0.4  # the small member's latency at most this share of the most accurate finalist's
+SMALL_MEMBER_SCREENED = 4  # fast candidates screened for the role; the best screened is fine-tuned
+# The small member's fine-tune, in multiples of the finalists' epochs. On issue 18's benchmark the
+# fastest candidates lost 17-31 points in the finalists' 0.25 epoch (BENCHMARKS.md, "The cascade
+# on the benchmark"), too many for a cascade; it is one model, and a fast one, so longer is cheap.
+SMALL_MEMBER_EPOCHS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,24 +68,22 @@ def points(confidence: np.ndarray, small_right: np.ndarray, large_right: np.ndar
     return out
 
 
-def small_member(candidates: list[Candidate], tuned: list[Finetuned], *, member_ok) -> Candidate | None:
-    """The candidate to fine-tune as a cascade's small member, or None where a fine-tuned one
-    already is one: the most accurate of the search's candidates at most `SMALL_MEMBER_SHARE` of
-    the most accurate fine-tuned candidate's latency, by the screening's accuracy where it has one
-    (it ranks pruned plans well), else by the proxy's. Each member must meet the budgets other
-    than latency (`member_ok`)."""
+def small_members(candidates: list[Candidate], tuned: list[Finetuned], *, member_ok) -> list[Candidate]:
+    """The candidates to screen for a cascade's small member, best first, or none where a
+    fine-tuned one already is one: up to `SMALL_MEMBER_SCREENED` of the search's candidates at
+    most `SMALL_MEMBER_SHARE` of the most accurate fine-tuned candidate's latency, those with a
+    screening accuracy first (it ranks pruned plans well), then by the proxy's. Each member must
+    meet the budgets other than latency (`member_ok`)."""
     if not tuned:
-        return None
+        return []
     large = max(tuned, key=lambda t: t.candidate.selection_accuracy).candidate
     limit = SMALL_MEMBER_SHARE * large.latency_ms
     if any(t.candidate.latency_ms <= limit and member_ok(t.candidate) for t in tuned):
-        return None
+        return []
     done = {t.candidate.trial for t in tuned}
     fast = [c for c in candidates if c.latency_ms <= limit and c.trial not in done and member_ok(c)]
-    if not fast:
-        return None
-    return max(fast, key=lambda c: (c.screened_accuracy is not None, c.screened_accuracy or c.proxy_accuracy,
-                                    -c.latency_ms))
+    fast.sort(key=lambda c: (c.screened_accuracy is None, -(c.screened_accuracy or c.proxy_accuracy), c.latency_ms))
+    return fast[:SMALL_MEMBER_SCREENED]
 
 
 def choose_cascade(tuned: list[Finetuned], dataset, *, budget_ms: float | None, member_ok, max_drop: float,

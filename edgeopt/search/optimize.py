@@ -40,7 +40,7 @@ from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
-from edgeopt.search.cascade import choose_cascade, on_validation, small_member, write_cascade
+from edgeopt.search.cascade import SMALL_MEMBER_EPOCHS, choose_cascade, on_validation, small_members, write_cascade
 from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
 from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_dead_trials, finished, fingerprint, make_sampler,
                                   make_storage, open_study, plan_params, trial_plan, worker_id)
@@ -368,14 +368,15 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
     if not any(t.candidate.feasible for t in tuned):
         tuned += _tune_the_rest(candidates, tuned, context, data=data, config=config, seed=search.seed,
                                 progress=progress, store=store, tasks=tasks)
-    if config.cascade:
-        tuned += _small_member(candidates, tuned, context, budgets, data=data, config=config, seed=search.seed,
-                               progress=progress, store=store, tasks=tasks)
+    small = (_small_member(candidates, tuned, context, budgets, data=data, config=config, seed=search.seed,
+                           progress=progress, store=store, tasks=tasks) if config.cascade else [])
+    pool = [t.candidate for t in tuned]  # the selection's: the finalists, all fine-tuned by one recipe
+    tuned += small
     by_trial = {t.candidate.trial: t for t in tuned}
     screened_by_trial = {c.trial: c for c in screened}
     candidates = [by_trial[c.trial].candidate if c.trial in by_trial else screened_by_trial.get(c.trial, c)
                   for c in candidates]
-    pool = [t.candidate for t in tuned] or candidates
+    pool = pool or candidates
     selected = select(pool, max_drop=config.max_drop, min_speedup=config.min_speedup)
     shown = selected or (closest(pool, 1) or closest(candidates, 1) or [None])[0]
     cascade = _cascade(tuned, budgets, data=data, config=config) if config.cascade else None
@@ -544,15 +545,25 @@ def _other_budgets_met(budgets: tuple[Budget, ...]):
 def _small_member(candidates: list[Candidate], tuned: list[Finetuned], context: Context, budgets, *, data,
                   config: FinetuneConfig, seed: int, progress: bool, store: FinetuneStore,
                   tasks: FinetuneTasks) -> list[Finetuned]:
-    """One more fine-tune, of a candidate fast enough to be a cascade's small member, where no
-    finalist is (`edgeopt.search.cascade.small_member`)."""
-    pick = small_member(candidates, tuned, member_ok=_other_budgets_met(budgets))
-    if pick is None:
+    """A cascade's small member, where no finalist is one: the fast candidates screened, and the
+    best of them fine-tuned `SMALL_MEMBER_EPOCHS` times longer than the finalists
+    (`edgeopt.search.cascade.small_members`)."""
+    choices = small_members(candidates, tuned, member_ok=_other_budgets_met(budgets))
+    if not choices:
         return []
     if progress:
-        print(f"Fine-tuning trial {pick.trial} as a cascade's small member ({pick.latency_ms:.3g} ms).",
+        print(f"Screening {len(choices)} fast candidate{'s' if len(choices) > 1 else ''} for a cascade's small member.",
               file=sys.stderr)
-    more = finetune([pick], context, data=data, config=config, seed=seed, progress=progress, store=store, tasks=tasks)
+    screened = screen(choices, context, data=data, config=config, seed=seed, progress=progress, store=store,
+                      tasks=tasks)
+    if not screened:
+        return []
+    pick = max(screened, key=lambda c: (c.screened_accuracy, -c.latency_ms))
+    if progress:
+        print(f"Fine-tuning trial {pick.trial} as the small member ({pick.latency_ms:.3g} ms, "
+              f"{SMALL_MEMBER_EPOCHS}x the finalists' epochs).", file=sys.stderr)
+    longer = replace(config, epochs=config.epochs * SMALL_MEMBER_EPOCHS)
+    more = finetune([pick], context, data=data, config=longer, seed=seed, progress=progress, store=store, tasks=tasks)
     return _measured_here(more, context) if context.target.measurable else more
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from edgeopt import ModelPlan, SearchSpace, apply_plan
-from edgeopt.search.cascade import choose_cascade, on_validation, points, small_member, write_cascade
+from edgeopt.search.cascade import choose_cascade, on_validation, points, small_members, write_cascade
 from edgeopt.search.finetune import Finetuned
 from edgeopt.search.select import Candidate
 
@@ -98,19 +98,20 @@ def _candidate(trial: int, ms: float, proxy: float, screened: float | None = Non
                      effective_macs=1, bytes=bytes_, violations=(-0.1,), screened_accuracy=screened)
 
 
-def test_the_small_member_is_the_best_candidate_fast_enough_and_only_where_no_finalist_is():
+def test_the_small_members_to_screen_are_the_best_fast_enough_and_only_where_no_finalist_is_one():
     data, small, large = _two_models()
     large_only = [large]  # 4 ms: a small member must take at most 0.4 x 4 = 1.6 ms
     candidates = [_candidate(5, 1.0, 60.0), _candidate(6, 1.5, 70.0), _candidate(7, 1.7, 90.0),
-                  _candidate(8, 1.2, 40.0, screened=55.0)]
-    # A screened accuracy ranks first (the screening ranks pruned plans well); 1.7 ms is too slow.
-    assert small_member(candidates, large_only, member_ok=lambda c: True).trial == 8
-    assert small_member(candidates[:3], large_only, member_ok=lambda c: True).trial == 6
+                  _candidate(8, 1.2, 40.0, screened=55.0), _candidate(9, 0.5, 20.0), _candidate(10, 0.6, 10.0)]
+    # A screened accuracy ranks first (the screening ranks pruned plans well), then the proxy's;
+    # 1.7 ms is too slow; at most four.
+    trials = [c.trial for c in small_members(candidates, large_only, member_ok=lambda c: True)]
+    assert trials == [8, 6, 5, 9]
     # One that misses another budget (here: trial 6) is not a member.
-    assert small_member(candidates[:3], large_only, member_ok=lambda c: c.trial != 6).trial == 5
+    assert [c.trial for c in small_members(candidates[:3], large_only, member_ok=lambda c: c.trial != 6)] == [5]
     # A finalist at 1 ms already is one: nothing more to fine-tune.
-    assert small_member(candidates, [small, large], member_ok=lambda c: True) is None
-    assert small_member([_candidate(7, 1.7, 90.0)], large_only, member_ok=lambda c: True) is None
+    assert small_members(candidates, [small, large], member_ok=lambda c: True) == []
+    assert small_members([_candidate(7, 1.7, 90.0)], large_only, member_ok=lambda c: True) == []
 
 
 def test_the_device_runner_gives_the_cascades_answers_without_torch(tiny, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 
@@ -141,6 +142,47 @@ def test_screening_fine_tunes_the_best_screened_candidates_fully(bundle, trained
     assert "got 0.25 epochs of fine-tuning first" in (tmp_path / "report.md").read_text()
     err = capsys.readouterr().err  # progress=False: no bars from either round
     assert "screen 1/" not in err and "fine-tune 1/" not in err, err[-500:]
+
+
+@pytest.mark.slow
+def test_a_cascades_small_member_is_screened_fine_tuned_longer_and_kept_out_of_the_selection(
+        bundle, trained, tmp_path, monkeypatch):
+    import edgeopt.search.cascade as cascade_module
+    import edgeopt.search.optimize as optimize_module
+
+    # The tiny model's plans span under 2x in pi4 time: the role's latency limit is widened so that
+    # fast candidates exist, and one finalist leaves them all unfine-tuned.
+    monkeypatch.setattr(cascade_module, "SMALL_MEMBER_SHARE", 0.6)
+    calls = []
+    real_finetune = optimize_module.finetune
+
+    def recording(candidates, context, *, config, **kwargs):
+        calls.append((config.epochs, [c.trial for c in candidates]))
+        return real_finetune(candidates, context, config=config, **kwargs)
+
+    monkeypatch.setattr(optimize_module, "finetune", recording)
+    config = FinetuneConfig(top=1, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
+    result = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, progress=False,
+                      search=SearchConfig(trials=12, seed=0, calib_batches=2), finetune_config=config)
+    (finalist_epochs, finalists), (member_epochs, member) = calls
+    assert finalist_epochs == 0.5 and len(finalists) == 1 and len(member) == 1
+    assert member_epochs == 0.5 * cascade_module.SMALL_MEMBER_EPOCHS
+    frame = result.trials.set_index("trial")
+    # Fast enough for the role, and the best screened of the fast candidates.
+    assert frame.loc[member[0], "latency_ms"] <= 0.6 * frame.loc[finalists[0], "latency_ms"]
+    fast = frame[(frame["latency_ms"] <= 0.6 * frame.loc[finalists[0], "latency_ms"])
+                 & frame["screened_accuracy"].notna()]
+    assert frame.loc[member[0], "screened_accuracy"] == fast["screened_accuracy"].max()
+    assert pd.notna(frame.loc[member[0], "finetuned_accuracy"])  # reported with the fine-tuned models
+    # The selection compares the finalists only, which share one recipe.
+    assert result.selected.trial == finalists[0]
+    # Without a cascade there is no small member to fine-tune (the same study and store again).
+    calls.clear()
+    optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, progress=False,
+             search=SearchConfig(trials=12, seed=0, calib_batches=2),
+             finetune_config=FinetuneConfig(top=1, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25,
+                                            cascade=False))
+    assert [epochs for epochs, _ in calls] == [0.5]
 
 
 @pytest.mark.slow
