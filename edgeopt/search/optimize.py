@@ -407,6 +407,8 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
                 "screened": len(screened), "screen_epochs": config.screen_length,
                 "finetune_epochs": config.epochs,
                 "finetuned": len(tuned), "max_drop": config.max_drop,
+                "small_member": ({"trial": small[0].candidate.trial, "epochs": config.epochs * SMALL_MEMBER_EPOCHS}
+                                 if small else None),
                 "min_speedup": config.min_speedup,
                 "proxy_spread": config.proxy_spread},
         base_model=model,

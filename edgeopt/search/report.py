@@ -236,14 +236,18 @@ def write_report(path: Path, *, summary: dict, layer_section: list[str] = ()) ->
     lines += ["## Selection rule", "",
               f"Among candidates that meet every budget, the most accurate; among those within "
               f"{s['max_drop']} points of it and at least {s['min_speedup']}x faster on the target, the "
-              "fastest (if none, the most accurate). Accuracy is the fine-tuned "
-              "validation accuracy where a candidate was fine-tuned, else its proxy accuracy.", "",
+              "fastest (if none, the most accurate). Accuracy here is top-1 on the proxy split, after "
+              "fine-tuning where a candidate was fine-tuned (validation top-1 is reported, never "
+              "selected on).", "",
               "Considered for fine-tuning: the most accurate Pareto candidate, the hand plan (the "
               "starting plan that meets every budget and prunes least), then faster Pareto candidates "
               f"within {s['proxy_spread']} proxy points of the most accurate. "
               + (f"Each of these {s['screened']} got {s['screen_epochs']:g} epochs of fine-tuning first and was "
                  "scored on the proxy split; fully fine-tuned: the one the rule above picks on those "
-                 "scores, the hand plan, then the best scored." if s.get("screened") else ""), ""]
+                 "scores, the hand plan, then the best scored." if s.get("screened") else "")
+              + (f" Also fine-tuned, as a cascade's small member only (never selected alone): trial "
+                 f"{s['small_member']['trial']}, the best screened of the fastest candidates, with "
+                 f"{s['small_member']['epochs']:g} epochs." if s.get("small_member") else ""), ""]
     if len(s.get("space") or []) > 1:
         lines += ["## What the search could not compress", "",
                   "Layers left out of the search space and prune groups kept dense, with the reason:", ""]

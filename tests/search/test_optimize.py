@@ -174,8 +174,9 @@ def test_a_cascades_small_member_is_screened_fine_tuned_longer_and_kept_out_of_t
                  & frame["screened_accuracy"].notna()]
     assert frame.loc[member[0], "screened_accuracy"] == fast["screened_accuracy"].max()
     assert pd.notna(frame.loc[member[0], "finetuned_accuracy"])  # reported with the fine-tuned models
-    # The selection compares the finalists only, which share one recipe.
+    # The selection compares the finalists only, which share one recipe; the report says so.
     assert result.selected.trial == finalists[0]
+    assert f"small member only (never selected alone): trial {member[0]}" in (tmp_path / "report.md").read_text()
     # Without a cascade there is no small member to fine-tune (the same study and store again).
     calls.clear()
     optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, progress=False,
