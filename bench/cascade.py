@@ -63,10 +63,12 @@ class CascadeRun(Run):
             folder = self.work / f"edgeopt-shrink-{pct}"
             spec_path = folder / "cascade" / CASCADE_FILE
             best = max(run["finetuned"], key=lambda f: f["accuracy"])
+            scored = self.scored(folder, run["finetuned"])
+            pairs = pairs_with(scored, run["finetuned"], best)
             if not spec_path.exists():
                 return {"cascade": None, "why": "optimize wrote no cascade: the selection rule took a single model "
                                                 "over every cascade point", "most_accurate_finetuned": best,
-                        "pairs_with_the_most_accurate": self.pairs(folder, run["finetuned"], best), "commit": commit()}
+                        "pairs_with_the_most_accurate": pairs, "commit": commit()}
             spec = json.loads(spec_path.read_text())
             images = self.data.val.tensors[0].numpy()
             cascade = Cascade.load(folder / "cascade")
@@ -77,11 +79,7 @@ class CascadeRun(Run):
                 sent.append(sent_on)
             answers, sent = torch.from_numpy(np.concatenate(answers)), np.concatenate(sent)
             cascade_bits = _correct_bits(answers, self.labels)
-            if best["trial"] == spec["large"]["trial"]:  # as a rule: the large member is the most accurate
-                best_onnx = folder / "cascade" / spec["large"]["file"]
-                best_bits = _correct_bits(torch.from_numpy(cascade_member_answers(best_onnx, images)), self.labels)
-            else:  # its ONNX is not kept: the run's validation figure and clock reading stand
-                best_onnx, best_bits = None, None
+            best_bits = "".join("1" if right else "0" for right in scored[best["trial"]]["val"][1])
             clock = ReferenceClock(self.base_piece()["onnx"], reference_ms=self.base_ms())
             files = {"small": folder / "cascade" / spec["small"]["file"],
                      "large": folder / "cascade" / spec["large"]["file"]}
@@ -90,11 +88,12 @@ class CascadeRun(Run):
                 for k, path in files.items():
                     readings[k].append(clock.measure(path).median_ms)
             ms = {k: float(np.median(v)) for k, v in readings.items()}
-            ms["best"] = ms["large"] if best_onnx is not None else best["latency_ms"]
+            # The most accurate model as read here when it is the large member, else the run's reading.
+            ms["best"] = ms["large"] if best["trial"] == spec["large"]["trial"] else best["latency_ms"]
             share = float(sent.mean())
             expected = ms["small"] + share * ms["large"]
             accuracy = 100 * cascade_bits.count("1") / len(cascade_bits)
-            best_accuracy = 100 * best_bits.count("1") / len(best_bits) if best_bits else best["accuracy"]
+            best_accuracy = 100 * best_bits.count("1") / len(best_bits)
             return {"cascade": {"accuracy": accuracy, "share_sent_on": share, "expected_ms": expected,
                                 "worst_case_ms": ms["small"] + ms["large"], "threshold": spec["threshold"],
                                 "small_trial": spec["small"]["trial"], "large_trial": spec["large"]["trial"],
@@ -102,21 +101,17 @@ class CascadeRun(Run):
                                                                           "share_sent_on")}},
                     "most_accurate_finetuned": {"trial": best["trial"], "accuracy": best_accuracy, "ms": ms["best"]},
                     "readings_ms": readings,
-                    "cascade_vs_most_accurate": mcnemar(cascade_bits, best_bits) if best_bits else None,
+                    "cascade_vs_most_accurate": mcnemar(cascade_bits, best_bits),
                     "latency_ratio": round(expected / ms["best"], 3),
                     "meets_issue_19": accuracy >= best_accuracy - TOLERANCE and expected <= MAX_RATIO * ms["best"],
-                    "pairs_with_the_most_accurate": self.pairs(folder, run["finetuned"], best),
-                    "commit": commit()}
+                    "pairs_with_the_most_accurate": pairs, "commit": commit()}
         return self.piece(name, make)
 
-    def pairs(self, folder: Path, finetuned: list[dict], best: dict) -> dict:
-        """What would close the gap: each other fine-tuned model of the run as the small member
-        before the most accurate one, at the lowest expected latency (the run's clock readings)
-        whose top-1 is within TOLERANCE of that model's, the threshold chosen on the proxy split
-        (as optimize chooses) and, as a bound no rule reaches, on validation itself."""
+    def scored(self, folder: Path, finetuned: list[dict]) -> dict:
+        """(highest softmax probability, whether right) per image of the proxy and validation
+        splits, for each model the run fine-tuned (loaded from its fine-tune store)."""
         import optuna
 
-        from edgeopt.search.cascade import points
         from edgeopt.search.study import trial_plan
         from edgeopt.search.training import confidences
 
@@ -135,49 +130,44 @@ class CascadeRun(Run):
                 if found and found.get("model") is not None and abs(found["accuracy"] - f["accuracy"]) < 0.01:
                     record = found
             if record is None:
-                return {"missing": f"trial {f['trial']}'s fine-tuned model is not in {self.store.folder}"}
+                raise SystemExit(f"trial {f['trial']}'s fine-tuned model is not in {self.store.folder}: "
+                                 "run the search piece again")
             scored[f["trial"]] = {split: [x.numpy() for x in confidences(record["model"], getattr(self.data, split))]
                                   for split in ("proxy", "val")}
-        out = {}
-        large = scored[best["trial"]]
-        for f in finetuned:
-            if f["trial"] == best["trial"] or f["latency_ms"] >= best["latency_ms"]:
-                continue
-            small = scored[f["trial"]]
-            curves = {split: points(small[split][0], small[split][1], large[split][1], f["latency_ms"],
-                                    best["latency_ms"]) for split in ("proxy", "val")}
-            goal = {split: 100 * large[split][1].mean() - TOLERANCE for split in ("proxy", "val")}
-            proxy_ok = [t for t, a, _ in curves["proxy"] if a >= goal["proxy"]]
-            by_threshold = {t: (a, m) for t, a, m in curves["val"]}
-            row = {"small_accuracy": f["accuracy"], "small_ms": f["latency_ms"],
-                   "small_share_of_large_latency": round(f["latency_ms"] / best["latency_ms"], 3)}
-            if proxy_ok:
-                a, m = by_threshold[proxy_ok[0]]
-                row["threshold_on_proxy"] = {"threshold": proxy_ok[0], "val_accuracy": a,
-                                             "latency_ratio": round(m / best["latency_ms"], 3)}
-            val_ok = [(m, a, t) for t, a, m in curves["val"] if a >= goal["val"]]
-            if val_ok:
-                m, a, t = min(val_ok)
-                row["threshold_on_validation_bound"] = {"threshold": t, "val_accuracy": a,
-                                                        "latency_ratio": round(m / best["latency_ms"], 3)}
-            out[f"trial {f['trial']}"] = row
-        return out
+        return scored
 
 
-def cascade_member_answers(onnx: Path, images: np.ndarray) -> np.ndarray:
-    """Top-1 answers of one member's ONNX file on the validation images (onnxruntime), resized as
-    the device-side cascade resizes them for a member at a smaller input size."""
-    import onnxruntime as ort
+def pairs_with(scored: dict, finetuned: list[dict], best: dict) -> dict:
+    """What would close the gap: each other fine-tuned model of the run as the small member
+    before the most accurate one, at the lowest expected latency (the run's clock readings)
+    whose top-1 is within TOLERANCE of that model's, the threshold chosen on the proxy split
+    (as optimize chooses) and, as a bound no rule reaches, on validation itself."""
+    from edgeopt.search.cascade import points
 
-    from edgeopt.deploy.run import resize_float
-
-    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    size = tuple(session.get_inputs()[0].shape[-2:])
-    if size != images.shape[-2:]:
-        images = np.stack([resize_float(image, size) for image in images])
-    return np.concatenate([session.run(None, {name: np.ascontiguousarray(images[i:i + 500])})[0].argmax(1)
-                           for i in range(0, len(images), 500)])
+    out = {}
+    large = scored[best["trial"]]
+    for f in finetuned:
+        if f["trial"] == best["trial"] or f["latency_ms"] >= best["latency_ms"]:
+            continue
+        small = scored[f["trial"]]
+        curves = {split: points(small[split][0], small[split][1], large[split][1], f["latency_ms"],
+                                best["latency_ms"]) for split in ("proxy", "val")}
+        goal = {split: 100 * large[split][1].mean() - TOLERANCE for split in ("proxy", "val")}
+        proxy_ok = [t for t, a, _ in curves["proxy"] if a >= goal["proxy"]]
+        by_threshold = {t: (a, m) for t, a, m in curves["val"]}
+        row = {"small_accuracy": f["accuracy"], "small_ms": f["latency_ms"],
+               "small_share_of_large_latency": round(f["latency_ms"] / best["latency_ms"], 3)}
+        if proxy_ok:
+            a, m = by_threshold[proxy_ok[0]]
+            row["threshold_on_proxy"] = {"threshold": proxy_ok[0], "val_accuracy": a,
+                                         "latency_ratio": round(m / best["latency_ms"], 3)}
+        val_ok = [(m, a, t) for t, a, m in curves["val"] if a >= goal["val"]]
+        if val_ok:
+            m, a, t = min(val_ok)
+            row["threshold_on_validation_bound"] = {"threshold": t, "val_accuracy": a,
+                                                    "latency_ratio": round(m / best["latency_ms"], 3)}
+        out[f"trial {f['trial']}"] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
