@@ -10,7 +10,12 @@ rewritten in QDQ form with the exact scales the PyTorch layer used:
 - an 8-bit activation gets uint8 QuantizeLinear/DequantizeLinear; an integer layer also gets an int32
   bias and a requantized output, which is the pattern onnxruntime fuses into QLinearConv /
   QLinearMatMul, i.e. real int8 kernels;
-- an Add of two dequantized tensors feeding a quantizer becomes Sum (`_keep_float_adds` says why);
+- an Add of two dequantized tensors feeding a quantizer becomes Sum (`_keep_float_adds` says why),
+  unless all three share one scale: an integer residual sum (`edgeopt.spaces.residual`), which
+  onnxruntime runs as QLinearAdd, exactly;
+- a QuantizeLinear of a DequantizeLinear with the same parameters is dropped (its consumers read
+  the integers directly), and a MaxPool of a dequantized tensor is quantized back with its
+  parameters (exact), so that onnxruntime pools the integers;
 - a Relu on a dequantized uint8 tensor with zero point 0 is dropped: it is the identity there;
 - a spatial mean of a dequantized tensor that feeds a quantizer is written as GlobalAveragePool,
   which onnxruntime runs as QLinearGlobalAveragePool (`_integer_pools` says why that is exact);
@@ -249,13 +254,28 @@ class _QDQWriter:
             self.graph.node.append(node)
         self.graph.node.extend(self.new_nodes.get(len(nodes), []))
         self._drop_identity_relus()  # first: an Add that read such a Relu now reads dequantized inputs
+        self._integer_max_pools()  # and one that read a max pool
         self._keep_float_adds()
+        self._drop_requantizers()
         self._integer_pools()
         self._keep_float_layers_float()
+        self._drop_dead_nodes()
         used = {name for node in self.graph.node for name in node.input}
         keep = [init for init in self.graph.initializer if init.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
+
+    def _drop_dead_nodes(self) -> None:
+        """Remove the nodes whose results nothing reads (a DequantizeLinear whose readers now read
+        its integers, `_drop_requantizers`): onnxruntime would still run them."""
+        outputs = {out.name for out in self.graph.output}
+        while True:
+            used = {name for node in self.graph.node for name in node.input} | outputs
+            dead = [node for node in self.graph.node if not any(out in used for out in node.output)]
+            if not dead:
+                return
+            for node in dead:
+                self.graph.node.remove(node)
 
     def _keep_float_layers_float(self) -> None:
         """Stop QDQ runtimes from running a float layer as an integer one.
@@ -298,29 +318,111 @@ class _QDQWriter:
                 "Max", [node.input[0], node.input[0]], [kept], name=f"{kept}_Max"))
             node.input[0] = kept
 
+    def _constants(self) -> dict:
+        """Constant tensors by name (initializers and Constant nodes), as protos."""
+        consts = {init.name: init for init in self.graph.initializer}
+        consts |= {n.output[0]: n.attribute[0].t
+                   for n in self.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
+        # The exporter writes equal buffers once and the other names as Identity of it (the sums'
+        # shared scales, for one).
+        for n in self.graph.node:  # in graph order, so a chain of them resolves
+            if n.op_type == "Identity" and n.input[0] in consts:
+                consts[n.output[0]] = consts[n.input[0]]
+        return consts
+
+    def _qparams(self, node, consts: dict) -> tuple[float, int] | None:
+        """(scale, zero point) of a per-tensor QuantizeLinear/DequantizeLinear, else None."""
+        if len(node.input) < 3 or node.input[1] not in consts or node.input[2] not in consts:
+            return None
+        scale, zero = (self.numpy_helper.to_array(consts[name]) for name in node.input[1:3])
+        return (float(scale), int(zero)) if scale.size == 1 and zero.size == 1 else None
+
     def _keep_float_adds(self) -> None:
         """Write each Add between dequantized inputs and a quantized output (directly or through a
-        Relu) as Sum.
+        Relu) as Sum, unless the inputs and the output share one scale.
 
-        onnxruntime would fuse DequantizeLinear-Add-QuantizeLinear into QLinearAdd, whose
-        fixed-point rescaling rounds differently from the float add that the PyTorch model (and
-        ONNX's own definition) performs; the PyTorch model cannot see the Add to imitate it.
-        Sum is the same operation without that fusion, so both give the same integers.
+        onnxruntime fuses DequantizeLinear-Add-QuantizeLinear into QLinearAdd, whose kernels
+        rescale each input by scale_in / scale_out in ways that round differently from the float
+        add the PyTorch model (and ONNX's own definition) performs. At ratios of exactly 1 every
+        kernel adds the integers exactly, and so does the PyTorch model: the integer residual
+        sums of `edgeopt.spaces.residual` are made so and stay Add. Any other is written as Sum,
+        the same operation without that fusion, so both give the same integers.
         """
-        made_by = {out: node.op_type for node in self.graph.node for out in node.output}
+        made_by = {out: node for node in self.graph.node for out in node.output}
+        consts = self._constants()
 
-        def quantized_next(tensor: str) -> bool:
+        def quantizers(tensor: str) -> list | None:
             # Through a Relu too: onnxruntime drops a Relu before a uint8 quantizer, then fuses.
             consumers = [n for n in self.graph.node if tensor in n.input]
-            return bool(consumers) and all(
-                n.op_type == "QuantizeLinear" or (n.op_type == "Relu" and quantized_next(n.output[0]))
-                for n in consumers)
+            found = []
+            for n in consumers:
+                if n.op_type == "QuantizeLinear":
+                    found.append(n)
+                elif n.op_type == "Relu" and (after := quantizers(n.output[0])) is not None:
+                    found += after
+                else:
+                    return None
+            return found or None
 
         for node in self.graph.node:
             if node.op_type != "Add" or len(node.input) != 2:
                 continue
-            if all(made_by.get(name) == "DequantizeLinear" for name in node.input) and quantized_next(node.output[0]):
+            inputs = [made_by.get(name) for name in node.input]
+            if not all(n is not None and n.op_type == "DequantizeLinear" for n in inputs):
+                continue
+            after = quantizers(node.output[0])
+            if after is None:
+                continue
+            scales = {(self._qparams(n, consts) or (None,))[0] for n in inputs + after}
+            if len(scales) != 1 or None in scales:
                 node.op_type = "Sum"
+
+    def _integer_max_pools(self) -> None:
+        """Quantize each MaxPool of a per-tensor dequantized tensor with that tensor's own parameters.
+
+        The maximum of values on a uint8 grid is on that grid, so the quantizer gives back exactly
+        the integers pooled; onnxruntime then pools the integers (it drops such a DQ-MaxPool-Q
+        frame), and what reads the pool reads uint8: an integer residual sum whose shortcut is a
+        pooled stem (torchvision's ResNets) becomes QLinearAdd.
+        """
+        consts = self._constants()
+        made_by = {out: node for node in self.graph.node for out in node.output}
+        for index, node in reversed(list(enumerate(self.graph.node))):
+            producer = made_by.get(node.input[0]) if node.op_type == "MaxPool" and len(node.output) == 1 else None
+            if producer is None or producer.op_type != "DequantizeLinear" or self._qparams(producer, consts) is None:
+                continue
+            pooled, raw = node.output[0], f"{node.output[0]}_float"
+            node.output[0] = raw
+            scale, zero = producer.input[1], producer.input[2]
+            helper = self.onnx.helper
+            self.graph.node.insert(index + 1, helper.make_node(
+                "DequantizeLinear", [f"{pooled}_q", scale, zero], [pooled], name=f"{pooled}_dq"))
+            self.graph.node.insert(index + 1, helper.make_node(
+                "QuantizeLinear", [raw, scale, zero], [f"{pooled}_q"], name=f"{pooled}_q"))
+
+    def _drop_requantizers(self) -> None:
+        """Remove each QuantizeLinear that reads a DequantizeLinear of the same scale and zero
+        point: it gives back the integers the DequantizeLinear read, which its consumers then read
+        directly (the integer layers after a residual sum take the sum's parameters as their
+        input's, `edgeopt.spaces.residual`)."""
+        consts = self._constants()
+        made_by = {out: node for node in self.graph.node for out in node.output}
+        outputs = {out.name for out in self.graph.output}
+        for node in list(self.graph.node):
+            producer = made_by.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+            if producer is None or producer.op_type != "DequantizeLinear" or node.output[0] in outputs:
+                continue
+            mine, theirs = self._qparams(node, consts), self._qparams(producer, consts)
+            if mine is None or mine != theirs:
+                continue
+            if self.numpy_helper.to_array(consts[node.input[2]]).dtype != self.numpy_helper.to_array(
+                    consts[producer.input[2]]).dtype:
+                continue
+            for other in self.graph.node:
+                for i, name in enumerate(other.input):
+                    if name == node.output[0]:
+                        other.input[i] = producer.input[0]
+            self.graph.node.remove(node)
 
     def _drop_identity_relus(self) -> None:
         """Remove each Relu that reads a DequantizeLinear with zero point 0.
@@ -384,9 +486,7 @@ class _QDQWriter:
         helper = self.onnx.helper
         ranks = self._ranks()
         # Constant tensors by name, read into numpy only where a check needs one (not the weights).
-        consts = {init.name: init for init in self.graph.initializer}
-        consts |= {n.output[0]: n.attribute[0].t
-                   for n in self.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
+        consts = self._constants()
         value = lambda name: self.numpy_helper.to_array(consts[name])  # noqa: E731
         made_by = {out: node for node in self.graph.node for out in node.output}
         outputs = {out.name for out in self.graph.output}

@@ -84,8 +84,9 @@ class FinetuneConfig:
 
 
 # Bump when what a stored result means changes: old entries are then ignored. 2: compressed layers
-# keep their zeroed weights as `weight_mask` (N:M or unstructured), not `nm_mask`.
-STORE_VERSION = 2
+# keep their zeroed weights as `weight_mask` (N:M or unstructured), not `nm_mask`; 3: integer residual
+# sums (`edgeopt.spaces.residual`).
+STORE_VERSION = 3
 
 
 class FinetuneStore:

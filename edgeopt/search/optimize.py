@@ -45,7 +45,7 @@ from edgeopt.search.select import Candidate, closest, finalists, finetune_order,
 from edgeopt.search.study import (CONSTRAINTS, METRICS, fail_dead_trials, finished, fingerprint, make_sampler,
                                   make_storage, open_study, plan_params, trial_plan, worker_id)
 from edgeopt.search.training import evaluate
-from edgeopt.spaces.quantize import compressed_layers
+from edgeopt.spaces.quantize import NUMERICS_VERSION, compressed_layers
 from edgeopt.input_size import input_for, preprocessing_for, resize_text
 from edgeopt.spaces.space import Knobs, SearchSpace
 
@@ -207,6 +207,7 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
         "model": fingerprint(type(model).__name__, *model.state_dict().values()), "data": data.fingerprint,
         "input_size": list(example.shape[1:]), "knobs": repr(space.knobs), "proxy": search.proxy,
         "calibration": [search.seed, search.calib_batches, search.calib_batch_size],
+        "numerics": NUMERICS_VERSION,  # what a quantized trial computes, and so its latency
     }
     study = open_study(storage=make_storage(search.storage, out_dir), study_name=search.study_name,
                        directions=directions, sampler=make_sampler(search.sampler, seed=seed, trials=search.trials),

@@ -18,6 +18,7 @@ from edgeopt.spaces.depth import drop_blocks, inside, residual_blocks
 from edgeopt.spaces.fold import fold_batchnorm, following_activations, set_submodule
 from edgeopt.spaces.prune import build_graph, find_groups, output_layers, prune_groups
 from edgeopt.spaces.quantize import calibrate, compress_module
+from edgeopt.spaces.residual import calibrating_sums, install_integer_sums, share_sum_scales
 from edgeopt.spaces.resolution import model_input_sizes
 from edgeopt.spaces.space import SearchSpace
 from edgeopt.spaces.surgery import apply_surgery, surgery_blocks
@@ -123,6 +124,10 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
                                  float_output=fqn in outputs, reduce_range=reduce_range,
                                  output_activation=activations.get(fqn))
         set_submodule(compressed, fqn, module)
+    # Residual adds of two integer layers' outputs stay in uint8 (`edgeopt.spaces.residual`).
+    install_integer_sums(compressed, example_input)
     if batches:
-        calibrate(compressed, batches)
+        with calibrating_sums(compressed):
+            calibrate(compressed, batches)
+        share_sum_scales(compressed)
     return compressed.eval()

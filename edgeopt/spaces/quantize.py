@@ -36,9 +36,10 @@ from edgeopt.spaces.sparsity import magnitude_mask
 # Bump when what a compressed layer computes changes: results measured before (the sensitivity
 # table) are then measured again instead of reused. 2: ReLU-absorbing outputs, exact integer layers;
 # 3: input scales wide enough for the int32 bias; 4: an all-zero weight channel takes scale 1;
-# 5: an integer Linear layer with a float output accumulates exactly, as QGemm does.
+# 5: an integer Linear layer with a float output accumulates exactly, as QGemm does; 6: residual
+# sums of integer layers are quantized, on a scale shared along the stream (`edgeopt.spaces.residual`).
 # (Dynamic-range layers are new, not a change to what an existing plan computes.)
-NUMERICS_VERSION = 5
+NUMERICS_VERSION = 6
 INT8_MIN, INT8_MAX = -128, 127  # weights
 UINT8_MIN, UINT8_MAX = 0, 255  # activations
 
