@@ -93,9 +93,11 @@ class _Pass(TorchFunctionMode):
         return out
 
 
-def find_integer_sums(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[str, str]]:
-    """{module name: (names of the two modules whose outputs it adds)} for each integer residual
-    add of a compressed `model` (see the module docstring), in execution order."""
+def find_integer_sums(model: nn.Module, example_input: torch.Tensor
+                      ) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, ...]]]:
+    """({module name: (names of the two modules whose outputs it adds)} for each integer residual
+    add of a compressed `model` (see the module docstring), in execution order; {module name: the
+    8-bit-input layers that read its integer output})."""
     layers = compressed_layers(model)
     watch = _Pass()
     handles = []
@@ -133,13 +135,18 @@ def find_integer_sums(model: nn.Module, example_input: torch.Tensor) -> dict[str
     return _sums(once, layers)
 
 
-def _sums(events: list, layers: dict[str, CompressedMixin]) -> dict[str, tuple[str, str]]:
+def _sums(events: list, layers: dict[str, CompressedMixin]
+          ) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, ...]]]:
     owner: dict[int, str] = {}  # tensor id -> the module whose integer output it holds now
     relu_ok: set[int] = set()  # ids whose range starts at 0 (a ReLU on them changes nothing)
     sums: dict[str, tuple[str, str]] = {}
+    readers: dict[str, list[str]] = {}
     for i, event in enumerate(events):
         kind, name = event[0], event[1]
-        if kind == "made":
+        if kind == "reads":
+            if event[2] in owner and layers[name].input_range is not None:
+                readers.setdefault(owner[event[2]], []).append(name)
+        elif kind == "made":
             owner.pop(event[2], None)
             relu_ok.discard(event[2])
             layer = layers[name]
@@ -167,7 +174,7 @@ def _sums(events: list, layers: dict[str, CompressedMixin]) -> dict[str, tuple[s
                     relu_ok.discard(out)
         elif kind == "returns" and name in sums and event[2] not in owner:
             owner[event[2]] = name  # the quantized sum, from here on an integer input itself
-    return sums
+    return sums, {name: tuple(dict.fromkeys(found)) for name, found in readers.items()}
 
 
 def _returned_by(events: list, start: int, tensor: int) -> str | None:
@@ -196,71 +203,13 @@ def install_integer_sums(model: nn.Module, example_input: torch.Tensor) -> int:
             for key, hook in list(module._forward_hooks.items()):
                 if hook is _quantize_sum:
                     del module._forward_hooks[key]
-    sums = find_integer_sums(model, example_input)
-    if not sums:
-        return 0
-    readers = _readers(model, example_input, {name for pair in sums.items() for name in (pair[0], *pair[1])})
+    sums, readers = find_integer_sums(model, example_input)
     for block, inputs in sums.items():
         module = model.get_submodule(block)
         mine = {name: readers.get(name, ()) for name in (block, *inputs)}
         module.add_module(_SUM_ATTRIBUTE, SumQuantizer(inputs, mine))
         module.register_forward_hook(_quantize_sum)
     return len(sums)
-
-
-def _readers(model: nn.Module, example_input: torch.Tensor, wanted: set[str]) -> dict[str, tuple[str, ...]]:
-    """{module name: the 8-bit-input layers that read its output} for the `wanted` modules."""
-    layers = compressed_layers(model)
-    made: dict[int, str] = {}
-    found: dict[str, list[str]] = {}
-    keep: list = []
-    handles = []
-
-    def record(name):
-        def hook(mod, args, output):
-            if isinstance(output, torch.Tensor):
-                made[id(output)] = name
-                keep.append(output)
-        return hook
-
-    def reads(name):
-        def hook(mod, args):
-            source = made.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-            if source is not None and layers[name].input_range is not None:
-                found.setdefault(source, []).append(name)
-        return hook
-
-    for name, module in model.named_modules():
-        if name in wanted:
-            handles.append(module.register_forward_hook(record(name)))
-        if name in layers:
-            handles.append(module.register_forward_pre_hook(reads(name)))
-    try:
-        with torch.no_grad(), _SameValues(made, keep):
-            model.eval()(example_input[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: tuple(dict.fromkeys(readers)) for name, readers in found.items()}
-
-
-class _SameValues(TorchFunctionMode):
-    """Carries `made` (tensor id -> module) through the calls that pass its values on unchanged
-    (ReLUs on ranges that start at 0 are among them: the layers that absorb one are quantized
-    after it)."""
-
-    def __init__(self, made: dict[int, str], keep: list) -> None:
-        super().__init__()
-        self.made, self.keep = made, keep
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = getattr(func, "__name__", "")
-        if (name in _RELUS or name in _SAME_VALUES) and args and isinstance(args[0], torch.Tensor) \
-                and isinstance(out, torch.Tensor) and id(args[0]) in self.made:
-            self.made[id(out)] = self.made[id(args[0])]
-            self.keep += [args[0], out]
-        return out
 
 
 def sum_quantizers(model: nn.Module) -> dict[str, SumQuantizer]:
