@@ -418,11 +418,15 @@ class _QDQWriter:
             if self.numpy_helper.to_array(consts[node.input[2]]).dtype != self.numpy_helper.to_array(
                     consts[producer.input[2]]).dtype:
                 continue
-            for other in self.graph.node:
-                for i, name in enumerate(other.input):
-                    if name == node.output[0]:
-                        other.input[i] = producer.input[0]
-            self.graph.node.remove(node)
+            self._bypass(node, producer.input[0])
+
+    def _bypass(self, node, source: str) -> None:
+        """Remove `node`; what read its output reads `source` instead."""
+        for other in self.graph.node:
+            for i, name in enumerate(other.input):
+                if name == node.output[0]:
+                    other.input[i] = source
+        self.graph.node.remove(node)
 
     def _drop_identity_relus(self) -> None:
         """Remove each Relu that reads a DequantizeLinear with zero point 0.
@@ -447,11 +451,7 @@ class _QDQWriter:
             if (producer is None or producer.op_type != "DequantizeLinear" or node.output[0] in outputs
                     or not zero_point_is_zero(producer)):
                 continue
-            for other in self.graph.node:
-                for i, name in enumerate(other.input):
-                    if name == node.output[0]:
-                        other.input[i] = node.input[0]
-            self.graph.node.remove(node)
+            self._bypass(node, node.input[0])
 
     def _ranks(self) -> dict[str, int]:
         """The rank of each tensor, by ONNX shape inference on the graph without its weights'
