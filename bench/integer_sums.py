@@ -40,6 +40,7 @@ from bench.prove import mcnemar  # noqa: E402
 from bench.prove_base import DEFAULT_CACHE, cifar_data, commit, load_base, machine  # noqa: E402
 from edgeopt import SearchSpace, apply_plan, export_onnx  # noqa: E402
 from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
+from edgeopt.search.optimize import _calibration_batches  # noqa: E402
 from edgeopt.search.training import predict  # noqa: E402
 from edgeopt.spaces.residual import sum_quantizers  # noqa: E402
 
@@ -84,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     data = cifar_data(args.cache)
     example = data.example_input()
-    generator = torch.Generator().manual_seed(0)  # as optimize draws its calibration batches
-    order = torch.randperm(len(data.train.tensors[0]), generator=generator)[:4 * 32]
-    calib = [data.train.tensors[0][order[i:i + 32]] for i in range(0, len(order), 32)]
+    calib = _calibration_batches(data.train, batches=4, batch_size=32, seed=0)  # optimize's, at seed 0
     labels = data.val.tensors[1]
     results = {"command": "python bench/integer_sums.py " + " ".join(argv or sys.argv[1:]),
                "commit": commit(), "machine": machine(), "reduce_range": int8_needs_reduce_range(), "rows": []}

@@ -17,8 +17,8 @@ from edgeopt.plan import ModelPlan
 from edgeopt.spaces.depth import drop_blocks, inside, residual_blocks
 from edgeopt.spaces.fold import fold_batchnorm, following_activations, set_submodule
 from edgeopt.spaces.prune import build_graph, find_groups, output_layers, prune_groups
-from edgeopt.spaces.quantize import calibrate, compress_module
-from edgeopt.spaces.residual import calibrating_sums, install_integer_sums, share_sum_scales
+from edgeopt.spaces.quantize import compress_module
+from edgeopt.spaces.residual import calibrate_with_sums, install_integer_sums
 from edgeopt.spaces.resolution import model_input_sizes
 from edgeopt.spaces.space import SearchSpace
 from edgeopt.spaces.surgery import apply_surgery, surgery_blocks
@@ -127,7 +127,5 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
     # Residual adds of two integer layers' outputs stay in uint8 (`edgeopt.spaces.residual`).
     install_integer_sums(compressed, example_input)
     if batches:
-        with calibrating_sums(compressed):
-            calibrate(compressed, batches)
-        share_sum_scales(compressed)
+        calibrate_with_sums(compressed, batches)
     return compressed.eval()

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from edgeopt.spaces.quantize import (UINT8_MAX, UINT8_MIN, CompressedMixin, _bias_headroom_scale, _Range,
+from edgeopt.spaces.quantize import (UINT8_MAX, UINT8_MIN, CompressedMixin, _bias_headroom_scale, _Range, calibrate,
                                      compressed_layers)
+from edgeopt.spaces.watch import _Ops
 
 _ADDS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 _RELUS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_"}  # the identity on a range that starts at 0
@@ -71,26 +71,26 @@ def _quantize_sum(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor
     return getattr(module, _SUM_ATTRIBUTE).quantize(output)
 
 
-class _Pass(TorchFunctionMode):
-    """Torch calls outside compressed layers and the module boundaries, in order. Each event:
-    ("call", name, input ids, output ids), ("reads", layer, input id), ("made", layer, output id)
-    or ("returns", module, output id). Tensors are kept alive so that no id is reused."""
+class _Pass(_Ops):
+    """`watch`'s record of torch calls, outside compressed layers only, interleaved with module
+    boundaries. Each event: ("call", name, input ids, output ids), ("reads", layer, input id),
+    ("made", layer, output id) or ("returns", module, output id)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.events: list = []
         self.inside = 0  # > 0 while a compressed layer runs: its own arithmetic is not the model's
-        self.alive: list = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.inside:
-            ins = [a for a in args if isinstance(a, torch.Tensor)]
-            outs = [out] if isinstance(out, torch.Tensor) else []
-            self.alive += ins + outs
-            self.events.append(("call", getattr(func, "__name__", str(func)), tuple(map(id, ins)),
-                                tuple(map(id, outs))))
+        if self.inside:
+            return func(*args, **(kwargs or {}))
+        out = super().__torch_function__(func, types, args, kwargs)
+        self.events.append(("call", *self.calls[-1]))
         return out
+
+    def boundary(self, kind: str, name: str, tensor: torch.Tensor) -> None:
+        self._alive.append(tensor)  # so that no id is reused within the pass
+        self.events.append((kind, name, id(tensor)))
 
 
 def find_integer_sums(model: nn.Module, example_input: torch.Tensor
@@ -105,21 +105,19 @@ def find_integer_sums(model: nn.Module, example_input: torch.Tensor
         if isinstance(module, CompressedMixin):
             def before(mod, args, name=name):
                 if args and isinstance(args[0], torch.Tensor):
-                    watch.events.append(("reads", name, id(args[0])))
+                    watch.boundary("reads", name, args[0])
                 watch.inside += 1
 
             def after(mod, args, output, name=name):
                 watch.inside -= 1
-                watch.alive.append(output)
-                watch.events.append(("made", name, id(output)))
+                watch.boundary("made", name, output)
             handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         elif name and any(isinstance(m, CompressedMixin) for m in module.modules()):
             # Only a module holding layers can be a block: a ReLU module a block calls twice
             # (torchvision's) must not quantize both of its results.
             def returned(mod, args, output, name=name):
                 if isinstance(output, torch.Tensor) and not watch.inside:
-                    watch.alive.append(output)
-                    watch.events.append(("returns", name, id(output)))
+                    watch.boundary("returns", name, output)
             handles.append(module.register_forward_hook(returned))
     try:
         with torch.no_grad(), watch:
@@ -196,7 +194,7 @@ def _returned_by(events: list, start: int, tensor: int) -> str | None:
 
 def install_integer_sums(model: nn.Module, example_input: torch.Tensor) -> int:
     """Give each integer residual sum of a compressed `model` its quantizer; returns how many.
-    Calibrate with `calibrating_sums` around `quantize.calibrate`, then `share_sum_scales`."""
+    Calibrate with `calibrate_with_sums`."""
     for module in model.modules():  # a compressed model compressed again: its sums are found afresh
         if isinstance(getattr(module, _SUM_ATTRIBUTE, None), SumQuantizer):
             delattr(module, _SUM_ATTRIBUTE)
@@ -218,20 +216,18 @@ def sum_quantizers(model: nn.Module) -> dict[str, SumQuantizer]:
             if isinstance(getattr(m, _SUM_ATTRIBUTE, None), SumQuantizer)}
 
 
-class calibrating_sums:
-    """While open, the sum quantizers observe the float sums instead of quantizing them."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.quantizers = list(sum_quantizers(model).values())
-
-    def __enter__(self):
-        for q in self.quantizers:
-            q.calibrating = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for q in self.quantizers:
+def calibrate_with_sums(model: nn.Module, batches) -> None:
+    """`quantize.calibrate`, the sum quantizers observing the float sums meanwhile, then their
+    scales shared (`share_sum_scales`)."""
+    quantizers = list(sum_quantizers(model).values())
+    for q in quantizers:
+        q.calibrating = True
+    try:
+        calibrate(model, batches)
+    finally:
+        for q in quantizers:
             q.calibrating = False
+    share_sum_scales(model)
 
 
 @torch.no_grad()
