@@ -301,18 +301,51 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(partial, path)  # a crash while writing leaves the previous epoch's checkpoint whole
 
 
-def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
+# On a CPU, evaluation batches are sized so that a batch's largest activation holds about this
+# many floats (8 MiB). Larger batches ran slower per image here: the edgenet (65,536 floats per
+# image at most) evaluated 2,000 images in 2.4 s in batches of 256 and 1.1-1.3 s in batches of 32,
+# its int8 plan 3.4 and 1.6-1.8 s; mobilenet_v3_small at 224x224 was fastest at 16-32, and at
+# 64x64, where each image's activations are small and each batch's Python overhead is not, at
+# 256 (BENCHMARKS.md, "Trial cost on the edgenet"). A GPU takes batches of GPU_EVAL_BATCH.
+EVAL_BATCH_FLOATS = 2**21
+MIN_EVAL_BATCH, GPU_EVAL_BATCH = 4, 256
+
+
+def evaluation_batch_size(model: nn.Module, image: torch.Tensor, device: torch.device) -> int:
+    """Images per evaluation batch of `model` on `device`, `image` one input without its batch
+    dimension: on a CPU, EVAL_BATCH_FLOATS over the largest activation of one image (measured on
+    one forward pass), within MIN_EVAL_BATCH and GPU_EVAL_BATCH."""
+    if device.type != "cpu":
+        return GPU_EVAL_BATCH
+    largest = [1]
+
+    def record(module, args, output) -> None:
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output[0].numel())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        model(image.unsqueeze(0).to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(MIN_EVAL_BATCH, min(GPU_EVAL_BATCH, EVAL_BATCH_FLOATS // largest[0]))
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int | None = None,
              device: torch.device | str | None = None) -> float:
-    """Top-1 accuracy in percent, in float32. The model is left in eval mode on its own device."""
+    """Top-1 accuracy in percent, in float32. The model is left in eval mode on its own device.
+    `batch_size` None: `evaluation_batch_size`'s."""
     predicted, labels = predict(model, dataset, batch_size=batch_size, device=device)
     return 100.0 * float((predicted == labels).double().mean())
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
+def predict(model: nn.Module, dataset: Dataset, *, batch_size: int | None = None,
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class, label) of every image of `dataset`, as CPU tensors. The model runs in
-    eval mode on `device` and is moved back to its own device after."""
+    eval mode on `device` and is moved back to its own device after. `batch_size` None:
+    `evaluation_batch_size`'s."""
     if len(dataset) == 0:
         raise EdgeoptError("There are no images to evaluate on; check --data.")
     device = torch.device(device) if device is not None else default_device()
@@ -320,6 +353,7 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
     model.eval().to(device)
     predicted, labels = [], []
     try:
+        batch_size = batch_size or evaluation_batch_size(model, dataset[0][0], device)
         for x, y in batches(dataset, batch_size):
             predicted.append(_logits(model(x.to(device))).argmax(1).cpu())
             labels.append(y)
@@ -329,7 +363,7 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 256,
 
 
 @torch.no_grad()
-def confidences(model: nn.Module, dataset: Dataset, *, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def confidences(model: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(highest softmax probability, whether top-1 is right) of every image of `dataset`: what a
     cascade's threshold reads."""
     if len(dataset) == 0:
@@ -339,7 +373,7 @@ def confidences(model: nn.Module, dataset: Dataset, *, batch_size: int = 256) ->
     model.eval().to(device)
     confidence, right = [], []
     try:
-        for x, y in batches(dataset, batch_size):
+        for x, y in batches(dataset, evaluation_batch_size(model, dataset[0][0], device)):
             probs = torch.softmax(_logits(model(x.to(device))).float(), dim=1).cpu()
             top, predicted = probs.max(1)
             confidence.append(top)

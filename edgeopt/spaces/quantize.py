@@ -63,8 +63,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, zero_point: torc
                   qmin: int, qmax: int) -> torch.Tensor:
     """Quantize and dequantize exactly as ONNX QuantizeLinear/DequantizeLinear do (x / scale,
     round half to even), with a straight-through gradient while training."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    dq = (q - zero_point) * scale
+    with torch.no_grad():  # the gradient goes straight through (below); in place on one fresh tensor
+        dq = (x / scale).round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     return x + (dq - x).detach() if x.requires_grad else dq
 
 
@@ -281,7 +281,7 @@ class CompressedMixin:
         channel = (-1,) if isinstance(self, nn.Linear) else (1, -1) + (1,) * (x.dim() - 2)
         # round(x / s) + z clamped to uint8, less z: the same integers as clamping round(x / s)
         # to [0 - z, 255 - z], in [-255, 255]. In place where a fresh tensor is at hand.
-        x_int = torch.round(x / sx).clamp_(UINT8_MIN - zx, UINT8_MAX - zx)
+        x_int = (x / sx).round_().clamp_(UINT8_MIN - zx, UINT8_MAX - zx)
         acc = integer_accumulate(self._op, x_int, w_int,
                                  None if bias_int is None else bias_int.reshape(channel), bounds)
         if self.output_range is None:

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.search.training import NonFiniteLoss, TrainStats, evaluate, random_affine, train
+from edgeopt.search.training import (EVAL_BATCH_FLOATS, GPU_EVAL_BATCH, MIN_EVAL_BATCH, NonFiniteLoss, TrainStats,
+                                     evaluate, evaluation_batch_size, predict, random_affine, train)
 
 
 def _blobs(n: int = 256, seed: int = 0) -> TensorDataset:
@@ -135,6 +136,23 @@ def test_evaluate_is_exact_top1_percent() -> None:
 
     y = torch.tensor([0, 0, 0, 1] * 5)
     assert evaluate(Constant(), TensorDataset(torch.zeros(20, 1), y), batch_size=3) == 75.0
+
+
+def test_evaluation_batches_hold_the_largest_activation_near_the_target() -> None:
+    cpu = torch.device("cpu")
+    image = torch.zeros(3, 32, 32)
+    # The widest output is the 16-channel conv's: 16 x 32 x 32 floats per image.
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()
+    assert evaluation_batch_size(model, image, cpu) == EVAL_BATCH_FLOATS // (16 * 32 * 32)
+    wide = nn.Sequential(nn.Conv2d(3, 4096, 3, padding=1)).eval()  # 4M floats per image
+    assert evaluation_batch_size(wide, image, cpu) == MIN_EVAL_BATCH
+    small = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    assert evaluation_batch_size(small, image, cpu) == GPU_EVAL_BATCH
+    assert evaluation_batch_size(small, image, torch.device("meta")) == GPU_EVAL_BATCH
+    # Batching changes nothing a model computes per image.
+    data = TensorDataset(torch.randn(300, 3, 32, 32), torch.randint(0, 10, (300,)))
+    assert torch.equal(predict(model, data)[0], predict(model, data, batch_size=300)[0])
 
 
 @pytest.mark.slow
