@@ -301,27 +301,31 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(partial, path)  # a crash while writing leaves the previous epoch's checkpoint whole
 
 
-# On a CPU, evaluation batches are sized so that a batch's largest activation holds about this
-# many floats (8 MiB). Larger batches ran slower per image here: the edgenet (65,536 floats per
-# image at most) evaluated 2,000 images in 2.4 s in batches of 256 and 1.1-1.3 s in batches of 32,
-# its int8 plan 3.4 and 1.6-1.8 s; mobilenet_v3_small at 224x224 was fastest at 16-32, and at
-# 64x64, where each image's activations are small and each batch's Python overhead is not, at
-# 256 (BENCHMARKS.md, "Trial cost on the edgenet"). A GPU takes batches of GPU_EVAL_BATCH.
-EVAL_BATCH_FLOATS = 2**21
+# On a CPU, an evaluation batch holds about EVAL_FLOATS_PER_MODULE floats per module of the model in
+# its widest activation, in a power of two of images from MIN_EVAL_BATCH to GPU_EVAL_BATCH: a wide
+# batch runs slower per image once its activations outgrow the caches, and a narrow one pays each
+# module's per-call overhead more often, so models of many small modules want wider batches. Fitted
+# on `python bench/eval_batch.py` (BENCHMARKS.md, "Trial cost on the edgenet"), where it picks the
+# fastest size or one within 10% of it: the edgenet at 32x32 (48 modules, 65,536 floats per image)
+# 32, mobilenet_v3_small at 224x224 32 and at 64x64 256, efficientnet_b0 at 64x64 128, resnet18 at
+# 224x224 4; batches of 256 had taken the edgenet's 2,000 proxy images 1.7x as long. A GPU takes
+# batches of GPU_EVAL_BATCH.
+EVAL_FLOATS_PER_MODULE = 2**15
 MIN_EVAL_BATCH, GPU_EVAL_BATCH = 4, 256
 
 
 def evaluation_batch_size(model: nn.Module, image: torch.Tensor, device: torch.device) -> int:
     """Images per evaluation batch of `model` on `device`, `image` one input without its batch
-    dimension: on a CPU, EVAL_BATCH_FLOATS over the largest activation of one image (measured on
-    one forward pass), within MIN_EVAL_BATCH and GPU_EVAL_BATCH."""
+    dimension. On a CPU, EVAL_FLOATS_PER_MODULE times the model's module count over one image's
+    widest activation (measured on one forward pass), to the nearest power of two, within
+    MIN_EVAL_BATCH and GPU_EVAL_BATCH."""
     if device.type != "cpu":
         return GPU_EVAL_BATCH
-    largest = [1]
+    widest = [1]
 
     def record(module, args, output) -> None:
         if isinstance(output, torch.Tensor):
-            largest[0] = max(largest[0], output[0].numel())
+            widest[0] = max(widest[0], output[0].numel())
 
     hooks = [m.register_forward_hook(record) for m in model.modules()]
     try:
@@ -329,7 +333,8 @@ def evaluation_batch_size(model: nn.Module, image: torch.Tensor, device: torch.d
     finally:
         for hook in hooks:
             hook.remove()
-    return max(MIN_EVAL_BATCH, min(GPU_EVAL_BATCH, EVAL_BATCH_FLOATS // largest[0]))
+    images = EVAL_FLOATS_PER_MODULE * len(hooks) / widest[0]
+    return max(MIN_EVAL_BATCH, min(GPU_EVAL_BATCH, 2 ** round(math.log2(images))))
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int | None = None,

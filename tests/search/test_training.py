@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.search.training import (EVAL_BATCH_FLOATS, GPU_EVAL_BATCH, MIN_EVAL_BATCH, NonFiniteLoss, TrainStats,
+from edgeopt.search.training import (EVAL_FLOATS_PER_MODULE, GPU_EVAL_BATCH, MIN_EVAL_BATCH, NonFiniteLoss, TrainStats,
                                      evaluate, evaluation_batch_size, predict, random_affine, train)
 
 
@@ -138,16 +138,21 @@ def test_evaluate_is_exact_top1_percent() -> None:
     assert evaluate(Constant(), TensorDataset(torch.zeros(20, 1), y), batch_size=3) == 75.0
 
 
-def test_evaluation_batches_hold_the_largest_activation_near_the_target() -> None:
+def test_evaluation_batches_grow_with_modules_and_shrink_with_activations() -> None:
     cpu = torch.device("cpu")
     image = torch.zeros(3, 32, 32)
-    # The widest output is the 16-channel conv's: 16 x 32 x 32 floats per image.
+    # 6 modules (the Sequential too); the widest output is the 16-channel conv's, 16 x 32 x 32 floats
+    # per image: 6 * 2^15 / 2^14 = 12 images, to the nearest power of two 16.
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(16, 10)).eval()
-    assert evaluation_batch_size(model, image, cpu) == EVAL_BATCH_FLOATS // (16 * 32 * 32)
+    assert 6 * EVAL_FLOATS_PER_MODULE / (16 * 32 * 32) == 12
+    assert evaluation_batch_size(model, image, cpu) == 16
+    # The same layers behind 40 more modules (identities): 46 * 2 = 92 images, to 128.
+    deeper = nn.Sequential(*model, *[nn.Identity() for _ in range(40)]).eval()
+    assert evaluation_batch_size(deeper, image, cpu) == 128
     wide = nn.Sequential(nn.Conv2d(3, 4096, 3, padding=1)).eval()  # 4M floats per image
     assert evaluation_batch_size(wide, image, cpu) == MIN_EVAL_BATCH
-    small = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    small = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10)).eval()  # 10 floats at most
     assert evaluation_batch_size(small, image, cpu) == GPU_EVAL_BATCH
     assert evaluation_batch_size(small, image, torch.device("meta")) == GPU_EVAL_BATCH
     # Batching changes nothing a model computes per image.
