@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,7 +306,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 # batch runs slower per image once its activations outgrow the caches, and a narrow one pays each
 # module's per-call overhead more often, so models of many small modules want wider batches. Fitted
 # on `python bench/eval_batch.py` (BENCHMARKS.md, "Trial cost on the edgenet"), where it picks the
-# fastest size or one within 10% of it: the edgenet at 32x32 (48 modules, 65,536 floats per image)
+# fastest size or one within 2% of it: the edgenet at 32x32 (48 modules, 65,536 floats per image)
 # 32, mobilenet_v3_small at 224x224 32 and at 64x64 256, efficientnet_b0 at 64x64 128, resnet18 at
 # 224x224 4; batches of 256 had taken the edgenet's 2,000 proxy images 1.7x as long. A GPU takes
 # batches of GPU_EVAL_BATCH.
@@ -345,25 +345,33 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int | None = Non
     return 100.0 * float((predicted == labels).double().mean())
 
 
+def _logits_by_batch(model: nn.Module, dataset: Dataset, *, batch_size: int | None,
+                     device: torch.device | str | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits on `device`, labels) of `dataset` batch by batch, `model` in eval mode on `device`
+    and moved back to its own device after. `batch_size` None: `evaluation_batch_size`'s."""
+    if len(dataset) == 0:
+        raise EdgeoptError("There are no images to evaluate on; check --data.")
+    device = torch.device(device) if device is not None else default_device()
+    home = _device_of(model)
+    model.eval().to(device)
+    try:
+        batch_size = batch_size or evaluation_batch_size(model, dataset[0][0], device)
+        for x, y in batches(dataset, batch_size):
+            yield _logits(model(x.to(device))), y
+    finally:
+        model.to(home)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, *, batch_size: int | None = None,
             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class, label) of every image of `dataset`, as CPU tensors. The model runs in
     eval mode on `device` and is moved back to its own device after. `batch_size` None:
     `evaluation_batch_size`'s."""
-    if len(dataset) == 0:
-        raise EdgeoptError("There are no images to evaluate on; check --data.")
-    device = torch.device(device) if device is not None else default_device()
-    home = _device_of(model)
-    model.eval().to(device)
     predicted, labels = [], []
-    try:
-        batch_size = batch_size or evaluation_batch_size(model, dataset[0][0], device)
-        for x, y in batches(dataset, batch_size):
-            predicted.append(_logits(model(x.to(device))).argmax(1).cpu())
-            labels.append(y)
-    finally:
-        model.to(home)
+    for logits, y in _logits_by_batch(model, dataset, batch_size=batch_size, device=device):
+        predicted.append(logits.argmax(1).cpu())
+        labels.append(y)
     return torch.cat(predicted), torch.cat(labels)
 
 
@@ -371,20 +379,11 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int | None = None
 def confidences(model: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(highest softmax probability, whether top-1 is right) of every image of `dataset`: what a
     cascade's threshold reads."""
-    if len(dataset) == 0:
-        raise EdgeoptError("There are no images to evaluate on; check --data.")
-    device = default_device()
-    home = _device_of(model)
-    model.eval().to(device)
     confidence, right = [], []
-    try:
-        for x, y in batches(dataset, evaluation_batch_size(model, dataset[0][0], device)):
-            probs = torch.softmax(_logits(model(x.to(device))).float(), dim=1).cpu()
-            top, predicted = probs.max(1)
-            confidence.append(top)
-            right.append(predicted == y)
-    finally:
-        model.to(home)
+    for logits, y in _logits_by_batch(model, dataset, batch_size=None, device=None):
+        top, predicted = torch.softmax(logits.float(), dim=1).cpu().max(1)
+        confidence.append(top)
+        right.append(predicted == y)
     return torch.cat(confidence), torch.cat(right)
 
 
