@@ -12,7 +12,9 @@ chooses precisions by per-layer sensitivity. This module does both at once, gree
    (each prunable group at the sensitivity table's keep levels, each layer at w8a8, each smaller
    input size, each residual block dropped, each replacement of each block open to surgery)
    gives what that change saves; the other keep levels are interpolated;
-2. from the unchanged model, the move (one group to a lower keep ratio, one layer to int8, the
+2. from the unchanged model (and, by `optimize`, again from uniform int8: where int8 pays only
+   with other changes, as when float gates or activations between int8 layers cost more than
+   int8 saves, no single layer's int8 saves time and the path from fp32 never takes it), the move (one group to a lower keep ratio, one layer to int8, the
    input to a smaller size, one block dropped, or one block's activations, gates or kernels
    replaced)
    that saves the most metric per point of sensitivity is taken, again and again, until the sum
@@ -52,11 +54,11 @@ def _interp(levels: dict[float, float], keep: float) -> float:
 
 
 def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[ModelPlan], float],
-             limit: float) -> list[ModelPlan]:
+             limit: float, start: ModelPlan | None = None) -> list[ModelPlan]:
     """Plans whose metric (by the additive model) is at most `limit` times MARGINS, each with as
-    little sensitivity as the greedy path finds; [] when the base already meets `limit` or the
-    space cannot reach it."""
-    base_plan = space.uniform()
+    little sensitivity as the greedy path finds from `start` (the unchanged model unless given);
+    [] when the start already meets `limit` or the space cannot reach it from there."""
+    base_plan = start or space.uniform()
     base = metric(base_plan)
     if base <= limit:
         return []
@@ -70,8 +72,10 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
                                                              for f in group.layers}})
             saved_keep[root][keep] = base - metric(plan)
     saved_bits: dict[str, float] = {}
+    keep_now = {root: 1.0 for root in groups}
+    int8_now = {fqn for fqn, lp in base_plan.layers.items() if (lp.w_bits, lp.a_bits) == INT8}
     if INT8 in space.knobs.pairs:
-        for layer in space.layers:
+        for layer in (layer for layer in space.layers if layer.fqn not in int8_now):
             plan = ModelPlan(layers={**base_plan.layers, layer.fqn: replace(base_plan[layer.fqn], w_bits=8, a_bits=8)})
             saved_bits[layer.fqn] = base - metric(plan)
 
@@ -94,8 +98,6 @@ def allocate(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[M
     def bits_drop(fqn: str) -> float:
         return table.drops.get(_weights_key(fqn, 8), 0.0) + table.drops.get(_activations_key(fqn, 8), 0.0)
 
-    keep_now = {root: 1.0 for root in groups}
-    int8_now: set[str] = set()
     scale_now = 1.0
     dropped_now: set[str] = set()
     surgery_now: dict[str, dict[str, object]] = {}

@@ -79,3 +79,29 @@ def test_nothing_to_allocate_where_the_base_meets_the_budget_or_nothing_can():
     base = macs(space.uniform())
     assert allocate(space, table, metric=macs, limit=base * 1.01) == []
     assert allocate(space, table, metric=macs, limit=1.0) == []  # one MAC: no plan reaches it
+
+
+def test_a_path_from_uniform_int8_finds_what_only_int8_with_pruning_buys():
+    space, macs = _setup()
+    int8 = space.uniform(w_bits=8, a_bits=8)
+
+    def latency(plan) -> float:
+        # Like float islands between int8 layers: int8 halves the time only where every layer
+        # takes it; a single int8 layer among float ones costs its quantizers.
+        bits = [(lp.w_bits, lp.a_bits) == (8, 8) for lp in plan.layers.values()]
+        return macs(plan) * (0.5 if all(bits) else 1.0 + 0.02 * sum(bits))
+
+    base = latency(space.uniform())
+    limit = 0.4 * base
+    table = _table(space, keep_drop=lambda root: 1.0, bits_drop=lambda fqn: 0.1)
+    from_fp32 = allocate(space, table, metric=latency, limit=limit)
+    from_int8 = allocate(space, table, metric=latency, limit=limit, start=int8)
+    assert from_fp32 and from_int8
+    assert all(latency(plan) <= limit for plan in from_fp32 + from_int8)
+    # The path from fp32 never takes a single int8 layer (each one alone costs time) ...
+    assert not any(lp.w_bits == 8 for plan in from_fp32 for lp in plan.layers.values())
+    # ... the one from int8 keeps every layer int8 and so prunes less for the same budget.
+    assert all(lp.w_bits == lp.a_bits == 8 for plan in from_int8 for lp in plan.layers.values())
+    assert macs(from_int8[0]) > macs(from_fp32[0])
+    # Where uniform int8 already meets the budget, there is nothing to allocate from it.
+    assert allocate(space, table, metric=latency, limit=0.6 * base, start=int8) == []
