@@ -441,15 +441,18 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
 
     plans: list[ModelPlan] = []
     for budget in wanted:
-        if progress:
-            print(f"Allocating starting plans for {budget}: {'timing' if context.target.measurable else 'estimating'} "
-                  f"each single change ...", file=sys.stderr)
         # From fp32 and from uniform int8: on a model whose gates or activations run in float
         # between int8 layers, int8 pays only with the surgery or pruning around it, which a path
         # of single changes from fp32 never sees (mobilenet_v3_small at 64x64 on host: uniform int8
         # 0.97x fp32's time, with every gate and Hardswish replaced 0.45x).
-        starts = [None] + ([context.space.uniform(w_bits=8, a_bits=8)] if INT8 in context.space.knobs.pairs else [])
-        for start in starts:
+        starts = {"fp32": None}
+        if INT8 in context.space.knobs.pairs:
+            starts["uniform int8"] = context.space.uniform(w_bits=8, a_bits=8)
+        for name, start in starts.items():
+            if progress:
+                print(f"Allocating starting plans for {budget} from {name}: "
+                      f"{'timing' if context.target.measurable else 'estimating'} each single change ...",
+                      file=sys.stderr)
             found = allocate(context.space, table, metric=metric_of(budget), limit=budget.limit(context.base.macs),
                              start=start)
             plans += [p for p in found if p not in plans]
