@@ -14,11 +14,11 @@ chooses precisions by per-layer sensitivity. This module does both at once, gree
    gives what that change saves; the other keep levels are interpolated;
 2. from the unchanged model (and, by `optimize`, again from uniform int8: where int8 pays only
    with other changes, as when float gates or activations between int8 layers cost more than
-   int8 saves, no single layer's int8 saves time and the path from fp32 never takes it), the move (one group to a lower keep ratio, one layer to int8, the
-   input to a smaller size, one block dropped, or one block's activations, gates or kernels
-   replaced)
-   that saves the most metric per point of sensitivity is taken, again and again, until the sum
-   of savings reaches the budget;
+   int8 saves, no single layer's int8 saves time and the path from fp32 never takes it), the
+   move (one group to a lower keep ratio, one layer to int8, the input to a smaller size, one
+   block dropped, or one block's activations, gates or kernels replaced) that saves the most
+   metric per point of sensitivity is taken, again and again, until the sum of savings reaches
+   the budget;
 3. the first plans on the path that meet the budget, and 10% under it, when measured for real,
    are the starting plans.
 

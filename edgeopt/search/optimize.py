@@ -439,15 +439,15 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
             return context.latency(model).total_ms
         return metric
 
+    # From fp32 and from uniform int8: on a model whose gates or activations run in float between
+    # int8 layers, int8 pays only with the surgery or pruning around it, which a path of single
+    # changes from fp32 never sees (mobilenet_v3_small at 64x64 on host: uniform int8 0.97x fp32's
+    # time, with every gate and Hardswish replaced 0.45x).
+    starts = {"fp32": None}
+    if INT8 in context.space.knobs.pairs:
+        starts["uniform int8"] = context.space.uniform(w_bits=8, a_bits=8)
     plans: list[ModelPlan] = []
     for budget in wanted:
-        # From fp32 and from uniform int8: on a model whose gates or activations run in float
-        # between int8 layers, int8 pays only with the surgery or pruning around it, which a path
-        # of single changes from fp32 never sees (mobilenet_v3_small at 64x64 on host: uniform int8
-        # 0.97x fp32's time, with every gate and Hardswish replaced 0.45x).
-        starts = {"fp32": None}
-        if INT8 in context.space.knobs.pairs:
-            starts["uniform int8"] = context.space.uniform(w_bits=8, a_bits=8)
         for name, start in starts.items():
             if progress:
                 print(f"Allocating starting plans for {budget} from {name}: "
