@@ -150,6 +150,9 @@ def main() -> int:
     parser.add_argument("--train-only", action="store_true", help="train (or load) the base models and stop")
     parser.add_argument("--tag", default="", help="appended to each model's key in the results and its search folders, "
                                                    "for a run with other settings")
+    parser.add_argument("--s0-from", metavar="TAG", default=None,
+                        help="take S0 (the search without surgery) and the reference clock from the entry of this tag "
+                             "(\"\" for none) instead of searching again: for a change to the search with surgery only")
     args = parser.parse_args()
     if not args.train_images and not DATA.is_dir():
         sys.exit(f"{DATA} is missing; this benchmark needs the shared CIFAR-10 subset.")
@@ -172,6 +175,10 @@ def main() -> int:
                                      f"proxy), {len(data.val)} validation images, {folder.name}"}
         if args.train_only:
             continue
+        if args.s0_from is not None and "without_surgery" not in entry:
+            earlier = results[name + args.s0_from]
+            entry["reference_ms"], entry["without_surgery"] = earlier["reference_ms"], earlier["without_surgery"]
+            entry["s0_from"] = name + args.s0_from
         base_onnx = export_onnx(model, data.example_input(), args.cache / f"{name}-fp32.onnx")
         reference_ms = entry.get("reference_ms") or ReferenceClock(base_onnx).reference_ms
         entry["reference_ms"] = round(reference_ms, 4)

@@ -33,7 +33,7 @@ from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import INPUT_SCALES, NM, SMALL_KERNEL, SURGERY_KINDS, ModelPlan, Surgery
 from edgeopt.layers import trace_layers
 from edgeopt.search.accounting import LAYERS_FILE, account_layers, report_lines, write_layers_csv
-from edgeopt.search.allocate import INT8, allocate
+from edgeopt.search.allocate import INT8, allocate, restore
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
@@ -456,7 +456,28 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
             found = allocate(context.space, table, metric=metric_of(budget), limit=budget.limit(context.base.macs),
                              start=start)
             plans += [p for p in found if p not in plans]
+        # TI's lite model may leave much of the budget unspent: its replacements given back where
+        # they cost most accuracy per millisecond (edgeopt.search.allocate.restore).
+        for name, lite in _lite_plans(context.space).items():
+            if progress:
+                print(f"Restoring blocks of the {name} lite model within {budget}: "
+                      f"{'timing' if context.target.measurable else 'estimating'} each replacement undone ...",
+                      file=sys.stderr)
+            found = restore(context.space, table, metric=metric_of(budget), limit=budget.limit(context.base.macs),
+                            start=lite)
+            plans += [p for p in found if p not in plans]
     return plans
+
+
+def _lite_plans(space: SearchSpace) -> dict[str, ModelPlan]:
+    """TI's "lite" model (every replacement the target declares, in every block), in int8 where
+    the space offers it and in fp32; none where no block is open to surgery."""
+    if not space.surgery_blocks:
+        return {}
+    lite = Surgery(activation=space.knobs.activations[0] if space.knobs.activations else None, gate=False,
+                   kernel=SMALL_KERNEL)
+    plans = {"int8": space.uniform(w_bits=8, a_bits=8, surgery=lite)} if INT8 in space.knobs.pairs else {}
+    return plans | {"fp32": space.uniform(surgery=lite)}
 
 
 def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
@@ -468,20 +489,19 @@ def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
     declares, in every block) in fp32 and in int8."""
     plans = []
     keeps = [k for k in (0.875, 0.75, 0.625, 0.5) if k in space.knobs.keep_ratios]
-    lite = Surgery(activation=space.knobs.activations[0] if space.knobs.activations else None, gate=False,
-                   kernel=SMALL_KERNEL)
+    lite = _lite_plans(space)
     if (8, 8) in space.knobs.pairs:
         plans.append(space.uniform(w_bits=8, a_bits=8))
-        if space.surgery_blocks:
-            plans.append(space.uniform(w_bits=8, a_bits=8, surgery=lite))
+        if "int8" in lite:
+            plans.append(lite["int8"])
         plans += [space.uniform(w_bits=8, a_bits=8, keep_ratio=keep) for keep in keeps]
         if NM(n=2, m=4) in space.knobs.nm:
             plans.append(space.uniform(w_bits=8, a_bits=8, nm=NM(n=2, m=4)))
         plans += [space.uniform(w_bits=8, a_bits=8, sparsity=share) for share in (0.5, 0.75)
                   if share in space.knobs.sparsities]
     plans += [space.uniform(keep_ratio=keep) for keep in keeps]
-    if space.surgery_blocks:
-        plans.append(space.uniform(surgery=lite))
+    if "fp32" in lite:
+        plans.append(lite["fp32"])
     return [p for i, p in enumerate(plans) if p not in plans[:i]]
 
 

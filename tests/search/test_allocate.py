@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torchvision
 
-from edgeopt import SearchSpace, apply_plan
+from edgeopt import SearchSpace, Surgery, apply_plan
 from edgeopt.evaluators.cost import model_cost
-from edgeopt.search.allocate import allocate
+from edgeopt.search.allocate import allocate, restore
 from edgeopt.search.sensitivity import (SensitivityTable, _activations_key, _keep_key, _keep_levels, _weights_key,
-                                        input_key)
+                                        input_key, surgery_changes, surgery_key)
 from tests.conftest import TinyNet
 
 
@@ -105,3 +106,35 @@ def test_a_path_from_uniform_int8_finds_what_only_int8_with_pruning_buys():
     assert macs(from_int8[0]) > macs(from_fp32[0])
     # Where uniform int8 already meets the budget, there is nothing to allocate from it.
     assert allocate(space, table, metric=latency, limit=0.6 * base, start=int8) == []
+
+
+def test_restore_spends_what_the_lite_model_leaves_on_the_replacements_that_cost_most():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=4).eval()
+    space = SearchSpace.from_model(model, torch.randn(1, 3, 32, 32))
+    lite = space.uniform(w_bits=8, a_bits=8, surgery=Surgery(activation="relu", gate=False, kernel=3))
+    keys = [surgery_key(block, kind, value) for block, s in lite.surgery.items() for kind, value in surgery_changes(s)]
+    # Every replacement gives back 0.5 points but one gate 5 and one activation nothing; undoing
+    # any costs 1 unit, the activation 4.
+    costly, free = "gate=False features.4.block", "activation=relu features.5.block"
+    drops = {key: 5.0 if key == costly else 0.0 if key == free else 0.5 for key in keys}
+    table = SensitivityTable(base_top1=90.0, drops=drops, chance=25.0)
+
+    def metric(plan) -> float:
+        undone = [key for key in keys if key not in
+                  [surgery_key(block, kind, value) for block, s in plan.surgery.items()
+                   for kind, value in surgery_changes(s)]]
+        return 10.0 + sum(4.0 if key == "activation=relu features.6.block" else 1.0 for key in undone)
+
+    plans = restore(space, table, metric=metric, limit=13.0, start=lite)
+    assert len(plans) == 2  # at 90% of the budget (11.7: one undone) and at all of it (three)
+    assert [metric(plan) for plan in plans] == [11.0, 13.0]
+    first = plans[0]
+    assert first.surgery["features.4.block"].gate  # the costliest replacement is undone first ...
+    # ... and the gate comes back in int8, as the rest of the plan, not as a float island.
+    assert all((lp.w_bits, lp.a_bits) == (8, 8) for fqn, lp in first.layers.items()
+               if fqn.startswith("features.4.block.2"))
+    assert first.surgery["features.5.block"].activation == "relu"  # what gives nothing back stays
+    assert plans[1].surgery["features.6.block"].activation == "relu"  # 4 units: does not fit
+    # A lite model over the budget leaves nothing to restore.
+    assert restore(space, table, metric=metric, limit=9.0, start=lite) == []
