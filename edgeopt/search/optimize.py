@@ -443,28 +443,23 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
     # int8 layers, int8 pays only with the surgery or pruning around it, which a path of single
     # changes from fp32 never sees (mobilenet_v3_small at 64x64 on host: uniform int8 0.97x fp32's
     # time, with every gate and Hardswish replaced 0.45x).
-    starts = {"fp32": None}
+    # Each path: (how it walks, what the progress says, where it starts). TI's lite model may leave
+    # much of the budget unspent: its replacements are given back where they cost most accuracy per
+    # millisecond (edgeopt.search.allocate.restore).
+    paths = [(allocate, "Allocating starting plans from fp32", "each single change", None)]
     if INT8 in context.space.knobs.pairs:
-        starts["uniform int8"] = context.space.uniform(w_bits=8, a_bits=8)
+        paths.append((allocate, "Allocating starting plans from uniform int8", "each single change",
+                      context.space.uniform(w_bits=8, a_bits=8)))
+    paths += [(restore, f"Restoring blocks of the {name} lite model", "each replacement undone", lite)
+              for name, lite in _lite_plans(context.space).items()]
     plans: list[ModelPlan] = []
     for budget in wanted:
-        for name, start in starts.items():
+        for walk, what, unit, start in paths:
             if progress:
-                print(f"Allocating starting plans for {budget} from {name}: "
-                      f"{'timing' if context.target.measurable else 'estimating'} each single change ...",
+                print(f"{what} for {budget}: {'timing' if context.target.measurable else 'estimating'} {unit} ...",
                       file=sys.stderr)
-            found = allocate(context.space, table, metric=metric_of(budget), limit=budget.limit(context.base.macs),
-                             start=start)
-            plans += [p for p in found if p not in plans]
-        # TI's lite model may leave much of the budget unspent: its replacements given back where
-        # they cost most accuracy per millisecond (edgeopt.search.allocate.restore).
-        for name, lite in _lite_plans(context.space).items():
-            if progress:
-                print(f"Restoring blocks of the {name} lite model within {budget}: "
-                      f"{'timing' if context.target.measurable else 'estimating'} each replacement undone ...",
-                      file=sys.stderr)
-            found = restore(context.space, table, metric=metric_of(budget), limit=budget.limit(context.base.macs),
-                            start=lite)
+            found = walk(context.space, table, metric=metric_of(budget), limit=budget.limit(context.base.macs),
+                         start=start)
             plans += [p for p in found if p not in plans]
     return plans
 
