@@ -176,7 +176,10 @@ def main() -> int:
         if args.train_only:
             continue
         if args.s0_from is not None and "without_surgery" not in entry:
-            earlier = results[name + args.s0_from]
+            earlier = results.get(name + args.s0_from)
+            if not earlier or "without_surgery" not in earlier:
+                sys.exit(f"--s0-from: {OUT} has no search without surgery under {name + args.s0_from!r}; "
+                         f"run that tag first, or leave --s0-from out.")
             entry["reference_ms"], entry["without_surgery"] = earlier["reference_ms"], earlier["without_surgery"]
             entry["s0_from"] = name + args.s0_from
         base_onnx = export_onnx(model, data.example_input(), args.cache / f"{name}-fp32.onnx")

@@ -189,6 +189,13 @@ def restore(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[Mo
                 undo.append((drop, metric(_undone(space, start, [(block, kind)])) - base, block, kind))
     # Those that add nothing first (the metric may even fall), then the best value per unit added.
     undo.sort(key=lambda u: u[0] / max(u[1], 1e-9), reverse=True)
+    measured: dict[str, float] = {}  # the two targets often end on the same plan: time it once
+
+    def fits(plan: ModelPlan, target: float) -> bool:
+        if plan.key() not in measured:
+            measured[plan.key()] = metric(plan)
+        return measured[plan.key()] <= target
+
     plans: list[ModelPlan] = []
     for target in sorted(limit * m for m in MARGINS):
         chosen, predicted = [], base
@@ -197,9 +204,8 @@ def restore(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[Mo
                 chosen.append((block, kind))
                 predicted += added
         # The additive model is an estimate: give back the last undone until the plan measures in.
-        while chosen and metric(_undone(space, start, chosen)) > target:
+        while chosen and not fits(plan := _undone(space, start, chosen), target):
             chosen.pop()
-        plan = _undone(space, start, chosen)
         if chosen and plan not in plans:
             plans.append(plan)
     log.info("Restored %d plan(s) from a plan with surgery for the budget %.4g (it takes %.4g).",
