@@ -167,14 +167,15 @@ def main() -> int:
     results["command"] = " ".join(["python bench/surgery.py", *sys.argv[1:]])
     for name in args.models.split(","):
         model, info = base_model(name, data, args.cache, args.epochs)
+        if args.train_only:  # the entries are the searches' to write: a base alone is only cached
+            print(json.dumps({name: info}), flush=True)
+            continue
         entry = results.setdefault(name + args.tag, {})
         entry["base"] = info
         entry["settings"] = {"budget": args.budget, "trials": args.trials, "start": args.start,
                              "finetune_epochs": args.finetune_epochs, "seed": args.seed,
                              "data": f"{len(data.train) + len(data.proxy)} training images (of which {len(data.proxy)} "
                                      f"proxy), {len(data.val)} validation images, {folder.name}"}
-        if args.train_only:
-            continue
         if args.s0_from is not None and "without_surgery" not in entry:
             earlier = results.get(name + args.s0_from)
             if not earlier or "without_surgery" not in earlier:
@@ -207,7 +208,8 @@ def main() -> int:
             OUT.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({name: {k: v for k, v in entry.items() if k not in ("without_surgery", "with_surgery")}}),
               flush=True)
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if not args.train_only:
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
