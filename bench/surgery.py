@@ -129,6 +129,16 @@ def paired(s0: dict, s1: dict, *, runs: int) -> dict:
             "alone_ms": alone, "mcnemar_s0_vs_s1": mcnemar(first, second), "commit": commit()}
 
 
+def save(results: dict, own: set[str]) -> None:
+    """Write this run's entries into the results file as it is now: another run (another model or
+    tag) may have written its own since this one read it."""
+    current = json.loads(OUT.read_text()) if OUT.exists() else {}
+    current.update({key: results[key] for key in ("machine", "command", *sorted(own))})
+    partial = OUT.with_suffix(".partial")
+    partial.write_text(json.dumps(current, indent=1) + "\n")
+    partial.replace(OUT)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="efficientnet_b0,mobilenet_v3_small")
@@ -165,13 +175,16 @@ def main() -> int:
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results["machine"] = machine_record()
     results["command"] = " ".join(["python bench/surgery.py", *sys.argv[1:]])
+    own: set[str] = set()  # the entries this run writes
     for name in args.models.split(","):
         model, info = base_model(name, data, args.cache, args.epochs)
         if args.train_only:  # the entries are the searches' to write: a base alone is only cached
             print(json.dumps({name: info}), flush=True)
             continue
         entry = results.setdefault(name + args.tag, {})
+        own.add(name + args.tag)
         entry["base"] = info
+        entry["machine"] = results["machine"]  # entries of one file come from several machines
         entry["settings"] = {"budget": args.budget, "trials": args.trials, "start": args.start,
                              "finetune_epochs": args.finetune_epochs, "seed": args.seed,
                              "data": f"{len(data.train) + len(data.proxy)} training images (of which {len(data.proxy)} "
@@ -189,7 +202,7 @@ def main() -> int:
         if "without_surgery" not in entry:
             entry["without_surgery"] = search(model, data, out=args.cache / f"{name}{args.tag}-without", budget_ms=args.budget * reference_ms,
                                               reference_ms=reference_ms, surgery=False, args=args)
-            OUT.write_text(json.dumps(results, indent=1) + "\n")
+            save(results, own)
         s0 = entry["without_surgery"]
         if not s0["met_budget"]:
             print(f"{name}: the search without surgery met no model under the budget", file=sys.stderr)
@@ -197,7 +210,7 @@ def main() -> int:
         if "with_surgery" not in entry:
             entry["with_surgery"] = search(model, data, out=args.cache / f"{name}{args.tag}-with", budget_ms=s0["latency_ms"] / SPEEDUP,
                                            reference_ms=reference_ms, surgery=True, args=args)
-            OUT.write_text(json.dumps(results, indent=1) + "\n")
+            save(results, own)
         s1 = entry["with_surgery"]
         if s1["met_budget"] and ("paired" not in entry or entry["paired"].get("turn") != TURN):
             if "paired" in entry:  # timed in single alternating runs: kept, and timed again as below
@@ -205,11 +218,11 @@ def main() -> int:
             entry["paired"] = paired(s0, s1, runs=args.runs)
             entry["target_met"] = (entry["paired"]["speedup"] >= SPEEDUP
                                    and s1["accuracy"] >= s0["accuracy"] - MAX_LOSS)
-            OUT.write_text(json.dumps(results, indent=1) + "\n")
+            save(results, own)
         print(json.dumps({name: {k: v for k, v in entry.items() if k not in ("without_surgery", "with_surgery")}}),
               flush=True)
     if not args.train_only:
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        save(results, own)
     return 0
 
 
