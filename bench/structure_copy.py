@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 
 from edgeopt import SearchSpace
-from edgeopt.spaces.space import META_FROM_PARAMETERS
+from edgeopt.spaces.space import META_FROM_PARAMETERS, meta_copy
 
 MODELS = {  # name: (builder, input size)
     "timm mobileone_s0 at 32x32": (lambda: timm.create_model("mobileone_s0", num_classes=10), 32),
@@ -34,15 +34,9 @@ MODELS = {  # name: (builder, input size)
 }
 
 
-def meta_copy(model: nn.Module, x: torch.Tensor) -> None:
-    memo = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(
-            tensor, nn.Parameter) else meta
-    work = copy.deepcopy(model, memo).eval()
+def on_meta(model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
-        work(x.to("meta"))
+        meta_copy(model)(x.to("meta"))
 
 
 def real_copy(model: nn.Module, x: torch.Tensor) -> None:
@@ -65,14 +59,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"| model | parameters | meta copy + run (s) | real copy + run (s) | from_model (s) |")
+    print("| model | parameters | meta copy + run (s) | real copy + run (s) | from_model (s) |")
     print("|---|---|---|---|---|")
     for name, (build, size) in MODELS.items():
         torch.manual_seed(0)
         model = build().eval()
         x = torch.randn(1, 3, size, size)
         params = sum(p.numel() for p in model.parameters())
-        meta = median_seconds(lambda: meta_copy(model, x), args.repeats)
+        meta = median_seconds(lambda: on_meta(model, x), args.repeats)
         real = median_seconds(lambda: real_copy(model, x), args.repeats)
         started = time.perf_counter()
         SearchSpace.from_model(model, x)

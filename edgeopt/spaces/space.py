@@ -438,6 +438,16 @@ class SearchSpace:
                 f"{len(self.groups)} prunable groups, input sizes {self.input_sizes}, knobs={self.knobs})")
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model in eval mode whose parameters and buffers are on the meta device."""
+    memo = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(
+            tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo).eval()
+
+
 def structure_copy(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
     """A copy of the model and the example input for work that needs shapes, not values: on the
     meta device for a large model (no weights copied or computed: ViT-B's 86M parameters copy
@@ -448,12 +458,7 @@ def structure_copy(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Mo
     10.5 s against 4.0."""
     if sum(p.numel() for p in model.parameters()) < META_FROM_PARAMETERS:
         return copy.deepcopy(model).eval(), example_input
-    memo = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(
-            tensor, nn.Parameter) else meta
-    work = copy.deepcopy(model, memo).eval()
+    work = meta_copy(model)
     try:
         with torch.no_grad():
             work(example_input.to("meta"))

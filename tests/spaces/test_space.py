@@ -121,3 +121,22 @@ def test_untraceable_model_gets_a_clear_error():
 
     with pytest.raises(EdgeoptError, match="input"):
         SearchSpace.from_model(Bad(), torch.randn(1, 3, 8, 8))
+
+
+def test_a_large_model_is_traced_on_the_meta_device_to_the_same_space(tiny, example, monkeypatch):
+    """Models from META_FROM_PARAMETERS get structure copies without weights; the space they give
+    is the one a real copy gives (the test lowers the threshold: no test model is that large)."""
+    import edgeopt.spaces.space as space_module
+    from edgeopt.spaces.space import structure_copy
+
+    real = SearchSpace.from_model(tiny, example)
+    work, x = structure_copy(tiny, example)
+    assert x.device.type == "cpu" and all(p.device.type == "cpu" for p in work.parameters())
+    monkeypatch.setattr(space_module, "META_FROM_PARAMETERS", 0)
+    work, x = structure_copy(tiny, example)
+    assert x.device.type == "meta" and all(p.device.type == "meta" for p in work.parameters())
+    assert work(x).shape == tiny(example).shape
+    on_meta = SearchSpace.from_model(tiny, example)
+    assert on_meta.layers == real.layers and on_meta.input_sizes == real.input_sizes
+    assert [g.layers for g in on_meta.groups] == [g.layers for g in real.groups]
+    assert all(p.device.type == "cpu" for p in tiny.parameters())  # the model itself is untouched
