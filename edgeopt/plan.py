@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -296,6 +296,12 @@ class ModelPlan:
         except json.JSONDecodeError as exc:
             raise EdgeoptError(f"The plan is not valid JSON ({exc}).") from None
         return cls.from_dict(data)
+
+    def in_float(self) -> ModelPlan:
+        """The plan with every layer at 32 bits (its pruning, zeroed weights, input size, depth
+        and surgery kept): what its structure and MACs are, whatever the precision."""
+        return replace(self, layers={fqn: replace(lp, w_bits=32, a_bits=32, dynamic=False)
+                                     for fqn, lp in self.layers.items()})
 
     def key(self) -> str:
         """A stable digest of the plan: equal plans share it across processes (cache keys). A plan

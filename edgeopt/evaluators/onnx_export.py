@@ -201,7 +201,14 @@ class _QDQWriter:
         self.inits = {init.name: init for init in self.graph.initializer}
         self.new_nodes: dict[int, list] = {}  # index of a node -> nodes to insert before it
         self.integer_nodes: set[str] = set()  # names of the Conv/Gemm/MatMul nodes of integer layers
-        self._weight_readers: dict[str, list[tuple[int, object]]] | None = None  # initializer -> (index, node)
+        # Each initializer's readers, found in one pass for every layer's `_find` (a scan per layer
+        # took half of a rewrite on timm's efficientvit_m0). A weight is read only by its own
+        # layer, whose rewrite alone renames it, and rewrites add nodes only at the end of `write`.
+        self.weight_readers: dict[str, list[tuple[int, object]]] = {}
+        for i, node in enumerate(self.graph.node):
+            for tensor in node.input:
+                if tensor in self.inits:
+                    self.weight_readers.setdefault(tensor, []).append((i, node))
 
     # -- small builders ------------------------------------------------------------------
     def _const(self, name: str, array: np.ndarray, elem_type: int | None = None) -> str:
@@ -230,16 +237,7 @@ class _QDQWriter:
     def _find(self, info: _LayerQuant) -> tuple[int, object, int, bool]:
         """(node index, node, weight input position, transposed) of the layer's Conv/Gemm/MatMul."""
         name = f"{info.fqn}.weight"
-        if self._weight_readers is None:
-            # One pass for every layer, not one per layer (that took half of a rewrite on timm's
-            # efficientvit_m0); a weight is read only by its own layer, whose rewrite alone
-            # renames it, and the rewrites insert nodes only in `write`, after all of them.
-            self._weight_readers = {}
-            for i, node in enumerate(self.graph.node):
-                for tensor in node.input:
-                    if tensor in self.inits:
-                        self._weight_readers.setdefault(tensor, []).append((i, node))
-        for i, node in self._weight_readers.get(name, []):
+        for i, node in self.weight_readers.get(name, []):
             if node.op_type in ("Conv", "Gemm"):
                 transposed = node.op_type == "Gemm" and not any(
                     a.name == "transB" and a.i == 1 for a in node.attribute)

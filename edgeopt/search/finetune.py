@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,9 +173,7 @@ def _tuned(plan: ModelPlan, context: Context, *, data, lr: float, batch_size: in
     from weights that no longer move by what pruning cost them."""
     stages = [(plan, epochs)]
     if float_share > 0 and epochs > 0:
-        in_float = ModelPlan(layers={f: replace(lp, w_bits=32, a_bits=32, dynamic=False) for f, lp in plan.layers.items()},
-                             input_scale=plan.input_scale, dropped=plan.dropped, surgery=plan.surgery)
-        stages = [(in_float, epochs * float_share), (plan, epochs * (1 - float_share))]
+        stages = [(plan.in_float(), epochs * float_share), (plan, epochs * (1 - float_share))]
     model = None
     for i, (stage, length) in enumerate(stages):
         model = context.compress(stage) if model is None else context.quantize(model, stage)

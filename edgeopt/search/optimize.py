@@ -438,8 +438,7 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
             if budget.metric == "macs":
                 # Precision changes no MAC: the path from uniform int8 asks again for each plan
                 # the path from fp32 built (each build 0.2 s on the test suite's small models).
-                key = replace(plan, layers={fqn: replace(lp, w_bits=32, a_bits=32, dynamic=False)
-                                            for fqn, lp in plan.layers.items()}).key()
+                key = plan.in_float().key()
                 if key not in macs_of:
                     model = context.compress(plan, calibrate_model=False)
                     macs_of[key] = float(context.budget_macs(model_cost(model, context.example_input)))
