@@ -188,6 +188,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     return path
 
 
+def _through(sources: dict[str, str], tensor: str) -> str:
+    """The tensor `tensor` stands for once the nodes bypassed so far (`sources`) are gone."""
+    while tensor in sources:
+        tensor = sources[tensor]
+    return tensor
+
+
 class _QDQWriter:
     """Rewrites a float ONNX graph so that each compressed layer runs in QDQ form."""
 
@@ -416,7 +423,8 @@ class _QDQWriter:
         consts = self._constants()
         made_by = {out: node for node in self.graph.node for out in node.output}
         outputs = {out.name for out in self.graph.output}
-        for node in list(self.graph.node):
+        sources: dict[str, str] = {}
+        for node in self.graph.node:
             producer = made_by.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
             if producer is None or producer.op_type != "DequantizeLinear" or node.output[0] in outputs:
                 continue
@@ -426,15 +434,20 @@ class _QDQWriter:
             if self.numpy_helper.to_array(consts[node.input[2]]).dtype != self.numpy_helper.to_array(
                     consts[producer.input[2]]).dtype:
                 continue
-            self._bypass(node, producer.input[0])
+            sources[node.output[0]] = _through(sources, producer.input[0])
+        self._bypass(sources)
 
-    def _bypass(self, node, source: str) -> None:
-        """Remove `node`; what read its output reads `source` instead."""
-        for other in self.graph.node:
-            for i, name in enumerate(other.input):
-                if name == node.output[0]:
-                    other.input[i] = source
-        self.graph.node.remove(node)
+    def _bypass(self, sources: dict[str, str]) -> None:
+        """Remove the nodes whose output is a key of `sources`; what read that output reads its
+        source instead. All in one pass: one pass per removed node took half a second of each
+        export of torchvision's inception_v3."""
+        kept = [node for node in self.graph.node if node.output[0] not in sources]
+        for node in kept:
+            for i, name in enumerate(node.input):
+                if name in sources:
+                    node.input[i] = sources[name]
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
 
     def _drop_identity_relus(self) -> None:
         """Remove each Relu that reads a DequantizeLinear with zero point 0.
@@ -454,12 +467,16 @@ class _QDQWriter:
             zero = self.numpy_helper.to_array(consts[dq.input[2]])
             return zero.dtype == np.uint8 and not zero.any()
 
-        for node in list(self.graph.node):
-            producer = made_by.get(node.input[0]) if node.op_type == "Relu" else None
+        sources: dict[str, str] = {}
+        for node in self.graph.node:
+            # A Relu after a removed one reads what that one read (the graph is in topological order).
+            first = _through(sources, node.input[0]) if node.op_type == "Relu" else None
+            producer = made_by.get(first) if first is not None else None
             if (producer is None or producer.op_type != "DequantizeLinear" or node.output[0] in outputs
                     or not zero_point_is_zero(producer)):
                 continue
-            self._bypass(node, node.input[0])
+            sources[node.output[0]] = first
+        self._bypass(sources)
 
     def _ranks(self) -> dict[str, int]:
         """The rank of each tensor, by ONNX shape inference on the graph without its weights'

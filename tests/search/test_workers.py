@@ -114,7 +114,9 @@ def test_two_local_workers_share_the_fine_tunes_and_select_what_one_process_sele
     from edgeopt.search.tasks import TASK
 
     model, data = demo
-    search = SearchConfig(trials=8, seed=0, calib_batches=2)
+    # The sensitivity table on 128 proxy images, not 512: this test is about the workers (the
+    # table took 12 of the 39 s of each of its two runs).
+    search = SearchConfig(trials=8, seed=0, calib_batches=2, sensitivity_images=128)
     alone = optimize(model, data, target="pi4", budget="60%", out=tmp_path / "alone", progress=False,
                      search=search, finetune_config=SCREENED)
     shared = optimize(model, data, target="pi4", budget="60%", out=tmp_path / "shared", workers=2,
@@ -147,7 +149,7 @@ def test_a_worker_killed_mid_fine_tune_loses_only_that_fine_tune(demo, tmp_path)
     from edgeopt.search.tasks import TASK
 
     trained, bundle = demo
-    search = SearchConfig(trials=6, seed=0, calib_batches=2)
+    search = SearchConfig(trials=6, seed=0, calib_batches=2, sensitivity_images=128)
     budgets = (__import__("edgeopt.budget", fromlist=["parse_budget"]).parse_budget("60%"),)
     out = tmp_path / "run"
     optimize(trained, bundle, target="pi4", budget="60%", out=out, search_only=True, progress=False, search=search)
