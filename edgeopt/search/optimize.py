@@ -33,7 +33,7 @@ from edgeopt.hw_models.targets import get_target
 from edgeopt.plan import INPUT_SCALES, NM, SMALL_KERNEL, SURGERY_KINDS, ModelPlan, Surgery
 from edgeopt.layers import trace_layers
 from edgeopt.search.accounting import LAYERS_FILE, account_layers, report_lines, write_layers_csv
-from edgeopt.search.allocate import INT8, allocate, restore
+from edgeopt.search.allocate import INT8, allocate, fit
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
@@ -452,12 +452,12 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
     # time, with every gate and Hardswish replaced 0.45x).
     # Each path: (how it walks, what the progress says, where it starts). TI's lite model may leave
     # much of the budget unspent: its replacements are given back where they cost most accuracy per
-    # millisecond (edgeopt.search.allocate.restore).
+    # millisecond; or it may be over the budget, and the path goes on from it (edgeopt.search.allocate.fit).
     paths = [(allocate, "Allocating starting plans from fp32", "each single change", None)]
     if INT8 in context.space.knobs.pairs:
         paths.append((allocate, "Allocating starting plans from uniform int8", "each single change",
                       context.space.uniform(w_bits=8, a_bits=8)))
-    paths += [(restore, f"Restoring blocks of the {name} lite model", "each replacement undone", lite)
+    paths += [(fit, f"Fitting the {name} lite model", "each change", lite)
               for name, lite in _lite_plans(context.space).items()]
     plans: list[ModelPlan] = []
     for budget in wanted:

@@ -7,7 +7,7 @@ import torchvision
 
 from edgeopt import SearchSpace, Surgery, apply_plan
 from edgeopt.evaluators.cost import model_cost
-from edgeopt.search.allocate import allocate, restore
+from edgeopt.search.allocate import allocate, fit, restore
 from edgeopt.search.sensitivity import (SensitivityTable, _activations_key, _keep_key, _keep_levels, _weights_key,
                                         input_key, surgery_changes, surgery_key)
 from tests.conftest import TinyNet
@@ -138,3 +138,26 @@ def test_restore_spends_what_the_lite_model_leaves_on_the_replacements_that_cost
     assert plans[1].surgery["features.6.block"].activation == "relu"  # 4 units: does not fit
     # A lite model over the budget leaves nothing to restore.
     assert restore(space, table, metric=metric, limit=9.0, start=lite) == []
+
+
+def test_a_lite_model_over_the_budget_is_the_start_of_a_path_that_keeps_its_replacements():
+    space, macs = _setup()
+    lite = space.uniform(surgery=Surgery(gate=False))  # TinyNet's one block open to surgery: its gate
+
+    def latency(plan) -> float:
+        # Like mobilenet_v3_small's gates on a CPU without VNNI: removing them halves the time.
+        gated = any(s.gate for s in plan.surgery.values()) or not plan.surgery
+        return macs(plan) * (1.0 if gated else 0.5)
+
+    base = latency(space.uniform())
+    table = _table(space, keep_drop=lambda root: 1.0, bits_drop=lambda fqn: 0.1)
+    table.drops[surgery_key("se", "gate", False)] = 3.0
+    limit = 0.35 * base
+    assert latency(lite) > limit
+    plans = fit(space, table, metric=latency, limit=limit, start=lite)
+    assert plans and all(latency(plan) <= limit for plan in plans)
+    # The path went on from the lite model: every plan keeps its gate removed, and prunes.
+    assert all(plan.surgery["se"].gate is False and space.group_keep(plan) for plan in plans)
+    # Where the lite model meets the budget, its replacements are given back instead.
+    given_back = fit(space, table, metric=latency, limit=1.1 * base, start=lite)
+    assert given_back and given_back[-1].surgery.get("se", Surgery()).gate and not space.group_keep(given_back[-1])
