@@ -230,10 +230,15 @@ def fit(space: SearchSpace, table: SensitivityTable, *, metric: Callable[[ModelP
         limit: float, start: ModelPlan) -> list[ModelPlan]:
     """Starting plans from a plan a user takes whole (TI's lite model): where it meets `limit`,
     its replacements undone while the budget allows (`restore`); where it does not, the greedy
-    path from it (`allocate`)."""
-    if metric(start) <= limit:
-        return restore(space, table, metric=metric, limit=limit, start=start)
-    return allocate(space, table, metric=metric, limit=limit, start=start)
+    path from it (`allocate`). The start is measured once: each of those measures it first, and
+    on a measured clock a second reading could disagree with the one that chose between them."""
+    measured = metric(start)
+
+    def once(plan: ModelPlan) -> float:
+        return measured if plan is start else metric(plan)
+
+    walk = restore if measured <= limit else allocate
+    return walk(space, table, metric=once, limit=limit, start=start)
 
 
 def _undone(space: SearchSpace, plan: ModelPlan, undo: list[tuple[str, str]]) -> ModelPlan:
