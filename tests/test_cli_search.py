@@ -191,7 +191,9 @@ def test_preprocessing_is_printed_recorded_and_exported_and_a_study_keeps_its_se
 
 
 def _command(folder: Path, out: Path, trials: int) -> list[str]:
-    args = _base_args(folder, out)
+    # From the hand plans only: these runs are about stopping and resuming trials, and the
+    # allocation before the first trial would only delay the moment they are stopped.
+    args = _base_args(folder, out, "--start", "hand")
     args[args.index("--trials") + 1] = str(trials)
     return [sys.executable, "-m", "edgeopt.cli", *args]
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import copy
 
 import thop
-import torch
 
 from edgeopt import NM, SearchSpace, apply_plan, model_cost
 from edgeopt.spaces.quantize import CompressedConv2d, CompressedLinear

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import onnxruntime as ort
 import pandas as pd
 import pytest
@@ -99,7 +97,9 @@ def test_a_rerun_loads_every_fine_tune_instead_of_training_it_again(bundle, trai
     import edgeopt.search.finetune as finetune_module
 
     config = FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
-    search = SearchConfig(trials=8, seed=0, calib_batches=2)
+    # From the hand plans: how the search starts does not matter here, and each new folder would
+    # measure the allocation's sensitivity table and paths again.
+    search = SearchConfig(trials=8, seed=0, calib_batches=2, start="hand")
     first = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "a", progress=False,
                      search=search, finetune_config=config, finetuned_dir=tmp_path / "store")
     stored = sorted((tmp_path / "store").glob("*.pt"))
@@ -116,11 +116,8 @@ def test_a_rerun_loads_every_fine_tune_instead_of_training_it_again(bundle, trai
     assert again.plan == first.plan and again.selected.accuracy == first.selected.accuracy
     assert sorted((tmp_path / "store").glob("*.pt")) == stored
     # Another recipe is another result: it trains (here: reaches the patched train and fails).
-    # From the hand plans: how the search starts does not matter here, and the allocation's
-    # sensitivity table and paths would be measured again for the new folder.
     with pytest.raises(AssertionError, match="trained again"):
-        optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "c", progress=False,
-                 search=replace(search, start="hand"),
+        optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path / "c", progress=False, search=search,
                  finetune_config=FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25,
                                                 lr=1e-3),
                  finetuned_dir=tmp_path / "store")
@@ -130,7 +127,7 @@ def test_a_rerun_loads_every_fine_tune_instead_of_training_it_again(bundle, trai
 def test_screening_fine_tunes_the_best_screened_candidates_fully(bundle, trained, tmp_path, capsys):
     config = FinetuneConfig(top=2, epochs=0.5, batch_size=32, screen=4, screen_epochs=0.25)
     result = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, progress=False,
-                      search=SearchConfig(trials=10, seed=0, calib_batches=2), finetune_config=config)
+                      search=SearchConfig(trials=10, seed=0, calib_batches=2, start="hand"), finetune_config=config)
     frame = result.trials
     screened = frame[frame["screened_accuracy"].notna()]
     tuned = frame[frame["finetuned_accuracy"].notna()]

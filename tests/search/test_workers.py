@@ -17,6 +17,10 @@ from edgeopt.search.optimize import SearchConfig, optimize
 from edgeopt.search.study import PLAN_KEY, WORKER, finished, joined
 
 NO_FINETUNE = FinetuneConfig(top=1, epochs=0)
+# The workers' searches start from the hand plans only: the allocation runs in the first process
+# before any worker starts (tests/search/test_allocate.py and test_optimize.py test it), and it
+# was most of each small search's time here.
+START = "hand"
 
 
 def _journal_study(out: Path) -> optuna.Study:
@@ -29,7 +33,7 @@ def _journal_study(out: Path) -> optuna.Study:
 @pytest.mark.slow
 def test_three_local_workers_share_one_journal_study(bundle, trained, tmp_path):
     result = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, workers=3, progress=False,
-                      search=SearchConfig(trials=12, seed=3, calib_batches=2), finetune_config=NO_FINETUNE)
+                      search=SearchConfig(trials=12, seed=3, calib_batches=2, start=START), finetune_config=NO_FINETUNE)
     assert len(result.trials) == 12 and result.trials["plan_key"].is_unique
     study = _journal_study(tmp_path)
     done = finished(study)
@@ -76,7 +80,8 @@ def postgres_url():
 
 @pytest.mark.slow
 def test_two_workers_on_postgresql_join_one_study(bundle, trained, tmp_path, postgres_url):
-    search = SearchConfig(trials=8, seed=5, calib_batches=2, storage=postgres_url, study_name="shared")
+    search = SearchConfig(trials=8, seed=5, calib_batches=2, storage=postgres_url, study_name="shared",
+                          start=START)
     result = optimize(trained, bundle, target="pi4", budget="60%", out=tmp_path, workers=2, progress=False,
                       search=search, finetune_config=NO_FINETUNE)
     assert len(result.trials) == 8 and result.trials["plan_key"].is_unique
@@ -116,7 +121,7 @@ def test_two_local_workers_share_the_fine_tunes_and_select_what_one_process_sele
     model, data = demo
     # The sensitivity table on 128 proxy images, not 512: this test is about the workers (the
     # table took 12 of the 39 s of each of its two runs).
-    search = SearchConfig(trials=8, seed=0, calib_batches=2, sensitivity_images=128)
+    search = SearchConfig(trials=8, seed=0, calib_batches=2, sensitivity_images=128, start=START)
     alone = optimize(model, data, target="pi4", budget="60%", out=tmp_path / "alone", progress=False,
                      search=search, finetune_config=SCREENED)
     shared = optimize(model, data, target="pi4", budget="60%", out=tmp_path / "shared", workers=2,
@@ -149,7 +154,7 @@ def test_a_worker_killed_mid_fine_tune_loses_only_that_fine_tune(demo, tmp_path)
     from edgeopt.search.tasks import TASK
 
     trained, bundle = demo
-    search = SearchConfig(trials=6, seed=0, calib_batches=2, sensitivity_images=128)
+    search = SearchConfig(trials=6, seed=0, calib_batches=2, sensitivity_images=128, start=START)
     budgets = (__import__("edgeopt.budget", fromlist=["parse_budget"]).parse_budget("60%"),)
     out = tmp_path / "run"
     optimize(trained, bundle, target="pi4", budget="60%", out=out, search_only=True, progress=False, search=search)

@@ -3,7 +3,6 @@ and latency, and that it composes with pruning, int8 and export."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import optuna
 import pytest
@@ -198,7 +197,7 @@ def test_the_search_suggests_surgery_per_block_and_validates_it():
     assert set(study.trials[0].distributions[f"gate/{block.name}"].choices) == {"keep", "remove"}
     keys = [key for key, _ in changes(host)]
     assert f"gate=False {block.name}" in keys and f"activation=relu {block.name}" in keys
-    assert f"kernel=3 features.3.0.block" in keys
+    assert "kernel=3 features.3.0.block" in keys
     with pytest.raises(EdgeoptError, match="'relu6' not offered"):
         host.validate(ModelPlan(surgery={block.name: Surgery(activation="relu6")}))
     with pytest.raises(EdgeoptError, match="takes no surgery"):
