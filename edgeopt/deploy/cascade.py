@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeopt.deploy.run import PREPROCESSING_KEY, resize_float
+from edgeopt.deploy.run import PREPROCESSING_KEY, resize_float, session_options
 
 CASCADE_FILE = "cascade.json"
 
@@ -39,8 +39,7 @@ class Cascade:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: give the cascade/ folder optimize wrote.")
         spec = json.loads(path.read_text())
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options = session_options(ort, threads)
         sessions = [ort.InferenceSession(str(folder / spec[role]["file"]), options,
                                          providers=["CPUExecutionProvider"]) for role in ("small", "large")]
         return cls(spec, *sessions)

@@ -46,6 +46,30 @@ CAMERA_COMMANDS = (
 )
 
 
+# onnxruntime fuses a DequantizeLinear of int4 or int8 weights into the MatMul it feeds
+# (MatMulNBits) and by default computes that MatMul on its float input quantized to int8 on the fly
+# ("accuracy level" 4). A weight-only quantized Linear layer on tokens (a transformer's) then gives
+# other scores than the model edgeopt evaluated: a torchvision ViT's moved by 0.05-0.2 on scores
+# up to 30, where float rounding moves them by 1e-5. Level 1 keeps that input in float32, as the
+# model was evaluated. Layers with 8-bit activations are not affected (they are integer layers).
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
+def session_options(ort, threads: int):
+    """The onnxruntime session options edgeopt measures and runs its models with (`ort`: the
+    onnxruntime module): a fixed thread count, one graph run at a time, and SESSION_CONFIG."""
+    options = ort.SessionOptions()
+    # An explicit count: onnxruntime's default sizes its pool from the cores it sees and pins its
+    # threads, so latency would depend on what else runs; a fixed count makes figures comparable.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # its notes on unused initializers are not for the user
+    for key, value in SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
 class BundleError(Exception):
     """Input this script cannot use; the message says what to do. Printed without a traceback."""
 
@@ -57,15 +81,8 @@ def load_session(model: Path, threads: int):
         raise BundleError("onnxruntime is not installed: pip install onnxruntime numpy pillow") from None
     if not model.is_file():
         raise BundleError(f"{model}: no such model file; run.py expects model.onnx beside it, or pass --model.")
-    options = ort.SessionOptions()
-    # An explicit count: onnxruntime's default sizes its pool from the cores it sees and pins its
-    # threads, so latency would depend on what else runs; a fixed count makes figures comparable.
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # its notes on unused initializers are not for the user
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model), session_options(ort, threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types for a bad file
         raise BundleError(f"onnxruntime cannot load {model}: {str(exc).strip().splitlines()[0][:300]}") from None
     return session, ort.__version__

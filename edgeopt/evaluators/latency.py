@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgeopt.deploy.run import session_options
 from edgeopt.errors import EdgeoptError
 
 if TYPE_CHECKING:
@@ -83,12 +84,8 @@ def make_session(model: str | Path | bytes, *, threads: int = 1):
 
     if threads < 1:
         raise EdgeoptError(f"threads must be at least 1, got {threads}.")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options = session_options(ort, threads)  # as the deployed model runs
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(model).is_file():
         raise EdgeoptError(f"No ONNX file at {model}; export one first (edgeopt.export_onnx).")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeopt.deploy.run import session_options
 from edgeopt.errors import EdgeoptError
 from edgeopt.evaluators.latency import _feed, summarize, time_session
 
@@ -153,9 +154,8 @@ def _profiled_session(path: Path, options, feed_seed: int, *, runs: int, warmup:
     # The profiler costs time per node (tens of microseconds here), which would make a model of
     # many small nodes, an int8 one with its quantizers, look slower than it runs. The same
     # model's runs without it say how much: spread equally over the nodes, it is taken out.
-    plain = ort.SessionOptions()
-    for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "log_severity_level"):
-        setattr(plain, attr, getattr(options, attr))
+    plain = session_options(ort, threads)
+    plain.graph_optimization_level = options.graph_optimization_level
     unprofiled = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
     whole_ms = summarize(time_session(unprofiled, feed, repeats=max(runs, 20), warmup=warmup, min_time_s=0.1),
                          threads=threads).median_ms
@@ -190,13 +190,11 @@ def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20
     per_session = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(sessions):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+            options = session_options(ort, threads)  # as the deployed model runs
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if i == 0:
+                # Its warning that an NCHWc model is for this machine only is silenced with the rest.
                 options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-            options.log_severity_level = 3  # its warning that an NCHWc model is for this machine only
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / f"profile{i}")
             per_session.append(_profiled_session(path, options, i, runs=runs, warmup=warmup, threads=threads))

@@ -154,3 +154,46 @@ def test_a_float_layer_between_int8_layers_stays_float_in_onnxruntime(tiny, exam
     # boundary, nothing more: the scores agree to a quantization step, not to int8 per-tensor error.
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.95
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+class _Tokens(torch.nn.Module):
+    """Linear layers on tokens (batch, tokens, features), as in a transformer: ONNX MatMul + Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 64, 8, stride=8)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head((tokens + self.mlp(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_linear_layers_on_tokens_run_as_evaluated_in_the_sessions_edgeopt_makes(bits, tmp_path):
+    """onnxruntime fuses a weight-only layer's DequantizeLinear and MatMul into MatMulNBits, which by
+    default quantizes its float input to int8 (edgeopt.deploy.run.SESSION_CONFIG): the measuring,
+    deploying and cascade sessions keep it in float, and give the PyTorch model's scores."""
+    from edgeopt.deploy import run as bundle_run
+    from edgeopt.deploy.cascade import Cascade
+    from edgeopt.evaluators.latency import make_session
+
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    x = torch.randn(1, 3, 32, 32)
+    space = SearchSpace.from_model(model, x)
+    plan = ModelPlan(layers={fqn: LayerPlan(w_bits=bits) for fqn in ("mlp.0", "mlp.2")})
+    small = apply_plan(model, plan, x, space=space)
+    path = export_onnx(small, x, tmp_path / "m.onnx", preprocessing={"input_size": [32, 32]})
+    inputs = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = small(inputs).numpy()
+    key, value = next(iter(bundle_run.SESSION_CONFIG.items()))
+    (tmp_path / "cascade.json").write_text('{"threshold": 0.5, "small": {"file": "m.onnx"}, "large": {"file": "m.onnx"}}')
+    sessions = [make_session(path), bundle_run.load_session(path, 1)[0], Cascade.load(tmp_path).small]
+    for session in sessions:
+        assert session.get_session_options().get_session_config_entry(key) == value
+        got = session.run(None, {"input": inputs.numpy()})[0]
+        np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    assert "MatMulNBits" in {node.op_type for node in _runtime_nodes(path, tmp_path)}  # the fusion this is about
