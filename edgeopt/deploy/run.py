@@ -57,8 +57,11 @@ SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 def session_options(ort, threads: int):
     """The onnxruntime session options edgeopt measures and runs its models with (`ort`: the
-    onnxruntime module): a fixed thread count, one graph run at a time, and SESSION_CONFIG."""
+    onnxruntime module): a fixed thread count, one graph run at a time, every graph optimization
+    (onnxruntime's default, stated so the measuring sessions cannot drift from it), and
+    SESSION_CONFIG."""
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # An explicit count: onnxruntime's default sizes its pool from the cores it sees and pins its
     # threads, so latency would depend on what else runs; a fixed count makes figures comparable.
     options.intra_op_num_threads = threads

@@ -85,7 +85,6 @@ def make_session(model: str | Path | bytes, *, threads: int = 1):
     if threads < 1:
         raise EdgeoptError(f"threads must be at least 1, got {threads}.")
     options = session_options(ort, threads)  # as the deployed model runs
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     source = model if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(model).is_file():
         raise EdgeoptError(f"No ONNX file at {model}; export one first (edgeopt.export_onnx).")

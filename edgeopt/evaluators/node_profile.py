@@ -154,9 +154,7 @@ def _profiled_session(path: Path, options, feed_seed: int, *, runs: int, warmup:
     # The profiler costs time per node (tens of microseconds here), which would make a model of
     # many small nodes, an int8 one with its quantizers, look slower than it runs. The same
     # model's runs without it say how much: spread equally over the nodes, it is taken out.
-    plain = session_options(ort, threads)
-    plain.graph_optimization_level = options.graph_optimization_level
-    unprofiled = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"])
+    unprofiled = ort.InferenceSession(str(path), session_options(ort, threads), providers=["CPUExecutionProvider"])
     whole_ms = summarize(time_session(unprofiled, feed, repeats=max(runs, 20), warmup=warmup, min_time_s=0.1),
                          threads=threads).median_ms
     # The profile holds the warm-up runs too: keep each node's last `runs` timings.
@@ -191,7 +189,6 @@ def profile_layers(path: str | Path, layers, *, threads: int = 1, runs: int = 20
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(sessions):
             options = session_options(ort, threads)  # as the deployed model runs
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if i == 0:
                 # Its warning that an NCHWc model is for this machine only is silenced with the rest.
                 options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
