@@ -3,6 +3,8 @@ and latency, and that it composes with pruning, int8 and export."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnxruntime as ort
 import optuna
 import pytest
@@ -18,7 +20,8 @@ from edgeopt.evaluators.cpu import int8_needs_reduce_range
 from edgeopt.search.optimize import target_knobs
 from edgeopt.search.sensitivity import changes
 from edgeopt.search.study import plan_params, suggest_plan
-from edgeopt.hw_models.targets import get_target
+from edgeopt.hw_models.lut import LayerKey
+from edgeopt.hw_models.targets import LayerTimes, get_target
 from edgeopt.layers import trace_layers
 from edgeopt.spaces.surgery import activation_kind, shrink_kernel, surgery_blocks
 from edgeopt.spaces.space import Knobs
@@ -150,10 +153,28 @@ def test_each_replacement_changes_the_model_its_costs_and_its_latency():
     positions = (x.shape[-1] // 4 // 2) ** 2  # the block's depthwise layer runs at stride 2 from 8x8
     assert base.macs - model_cost(models["kernel"], x).macs == dw.out_channels * (25 - 9) * positions
     assert model_cost(models["activation"], x).macs == base.macs
-    for target in ("pi4", "host"):
-        base_ms = estimate_latency(model, x, target=target).total_ms
-        for kind in ("gate", "kernel"):
-            assert estimate_latency(models[kind], x, target=target).total_ms < base_ms, (target, kind)
+    base_ms = estimate_latency(model, x, target="pi4").total_ms
+    for kind in ("gate", "kernel"):
+        assert estimate_latency(models[kind], x, target="pi4").total_ms < base_ms, kind
+    # The host times each layer key as it is asked for (a measurement, so no ordering is asserted
+    # here): what it is asked for must carry each replacement.
+    asked = {name: _host_keys(m, x) for name, m in (("base", model), *models.items())}
+    assert asked["base"][f"{block}.1.0"].gate == "sigmoid" and asked["gate"][f"{block}.1.0"].gate is None
+    assert set(asked["base"]) - set(asked["gate"]) == {f"{block}.2.fc1", f"{block}.2.fc2"}
+    assert asked["base"][f"{block}.1.0"].kernel == (5, 5) and asked["kernel"][f"{block}.1.0"].kernel == (3, 3)
+    assert asked["base"][f"{block}.0.0"].activation == "silu" and asked["activation"][f"{block}.0.0"].activation is None
+
+
+def _host_keys(model: nn.Module, x: torch.Tensor) -> dict[str, LayerKey]:
+    """The layer keys `estimate_latency` asks the host's latency model for, by layer name."""
+    class Recorder:
+        def layer_ms(self, keys, target):
+            self.keys = keys
+            return LayerTimes(ms=[0.0] * len(keys), sources=["lut"] * len(keys))
+
+    recorder = Recorder()
+    estimate_latency(model, x, target=dataclasses.replace(get_target("host"), latency=recorder))
+    return dict(zip((layer.fqn for layer in trace_layers(model, x)), recorder.keys))
 
 
 def test_lite_int8_composes_with_pruning_and_agrees_with_onnxruntime(tmp_path):
