@@ -19,7 +19,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +62,41 @@ def _arm64_python() -> list[str]:
     if os.environ.get("EDGEOPT_REQUIRE_ARM64") == "1":
         pytest.fail(message + ". EDGEOPT_REQUIRE_ARM64=1 makes this a failure.", pytrace=False)
     pytest.skip(message)
+
+
+# Runs each bundle's run.py as the device would (`python run.py IMAGES ...`), one after another in
+# one emulated Python: importing numpy and onnxruntime under emulation takes about 14 s of CPU,
+# which every bundle in its own process paid again.
+BUNDLES_DRIVER = """
+import contextlib, io, json, runpy, sys, time, traceback
+bundles, out, outcomes = sys.argv[1], sys.argv[2], []
+for argv in json.load(open(bundles)):
+    sys.argv, err, code = list(argv), io.StringIO(), 0
+    started = time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    outcomes.append({"code": code, "stderr": err.getvalue(), "seconds": time.perf_counter() - started})
+json.dump(outcomes, open(out, "w"))
+"""
+
+
+def _run_bundles(python: list[str], bundles: list[list[str]], work: Path) -> list[dict]:
+    """Each bundle's exit status, stderr and seconds (`BUNDLES_DRIVER`)."""
+    import json
+
+    (work.parent / "driver.py").write_text(BUNDLES_DRIVER)
+    work.write_text(json.dumps(bundles))
+    out = work.with_suffix(".out.json")
+    done = subprocess.run([*python, str(work.parent / "driver.py"), str(work), str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and out.exists(), f"the ARM64 driver failed: {done.stderr[-2000:]}"
+    return json.loads(out.read_text())
 
 
 @torch.no_grad()
@@ -125,7 +159,7 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
     space = SearchSpace.from_model(model, example)
     plans = {"fp32": space.uniform(), "uniform int8": space.uniform(w_bits=8, a_bits=8),
              "mixed (pruned, 2:4, float layers)": mixed_plan(space), "shrunk": shrunk_plan(space)}
-    runs = {}
+    runs, bundles = {}, []
     for name, plan in plans.items():
         # pi4 keeps full-range int8 weights (reduce_range=False): the A72's kernels take them.
         small = apply_plan(model, plan, example, calib_data=calib, round_to=pi4.channel_multiple, space=space)
@@ -134,21 +168,19 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
         folder = tmp_path / name.split()[0]
         export_onnx(small, example, folder / "model.onnx", preprocessing=prep)
         run_py = make_bundle(folder, folder / "model.onnx", prep)
-        # The plans' emulated runs go side by side: emulation is slow, and each is one thread.
-        proc = subprocess.Popen([*python, str(run_py), str(tmp_path / "photos"), "--threads", "1", "--warmup", "1",
-                                 "--runs", "1", "--json", str(folder / "arm64.json")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        bundles.append([str(run_py), str(tmp_path / "photos"), "--threads", "1", "--warmup", "1", "--runs", "1",
+                        "--json", str(folder / "arm64.json")])
         # From the plan: layers it leaves untouched are not among the model's compressed layers.
         quantized = [lp.w_bits not in FLOAT_BITS and lp.a_bits == 8 for lp in plan.layers.values()]
         kind = ("resized" if plan.input_scale < 1 else
                 "integer" if all(quantized) and integer_only(small) else
                 "mixed" if any(quantized) and integer_only(small) else "float" if not any(quantized) else "other")
-        runs[name] = (proc, time.perf_counter(), folder, ref, kind)
+        runs[name] = (folder, ref, kind)
+    outcomes = _run_bundles(python, bundles, tmp_path / "bundles.json")
     failures = []
-    for name, (proc, started, folder, ref, kind) in runs.items():
-        _, err = proc.communicate(timeout=600)
-        seconds = time.perf_counter() - started
-        assert proc.returncode == 0, f"{arch} {name}: run.py on ARM64 failed: {err[-2000:]}"
+    for (name, (folder, ref, kind)), outcome in zip(runs.items(), outcomes):
+        seconds = outcome["seconds"]
+        assert outcome["code"] == 0, f"{arch} {name}: run.py on ARM64 failed: {outcome['stderr'][-2000:]}"
         scores, top1 = read_results(folder / "arm64.json")
         flips = int((np.array(top1) != ref.argmax(1)).sum())
         per_input = np.abs(scores - ref).max(1)
