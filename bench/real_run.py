@@ -31,7 +31,6 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))

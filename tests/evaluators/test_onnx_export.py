@@ -62,6 +62,19 @@ def test_storage_types_follow_bits(tiny, example, calib, tmp_path):
     np.testing.assert_allclose(_run(path, example), ref, atol=0.05 * np.abs(ref).max())
 
 
+def test_export_leaves_the_model_as_it_was(tiny, example, calib, tmp_path):
+    """The export replaces layers and sets modes on a copy: none of the model's tensors, modules
+    or modes may change."""
+    space = SearchSpace.from_model(tiny, example)
+    small = apply_plan(tiny, space.uniform(w_bits=8, a_bits=8, keep_ratio=0.75), example, calib_data=calib).train()
+    before = {name: tensor.clone() for name, tensor in small.state_dict().items()}
+    modules = dict(small.named_modules())
+    export_onnx(small, example, tmp_path / "m.onnx")
+    assert dict(small.named_modules()) == modules and all(m.training for m in small.modules())
+    after = small.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_integer_layers_run_as_int8_kernels(tiny, example, calib, tmp_path):
     space = SearchSpace.from_model(tiny, example)
     small = apply_plan(tiny, space.uniform(w_bits=8, a_bits=8), example, calib_data=calib,
