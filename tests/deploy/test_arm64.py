@@ -178,7 +178,7 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
         runs[name] = (folder, ref, kind)
     outcomes = _run_bundles(python, bundles, tmp_path / "bundles.json")
     failures = []
-    for (name, (folder, ref, kind)), outcome in zip(runs.items(), outcomes):
+    for index, ((name, (folder, ref, kind)), outcome) in enumerate(zip(runs.items(), outcomes)):
         seconds = outcome["seconds"]
         assert outcome["code"] == 0, f"{arch} {name}: run.py on ARM64 failed: {outcome['stderr'][-2000:]}"
         scores, top1 = read_results(folder / "arm64.json")
@@ -209,7 +209,7 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
         coverage_log.append(
             f"ARM64 {arch} {name}: top-1 agrees on {INPUTS - flips}/{INPUTS}; largest score difference {diff:.3g}, "
             f"{off} input(s) beyond 1e-5 of the scores' scale {scale:.3g} ({rule}); spread across inputs "
-            f"{spread:.3g}; run.py {seconds:.1f} s emulated")
+            f"{spread:.3g}; run.py {seconds:.1f} s emulated{' with the imports' if index == 0 else ''}")
         # Scores that barely vary with the input (vanished activations) would make agreement trivial.
         assert spread > 0.05 * scale, coverage_log[-1]
         if flips or not ok:
