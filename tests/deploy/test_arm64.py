@@ -14,6 +14,7 @@ EDGEOPT_REQUIRE_ARM64=1 (set by .ci/run) it fails instead, so CI cannot pass it 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -88,8 +89,6 @@ json.dump(outcomes, open(out, "w"))
 
 def _run_bundles(python: list[str], bundles: list[list[str]], work: Path) -> list[dict]:
     """Each bundle's exit status, stderr and seconds (`BUNDLES_DRIVER`)."""
-    import json
-
     (work.parent / "driver.py").write_text(BUNDLES_DRIVER)
     work.write_text(json.dumps(bundles))
     out = work.with_suffix(".out.json")
@@ -233,8 +232,6 @@ def test_a_cascade_runs_on_arm64_onnxruntime_as_in_pytorch(tmp_path, coverage_lo
     """`edgeopt.Cascade` on the Pi's kernels: a small model at 3/4 of the input size (which the
     runner resizes to) and a large one, each input answered by the one PyTorch's cascade picks,
     with its top-1."""
-    import json
-
     from edgeopt.deploy.cascade import CASCADE_FILE
 
     python = _arm64_python()

@@ -173,8 +173,8 @@ def _host_keys(model: nn.Module, x: torch.Tensor) -> dict[str, LayerKey]:
             return LayerTimes(ms=[0.0] * len(keys), sources=["lut"] * len(keys))
 
     recorder = Recorder()
-    estimate_latency(model, x, target=dataclasses.replace(get_target("host"), latency=recorder))
-    return dict(zip((layer.fqn for layer in trace_layers(model, x)), recorder.keys))
+    estimate = estimate_latency(model, x, target=dataclasses.replace(get_target("host"), latency=recorder))
+    return dict(zip((layer.fqn for layer in estimate.layers), recorder.keys))
 
 
 def test_lite_int8_composes_with_pruning_and_agrees_with_onnxruntime(tmp_path):
