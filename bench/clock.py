@@ -35,7 +35,7 @@ from edgeopt.evaluators.latency import ReferenceClock, measure_latency  # noqa: 
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
 from prove_base import load_base  # noqa: E402
 
-MODELS = ROOT / "bench" / "results" / "models" / "prove" / "resnet20-host"
+MODELS = ROOT / "bench" / "results" / "models" / "prove" / "resnet20-host-vnni"
 
 
 def _cpu_flags() -> list[str]:

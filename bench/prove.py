@@ -32,7 +32,7 @@ McNemar tests on those images.
 
 Everything is kept by piece: each finished piece (the base, each hand member, each standard-tools
 model, each budget's edgeopt run, each search-only seed, the timing) is written at once to
-bench/results/prove/<base>-<target>/pieces.json, in the repository, so that a run resumes in a
+bench/results/prove/<base>-<target>/pieces.json (host: <base>-host-vnni or -no-vnni), in the repository, so that a run resumes in a
 later sitting on a fresh checkout (commit that file as pieces finish); the bulky rest (ONNX files,
 search folders, and the fine-tune store keyed by plan, recipe and seed that edgeopt's runs and the
 hand family share, edgeopt.search.finetune.FinetuneStore) lives in --cache, outside it. A run
@@ -115,6 +115,15 @@ class Pieces:
         partial.replace(self.path)
 
 
+def run_folder(base: str, target: str) -> str:
+    """The name of one run's folder (its pieces, its committed models). A host run is a clock: runs on
+    CPUs with and without VNNI (int8 dot products in one instruction, and 8-bit rather than 7-bit
+    weights) are different results, each kept in its own folder."""
+    if target != "host":
+        return f"{base}-{target}"
+    return f"{base}-{target}-{'vnni' if machine()['vnni'] else 'no-vnni'}"
+
+
 def _machine_tag() -> str:
     """The CPU a piece ran on, as far as its timings depend on it."""
     m = machine()
@@ -156,10 +165,10 @@ class Run:
     args: argparse.Namespace
 
     def __post_init__(self) -> None:
-        self.work = self.args.cache / "prove" / f"{self.base}-{self.target_name}"
+        self.work = self.args.cache / "prove" / run_folder(self.base, self.target_name)
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "onnx").mkdir(exist_ok=True)
-        self.pieces = Pieces(PIECES / f"{self.base}-{self.target_name}" / "pieces.json")
+        self.pieces = Pieces(PIECES / run_folder(self.base, self.target_name) / "pieces.json")
         self.machine_tag = _machine_tag()  # recorded in every piece; a host piece must match it
         self.store = FinetuneStore(self.args.cache / "prove" / f"{self.base}-finetuned")
         self.target = get_target(self.target_name)
@@ -623,11 +632,11 @@ def summarize(base: str, target: str, pieces: dict) -> dict | None:
     return out
 
 
-def commit_models(base: str, target: str, pieces: dict, summary: dict) -> dict:
+def commit_models(folder_name: str, pieces: dict, summary: dict) -> dict:
     """Copy the ONNX of every model a budget's comparison names (edgeopt's, the best hand plan,
     the best standard-tools model) into bench/results/models/prove/, with a manifest saying which
     method and budget each is, so that any figure can be checked again on other data."""
-    folder = RESULTS / "models" / "prove" / f"{base}-{target}"
+    folder = RESULTS / "models" / "prove" / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     manifest: dict = {}
     for pct, entry in summary["budgets"].items():
@@ -675,16 +684,16 @@ def report(args) -> dict:
     for folder in sorted(PIECES.glob("*-*")):
         if not (folder / "pieces.json").exists():
             continue
-        base, target = folder.name.rsplit("-", 1)
+        base, target, *cpu = folder.name.split("-", 2)
         pieces = json.loads((folder / "pieces.json").read_text())
         summary = summarize(base, target, pieces)
         if summary:
-            summary["committed_models"] = commit_models(base, target, pieces, summary)
+            summary["committed_models"] = commit_models(folder.name, pieces, summary)
             cascades = cascade_rows(pieces)
             if cascades:
                 summary["cascades"] = cascades
                 summary["targets"]["cascade_07x"] = any(c["meets_issue_19"] for c in cascades.values())
-            runs[f"{base}/{target}"] = summary
+            runs[f"{base}/{target}" + "".join(f" ({c})" for c in cpu)] = summary
     result = {"runs": runs, "machine": machine() | {"cpu_name": _cpu_name()}, "commit": commit(),
               "settings": {"trials": args.trials, "finetune_epochs": args.finetune_epochs, "budgets_percent": BUDGETS,
                            "hand_keeps": HAND_KEEPS, "hv_seeds": len(HV_SEEDS), "hv_budget_percent": HV_BUDGET}}
