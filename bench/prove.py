@@ -36,8 +36,10 @@ bench/results/prove/<base>-<target>/pieces.json (host: <base>-host-vnni or -no-v
 later sitting on a fresh checkout (commit that file as pieces finish); the bulky rest (ONNX files,
 search folders, and the fine-tune store keyed by plan, recipe and seed that edgeopt's runs and the
 hand family share, edgeopt.search.finetune.FinetuneStore) lives in --cache, outside it. A run
-killed at any point resumes where it stopped, and nothing is trained twice. A host piece records
-the machine that timed it: on another machine (another clock) it is made again.
+killed at any point resumes where it stopped, and nothing is trained twice while the cache lasts;
+a piece whose ONNX file the cache no longer holds is made again, since the final timing reads every
+model again. A host piece records the machine that timed it: on another machine (another clock) it
+is made again.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ CLOCK = "reference clock (each model against the fp32 base, run in turn)"
 # How optimize selects (edgeopt.search.select): an edgeopt piece selected by another rule is made again.
 # How a quantized plan is fine-tuned: a piece fine-tuned by another recipe is made again.
 RECIPE = f"float share {INT8_FLOAT_SHARE:g} (int8), {LOW_BIT_FLOAT_SHARE:g} (bits below 8)"
-SELECTION = f"proxy split; max_drop {FinetuneConfig.max_drop:g}, min_speedup {FinetuneConfig.min_speedup:g}"
+SELECTION = (f"proxy split; max_drop {FinetuneConfig.max_drop:g}, min_speedup {FinetuneConfig.min_speedup:g}; "
+             "hand plan: least compression that fits")
 HV_BUDGET = 70  # at 50 % neither sampler found a trial of the fixed-size space within it on host
 SHRINK_BUDGETS = BUDGETS  # optimize's default space (resolution and depth too) at every budget
 CALIB_IMAGES = 256
@@ -220,6 +223,11 @@ class Run:
             # A host latency is this machine's clock: a piece timed on another is made again.
             print(f"{name} was timed on another machine ({self.pieces[name].get('machine')}): making it again",
                   file=sys.stderr)
+            self.pieces.done.pop(name)
+        if name in self.pieces and "onnx" in self.pieces[name] and not Path(self.pieces[name]["onnx"]).exists():
+            # Its model lived in a cache that is gone (a fresh machine): the final timing reads
+            # every model again, so the piece is made again (its fine-tune too, if the store went).
+            print(f"{name}: its ONNX file is not in the cache any more: making it again", file=sys.stderr)
             self.pieces.done.pop(name)
         if name in self.pieces and self.pieces[name].get("numerics") != NUMERICS_VERSION:
             # What a quantized model computes changed (edgeopt.spaces.quantize.NUMERICS_VERSION).

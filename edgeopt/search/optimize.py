@@ -509,9 +509,12 @@ def _starting_plans(space: SearchSpace) -> list[ModelPlan]:
 
 def _hand_candidate(candidates: list[Candidate], starting: list[ModelPlan]) -> Candidate | None:
     """The starting plan a user would pick by hand: of those that meet every budget, the one that
-    prunes least (uniform int8 at the largest keep ratio that fits)."""
+    compresses least: it prunes least, and of plans pruned alike (the same MACs) it keeps the most
+    bytes, so float before int8 where both fit. Before fine-tuning the proxy cannot tell such a pair
+    apart (it picked the int8 one on the edgenet at 70% on a host without VNNI, where int8 was the
+    slower and, fine-tuned, the less accurate of the two: BENCHMARKS.md)."""
     fits = [c for c in candidates if c.feasible and any(c.plan == plan for plan in starting)]
-    return max(fits, key=lambda c: (c.macs, c.proxy_accuracy), default=None)
+    return max(fits, key=lambda c: (c.macs, c.bytes, c.proxy_accuracy), default=None)
 
 
 def _measured_here(tuned: list[Finetuned], context: Context) -> list[Finetuned]:

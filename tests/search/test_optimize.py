@@ -274,18 +274,22 @@ def test_hand_candidate_is_the_feasible_starting_plan_that_prunes_least():
     from edgeopt.search.optimize import _hand_candidate
     from edgeopt.search.select import Candidate
 
-    def plan(keep):
-        return ModelPlan(layers={"conv": LayerPlan(w_bits=8, a_bits=8, keep_ratio=keep)})
+    def plan(keep, bits=8):
+        return ModelPlan(layers={"conv": LayerPlan(w_bits=bits, a_bits=bits, keep_ratio=keep)})
 
-    def cand(trial, keep, macs, violation):
-        return Candidate(trial=trial, plan=plan(keep), proxy_accuracy=50.0, latency_ms=1.0, macs=macs,
-                         effective_macs=macs, bytes=1, violations=(violation,))
+    def cand(trial, keep, macs, violation, bits=8, proxy=50.0):
+        return Candidate(trial=trial, plan=plan(keep, bits), proxy_accuracy=proxy, latency_ms=1.0, macs=macs,
+                         effective_macs=macs, bytes=macs * bits // 8, violations=(violation,))
 
-    starting = [plan(1.0), plan(0.75), plan(0.5)]
+    starting = [plan(1.0), plan(0.75), plan(0.5), plan(0.75, 32), plan(0.5, 32)]
     cands = [cand(0, 1.0, 100, 0.5), cand(1, 0.75, 56, -0.1), cand(2, 0.5, 25, -0.6),
              cand(3, 0.625, 80, -0.05)]  # trial 3 fits with more MACs, but is no starting plan
     assert _hand_candidate(cands, starting).trial == 1
     assert _hand_candidate(cands[:1], starting) is None  # nothing a user would try fits
+    # Pruned alike, both fitting: the float plan (less compression), though the int8 one's proxy
+    # reads higher before fine-tuning; a float plan pruned more does not beat an int8 one pruned less.
+    both = cands + [cand(4, 0.75, 56, -0.2, bits=32, proxy=49.0), cand(5, 0.5, 25, -0.7, bits=32, proxy=60.0)]
+    assert _hand_candidate(both, starting).trial == 4
 
 
 def test_starting_plans_add_uniform_2_4_only_where_the_target_runs_it_fast(bundle, trained):
