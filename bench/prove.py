@@ -175,10 +175,11 @@ class Run:
     args: argparse.Namespace
 
     def __post_init__(self) -> None:
-        self.work = self.args.cache / "prove" / run_folder(self.base, self.target_name)
+        folder = run_folder(self.base, self.target_name)
+        self.work = self.args.cache / "prove" / folder
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "onnx").mkdir(exist_ok=True)
-        self.pieces = Pieces(PIECES / run_folder(self.base, self.target_name) / "pieces.json")
+        self.pieces = Pieces(PIECES / folder / "pieces.json")
         self.machine_tag = _machine_tag()  # recorded in every piece; a host piece must match it
         self.store = FinetuneStore(self.args.cache / "prove" / f"{self.base}-finetuned")
         self.target = get_target(self.target_name)
