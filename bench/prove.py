@@ -541,6 +541,7 @@ def summarize(base: str, target: str, pieces: dict) -> dict | None:
     clock = pieces.get("timing", {}).get("ms", {})
     ms = lambda name: clock.get(name, pieces[name].get("latency_ms"))  # noqa: E731
     base_ms = pieces["base"].get("clock_ms", pieces["base"]["latency_ms"])
+    budget_ms = lambda pct: base_ms * pct / 100  # noqa: E731
     hand = {n: p for n, p in pieces.items() if n.startswith("hand-") and not p.get("diverged")}
     standard = {n: p for n, p in pieces.items() if n.startswith("standard-")}
     out: dict = {"base": {"accuracy": pieces["base"]["accuracy"], "latency_ms": ms("base"),
@@ -551,7 +552,7 @@ def summarize(base: str, target: str, pieces: dict) -> dict | None:
         out.setdefault("models", {})[name] = {k: p.get(k) for k in ("accuracy", "macs", "bytes", "seconds", "peak_rss_mb")} | {"latency_ms": ms(name)}
     targets: dict = {}
     for pct in BUDGETS:
-        limit = base_ms * pct / 100
+        limit = budget_ms(pct)
         meets = lambda group: {n: p for n, p in group.items() if ms(n) <= limit}  # noqa: E731
         # As edgeopt's selection, the best of a family is picked on the proxy split (after
         # fine-tuning), never on the validation images it is then reported on.
@@ -633,15 +634,14 @@ def summarize(base: str, target: str, pieces: dict) -> dict | None:
         if fixed.get("met_budget"):
             vs = mcnemar(shrink["correct"], fixed["correct"]) | {"speedup": round(ms(b) / ms(a), 3)}
             # Issue 19 compares the two fronts: +0.5 points at the same latency (paired), or 1.15x
-            # faster at the same accuracy. The fixed-size front at the shrink pick's latency is
-            # its selected model where that is the fastest of them, or where no model of that
-            # front that it fine-tuned at or under that latency (its search's clock) is more
-            # accurate than its pick: then the paired test against the pick is the test against
-            # that front at the same latency (the shrink pick within the budget on the final clock).
+            # faster at the same accuracy. The paired test is against the fixed-size pick, so it
+            # is a test at the same latency where the pick is no faster than the shrink pick, or
+            # where nothing the fixed-size search fine-tuned at or under the shrink pick's latency
+            # beats its pick (and the shrink pick meets the budget on the final clock).
             front_best = max((f["accuracy"] for f in fixed.get("finetuned", []) if f["feasible"]
                               and f["latency_ms"] <= ms(a) * 1.02), default=None)
             same_latency = ms(a) <= ms(b) * 1.02 or (
-                ms(a) <= base_ms * pct / 100  # at the budget on the final clock, not over it
+                ms(a) <= budget_ms(pct)
                 and front_best is not None and round(front_best, 2) <= round(fixed["accuracy"], 2))
             row |= {"fixed_size": {"accuracy": fixed["accuracy"], "latency_ms": ms(b),
                                    "front_best_at_or_under": front_best}, "paired": vs}
