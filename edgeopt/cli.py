@@ -16,9 +16,11 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 
+# Light imports only up here (no torch): `optimize --help` and a mistyped option answer at once;
+# each command imports what it runs.
 from edgeopt.budget import parse_budget
 from edgeopt.errors import EdgeoptError
-from edgeopt.search.finetune import FinetuneConfig
+from edgeopt.search.select import MAX_DROP, MIN_SPEEDUP
 from edgeopt.search.study import SAMPLERS
 
 USAGE = """usage: optimize --target TARGET --budget BUDGET [options]   (search; --help for options)
@@ -249,12 +251,12 @@ def _search_parser() -> argparse.ArgumentParser:
                         "fine-tune only the best --finetune-top of them (default 10; 0: no screening)")
     p.add_argument("--screen-epochs", type=float, default=None,
                    help="epochs of the screening fine-tune (default: an eighth of --finetune-epochs)")
-    p.add_argument("--max-drop", type=float, default=FinetuneConfig.max_drop,
+    p.add_argument("--max-drop", type=float, default=MAX_DROP,
                    help="accuracy points a faster candidate may lose to the most accurate one "
-                        f"(default {FinetuneConfig.max_drop:g})")
-    p.add_argument("--min-speedup", type=float, default=FinetuneConfig.min_speedup,
+                        f"(default {MAX_DROP:g})")
+    p.add_argument("--min-speedup", type=float, default=MIN_SPEEDUP,
                    help="how many times faster on the target a less accurate candidate must be to be "
-                        f"selected over the most accurate one (default {FinetuneConfig.min_speedup:g})")
+                        f"selected over the most accurate one (default {MIN_SPEEDUP:g})")
     p.add_argument("--proxy-spread", type=float, default=10.0,
                    help="proxy accuracy points below the most accurate candidate within which faster "
                         "Pareto candidates are fine-tuned too (default 10)")
@@ -299,6 +301,7 @@ def _search(argv: list[str]) -> int:
     args = _search_parser().parse_args(argv)
     from edgeopt.hw_models.targets import get_target
     from edgeopt.search.data import load_data
+    from edgeopt.search.finetune import FinetuneConfig
     from edgeopt.search.models import resolve_model
     from edgeopt.search.optimize import SearchConfig, optimize
 

@@ -16,3 +16,18 @@ def test_public_api_names_are_exported():
 
     for name in ("SearchSpace", "apply_plan", "model_cost", "export_onnx", "ModelPlan", "LayerPlan", "NM"):
         assert hasattr(edgeopt, name), name
+
+
+def test_the_cli_answers_help_and_option_errors_without_torch():
+    # torch, torchvision and timm (through Torch-Pruning) took 8.5 s to import on the development
+    # VM: `optimize --help` and a mistyped option waited that long for one line of argparse.
+    code = ("import sys, edgeopt.cli; heavy = [m for m in ('torch', 'torchvision', 'timm', 'torch_pruning') "
+            "if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+    from edgeopt.cli import _search_parser
+    from edgeopt.search.finetune import FinetuneConfig
+
+    # The parser's defaults are the library's: the CLI reads them from the selection rule's module.
+    defaults = _search_parser().parse_args(["--budget", "1ms"])
+    assert (defaults.max_drop, defaults.min_speedup) == (FinetuneConfig().max_drop, FinetuneConfig().min_speedup)

@@ -29,7 +29,7 @@ from torch import nn
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import ModelPlan
 from edgeopt.search.objective import Context
-from edgeopt.search.select import Candidate
+from edgeopt.search.select import MAX_DROP, MIN_SPEEDUP, Candidate
 from edgeopt.search.study import fingerprint
 from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.training import NonFiniteLoss, evaluate, train
@@ -54,14 +54,9 @@ class FinetuneConfig:
     # on the fine-tuned weights) and fine-tuned on at its bit widths (QAT) for the rest; 0: QAT
     # from the first step; None: by the plan's bit widths (`float_share_for`). See `_tuned`.
     float_share: float | None = None
-    # Accuracy points a faster candidate may lose to the most accurate, and how much faster on the
-    # target it must be to be worth them. A budget is what the user can afford, so speed beyond it
-    # buys little: the trade is the one issue 18 counts as a win (1.25x faster within 0.3 points).
-    # With 1 point for 1.1x, the edgenet's pi4 run at 50% gave 0.70 validation points away
-    # (McNemar p = 0.18) for 1.105x under the budget (BENCHMARKS.md); without a speed-up floor,
-    # 0.5 points for 0.8% of pi4 latency.
-    max_drop: float = 0.3
-    min_speedup: float = 1.25
+    # The selection rule's trade (edgeopt.search.select says why these defaults).
+    max_drop: float = MAX_DROP
+    min_speedup: float = MIN_SPEEDUP
     # Proxy points below the most accurate candidate within which faster Pareto candidates are
     # fine-tuned too. Fine-tuning closes most of a pruned model's proxy gap: on edgenet-64 and the
     # CIFAR-10 subset (4 epochs) plans 8 proxy points apart ended 0.7 apart, 23 apart ended 2.7.

@@ -13,12 +13,15 @@ import socket
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import NM, LayerPlan, ModelPlan, Surgery
-from edgeopt.spaces.space import SearchSpace, zeroing_fields
+
+if TYPE_CHECKING:  # the space (and torch) load where a plan is drawn, not where the CLI lists the samplers
+    from edgeopt.spaces.space import SearchSpace
 
 PLAN = "plan"
 PLAN_KEY = "plan_key"
@@ -73,6 +76,8 @@ def _surgery_params(space: SearchSpace):
 def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> ModelPlan:
     """One categorical parameter per prune group and per layer knob (fixed names, so every
     sampler, NSGA-II included, sees the same space in every trial)."""
+    from edgeopt.spaces.space import zeroing_fields
+
     keep = {}
     for group in space.groups:
         choices = space.keep_choices(group)
