@@ -1,7 +1,8 @@
 """Where one search trial's time goes on host: the plans of one of prove.py's searches, each
 compressed (apply_plan with its BatchNorm re-estimation and calibration), costed, timed on the
 reference clock and scored on the 2,000 proxy images, as `edgeopt.search.objective.Context.measure`
-does, part by part. Medians over the plans, in seconds; the CPU's name and flags are printed.
+does, part by part. Medians over the plans, in seconds; the CPU's name and whether int8 takes
+reduce_range there (x86 without VNNI) are printed.
 
     python bench/trial_parts.py --study ~/.cache/edgeopt-bench/prove/edgenet-host-no-vnni/edgeopt-70 --plans 12
 
@@ -11,7 +12,6 @@ Run it alone: it is a timing.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,19 +27,19 @@ from edgeopt.evaluators.cost import model_cost  # noqa: E402
 from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.latency import ReferenceClock  # noqa: E402
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
-from edgeopt.search.study import PLAN, finished  # noqa: E402
+from edgeopt.search.study import finished, make_storage, trial_plan  # noqa: E402
 from edgeopt.search.training import evaluate  # noqa: E402
 from edgeopt.spaces.apply import apply_plan  # noqa: E402
 
 
 def study_plans(folder: Path, count: int) -> list[ModelPlan]:
-    """The first `count` distinct plans of the study in `folder`, in trial order."""
+    """The plans of the first `count` finished trials of the study in `folder` (duplicates are
+    pruned, so each is measured once), in trial order."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))
-    study = optuna.load_study(study_name="edgeopt", storage=storage)
-    return [ModelPlan.from_dict(json.loads(t.user_attrs[PLAN])) for t in finished(study)][:count]
+    study = optuna.load_study(study_name="edgeopt", storage=make_storage(None, folder))
+    return [trial_plan(t) for t in finished(study)][:count]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     medians = [statistics.median(column) for column in zip(*rows)]
     print(f"medians over {len(rows)} plans: compress {medians[0]:.2f}, cost {medians[1]:.2f}, latency {medians[2]:.2f}, "
           f"proxy {medians[3]:.2f}, whole {medians[4]:.2f} s")
-    # reduce_range is True exactly on x86 without VNNI (edgeopt.evaluators.cpu).
     print(f"machine: {_cpu_name()}, reduce_range {reduce_range}")
     return 0
 
