@@ -38,7 +38,7 @@ from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.latency import export_calibration_plans, measure_latency  # noqa: E402
 from edgeopt.hw_models import pi4 as pi4_model  # noqa: E402
 from edgeopt.hw_models.estimate import calibrate_table, estimate_layers  # noqa: E402
-from edgeopt.hw_models.graph import OpKey  # noqa: E402
+from edgeopt.hw_models.lut import OpKey  # noqa: E402
 from edgeopt.hw_models.lut import LatencyTable  # noqa: E402
 from edgeopt.hw_models.profiler import device_description, model_keys, profile_keys  # noqa: E402
 from edgeopt.layers import trace_layers  # noqa: E402

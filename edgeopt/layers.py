@@ -17,18 +17,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.plan import CHEAP_ACTIVATIONS, NM
+from edgeopt.plan import NM
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)
-
-# The elementwise activations `LayerSpec.activation` names. "clip" is a clamp to other bounds
-# than ReLU6's. ReLU, ReLU6 and clip run inside the convolution on every runtime edgeopt targets
-# (and cost nothing after an integer layer): latency keys count them as no activation.
-ACTIVATIONS = ("relu", "relu6", "clip", "leaky_relu", "elu", "selu", "celu", "gelu", "gelu_tanh", "silu", "mish",
-               "sigmoid", "hardsigmoid", "hardswish", "tanh", "softplus", "prelu")
-FUSED_ACTIVATIONS = (*CHEAP_ACTIVATIONS, "clip")
-# A squeeze-excite gate's kind: the activation that makes the per-channel gate ("other": none known).
-GATES = (*ACTIVATIONS, "other")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +45,9 @@ class LayerSpec:
     # What runs on the output before the next layer, which layers alone do not show but latency
     # does (an int8 model dequantizes around a SiLU and a gate): the elementwise activation
     # applied to the output, directly or past a BatchNorm that folds into the layer, when the
-    # output goes only there (one of ACTIVATIONS); and the squeeze-excite gate that multiplies
-    # that (activated) output channel-wise, by the activation that makes the gate (one of GATES).
+    # output goes only there (one of `layer_kinds.ACTIVATIONS`); and the squeeze-excite gate that
+    # multiplies that (activated) output channel-wise, by the activation that makes the gate (one
+    # of `layer_kinds.GATES`).
     activation: str | None = None
     gate: str | None = None
 
@@ -63,9 +55,6 @@ class LayerSpec:
     def reduction(self) -> int:
         """Length of one output's dot product: the dimension N:M blocks run along."""
         return (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
-
-
-LAYER_KINDS = ("conv", "depthwise", "grouped", "linear")  # what `layer_kind` tells apart
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -214,8 +203,8 @@ def _named_activation(name: str, args: tuple, kwargs: dict) -> str | None:
 
 
 def probed_activation(module: nn.Module) -> str | None:
-    """Which of ACTIVATIONS a parameter-free module computes, by its output on a probe; None if
-    none (or it does not take a 1-D tensor). Remembered per class and settings."""
+    """Which of `layer_kinds.ACTIVATIONS` a parameter-free module computes, by its output on a probe;
+    None if none (or it does not take a 1-D tensor). Remembered per class and settings."""
     key = (type(module), module.extra_repr())
     if key not in _PROBED:
         _PROBED[key] = _probe(module)

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from edgeopt.hw_models.lut import OpKey
 from edgeopt.layers import COMPRESSIBLE, LayerSpec, trace_layers
-
-OP_KINDS = ("pool", "elementwise", "copy")
 
 # torch function names (Tensor methods and torch / torch.nn.functional functions alike).
 _ALIAS = {"view", "view_as", "reshape", "reshape_as", "flatten", "squeeze", "unsqueeze", "transpose",
@@ -60,19 +59,6 @@ _COPY = {"cat", "concat", "concatenate", "stack", "clone", "contiguous", "interp
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
 _ELEMENTWISE = {"max", "min", "amax", "amin", "maximum", "minimum", "where", "pow", "__pow__", "sqrt", "rsqrt",
                 "exp", "log", "neg", "__neg__", "abs", "reciprocal", "square", "erf", "sin", "cos"}
-
-
-@dataclass(frozen=True)
-class OpKey:
-    """A non-conv op as a latency model prices it: per sample, the elements it reads (all tensor
-    inputs) and writes, and the taps per output (a pool's window; 1 for elementwise ops and
-    copies). `name` (the torch call and the module it ran in) is for reports only."""
-
-    kind: str  # one of OP_KINDS
-    in_elements: int
-    out_elements: int
-    taps: int = 1
-    name: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

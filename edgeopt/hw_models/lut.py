@@ -25,10 +25,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.layers import ACTIVATIONS, FUSED_ACTIVATIONS, GATES, LAYER_KINDS, LayerSpec
+from edgeopt.layer_kinds import ACTIVATIONS, FUSED_ACTIVATIONS, GATES, LAYER_KINDS
 from edgeopt.plan import A_BITS, NM, NM_PATTERNS, W_BITS
+
+if TYPE_CHECKING:
+    from edgeopt.layers import LayerSpec
 
 KEY_COLUMNS = ("op_kind", "in_channels", "out_channels", "kernel_h", "kernel_w", "stride_h",
                "stride_w", "groups", "input_h", "input_w", "w_bits", "a_bits", "nm")
@@ -204,6 +208,22 @@ class LayerKey:
                     {DYNAMIC_COLUMN: 1} if self.dynamic else {}) | (
                     {ACTIVATION_COLUMN: self.activation} if self.activation else {}) | (
                     {GATE_COLUMN: self.gate} if self.gate else {})
+
+
+OP_KINDS = ("pool", "elementwise", "copy")
+
+
+@dataclass(frozen=True)
+class OpKey:
+    """A non-conv op as a latency model prices it: per sample, the elements it reads (all tensor
+    inputs) and writes, and the taps per output (a pool's window; 1 for elementwise ops and
+    copies). `name` (the torch call and the module it ran in) is for reports only."""
+
+    kind: str  # one of OP_KINDS
+    in_elements: int
+    out_elements: int
+    taps: int = 1
+    name: str = field(default="", compare=False)
 
 
 def _check_key(key: LayerKey) -> str | None:

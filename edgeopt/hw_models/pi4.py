@@ -68,11 +68,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeopt.errors import EdgeoptError
-from edgeopt.hw_models.estimate import TableLatency
-from edgeopt.hw_models.graph import OpKey, TracedGraph
+from edgeopt.hw_models.table_latency import TableLatency
+from edgeopt.hw_models.lut import OpKey
 from edgeopt.hw_models.lut import LatencyTable, LayerKey, round_up
 
 if TYPE_CHECKING:
+    from edgeopt.hw_models.graph import TracedGraph
     from edgeopt.hw_models.targets import HardwareTarget, LayerTimes
 
 CHANNEL_MULTIPLE = 8  # NEON: 4 fp32 lanes, ncnn packs int8 by 8

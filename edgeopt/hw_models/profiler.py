@@ -28,15 +28,19 @@ import platform
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.hw_models.lut import LatencyTable, LayerKey, micro_copies, storage_bits
-from edgeopt.layers import LayerSpec, trace_layers
 from edgeopt.plan import FLOAT_BITS
+
+if TYPE_CHECKING:  # only profile_model traces a model; the host target's timing needs no torch
+    import torch
+    from torch import nn
+
+    from edgeopt.layers import LayerSpec
 
 # (w_bits, a_bits): what `optimize profile` measures by default, and the names the CLI accepts.
 PRECISIONS = {"fp32": (32, 32), "int8": (8, 8), "w8a32": (8, 32), "w32a8": (32, 8),
@@ -366,6 +370,7 @@ def profile_model(model: nn.Module, example_input: torch.Tensor, *,
     from edgeopt.evaluators.latency import calibration_samples
     from edgeopt.hw_models.estimate import calibrate_table
     from edgeopt.hw_models.targets import get_target
+    from edgeopt.layers import trace_layers
 
     example = example_input[:1]
     precisions = list(precisions)
@@ -411,7 +416,7 @@ class OnDemandProfile:
                 "micro-benchmarked on first use (or pass --lut with a table from `optimize profile`)")
 
     def layer_ms(self, keys: list[LayerKey], target):  # -> LayerTimes
-        from edgeopt.hw_models.estimate import TableLatency
+        from edgeopt.hw_models.table_latency import TableLatency
 
         wanted = [k.with_precision(storage_bits(k.w_bits), k.a_bits, None, k.dynamic) for k in keys]
         with self._lock:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from edgeopt.errors import EdgeoptError
 from edgeopt.hw_models.lut import LatencyTable, LayerKey
-from edgeopt.layers import LAYER_KINDS
+from edgeopt.layer_kinds import LAYER_KINDS
 from edgeopt.plan import A_BITS, CHEAP_ACTIVATIONS, FLOAT_BITS, NM, NM_PATTERNS, SURGERY_KINDS, W_BITS
 
 
@@ -171,7 +171,7 @@ class HardwareTarget:
 
     def with_lut(self, lut: str | Path | LatencyTable) -> HardwareTarget:
         """This target with its latency read from a table (`optimize profile` writes one)."""
-        from edgeopt.hw_models.estimate import TableLatency
+        from edgeopt.hw_models.table_latency import TableLatency
 
         table = lut if isinstance(lut, LatencyTable) else TableLatency.load(lut)
         # The table's figures are for the runtime it was measured with (`optimize profile`

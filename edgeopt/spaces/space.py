@@ -13,7 +13,8 @@ from torch import nn
 
 from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
-from edgeopt.layers import LAYER_KINDS, LayerSpec, inventory
+from edgeopt.layer_kinds import LAYER_KINDS
+from edgeopt.layers import LayerSpec, inventory
 from edgeopt.plan import (A_BITS, CHEAP_ACTIVATIONS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, SMALL_KERNEL,
                            SPARSITIES, W_BITS, LayerPlan, ModelPlan, Surgery)
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups

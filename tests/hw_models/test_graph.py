@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from edgeopt import estimate_latency, get_target
-from edgeopt.hw_models.graph import OpKey, trace_graph
+from edgeopt.hw_models.graph import trace_graph
+from edgeopt.hw_models.lut import OpKey
 from edgeopt.hw_models.lut import LayerKey
 from edgeopt.hw_models.pi4 import CACHE_BYTES, PRIORS, Pi4Model
 from edgeopt.layers import trace_layers
