@@ -105,3 +105,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for nodeid in sorted(seen):
             for line in seen[nodeid].splitlines():
                 terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def edgeopt_cache(tmp_path_factory):
+    """Each test session (each xdist worker) keeps edgeopt's shared cache (trained demo models,
+    complete sensitivity tables) in a folder of its own: a table an earlier session measured must
+    not stand in for the measuring a test checks, and the tests leave ~/.cache/edgeopt alone."""
+    before = os.environ.get("EDGEOPT_CACHE")
+    os.environ["EDGEOPT_CACHE"] = str(tmp_path_factory.mktemp("edgeopt-cache"))
+    yield
+    if before is None:
+        os.environ.pop("EDGEOPT_CACHE", None)
+    else:
+        os.environ["EDGEOPT_CACHE"] = before

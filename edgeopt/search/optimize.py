@@ -38,7 +38,9 @@ from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, fi
 from edgeopt.search.tasks import FinetuneTasks
 from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
+from edgeopt.search.models import default_cache_dir
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
+from edgeopt.search.sensitivity import SHARED_FOLDER as SHARED_SENSITIVITY
 from edgeopt.search.sensitivity import SensitivityProxy, measure_sensitivity
 from edgeopt.search.cascade import SMALL_MEMBER_EPOCHS, choose_cascade, on_validation, small_members, write_cascade
 from edgeopt.search.select import Candidate, closest, finalists, finetune_order, pareto_front, select
@@ -197,7 +199,8 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
     if search.proxy == "sensitivity":
         table = measure_sensitivity(model, space, example, calib=calib, dataset=data.proxy, round_to=round_to,
                                     reduce_range=reduce_range, images=search.sensitivity_images,
-                                    cache=out_dir / SENSITIVITY_FILE, progress=progress)
+                                    cache=out_dir / SENSITIVITY_FILE,
+                                    shared_dir=default_cache_dir() / SHARED_SENSITIVITY, progress=progress)
         proxy = SensitivityProxy(table, space)
     else:
         proxy = HeldOutAccuracy(data.proxy)
@@ -429,7 +432,8 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
     table = measure_sensitivity(context.model, context.space, context.example_input, calib=context.calib,
                                 dataset=data.proxy, round_to=context.target.accelerates.channel_multiple,
                                 reduce_range=context.reduce_range, images=search.sensitivity_images,
-                                cache=out_dir / SENSITIVITY_FILE, progress=progress)
+                                cache=out_dir / SENSITIVITY_FILE,
+                                shared_dir=default_cache_dir() / SHARED_SENSITIVITY, progress=progress)
 
     macs_of: dict[str, float] = {}  # MACs by the plan at fp32
 

@@ -21,7 +21,9 @@ top-1 where many large changes compound (a plain sum of drops went below zero th
 tau reported after fine-tuning says how well it ranked.
 
 The table is saved in the output folder and reused by workers and by a resumed run, as long as
-the model, data, space and calibration are the same (a fingerprint checks it).
+the model, data, space and calibration are the same (a fingerprint checks it); `optimize` also
+keeps each complete table in EDGEOPT_CACHE (default ~/.cache/edgeopt) under `sensitivity/`, so a
+run in another output folder with the same fingerprint reads it instead of measuring.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MEASURED_KEEP = (0.75, 0.5, 0.25)  # per prune group; the other keep ratios are interpolated
 FILE_NAME = "sensitivity.json"
+SHARED_FOLDER = "sensitivity"  # complete tables by fingerprint, under EDGEOPT_CACHE (`optimize`)
 
 
 def _weights_key(fqn: str, bits: int) -> str:
@@ -239,9 +242,14 @@ def fingerprint(model: nn.Module, space: SearchSpace, images: torch.Tensor, cali
 
 def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: torch.Tensor, *, calib: list,
                         dataset, round_to: int = 1, reduce_range: bool = False, images: int = 512,
-                        cache: Path | None = None, progress: bool = True) -> SensitivityTable:
+                        cache: Path | None = None, shared_dir: Path | None = None,
+                        progress: bool = True) -> SensitivityTable:
     """Measure (or load from `cache`) the sensitivity table of `model` over `space`, scored on
-    `images` images of `dataset` (the proxy split)."""
+    `images` images of `dataset` (the proxy split). With `shared_dir`, a complete table is also
+    kept there by its fingerprint and read from there when `cache` lacks it: another output
+    folder of the same model, data, space and calibration (another budget, say) then measures
+    nothing, where at 224x224 a table takes hours on a CPU (BENCHMARKS.md, "What a run on a real
+    model costs")."""
     # A fixed random subset: the proxy split may be ordered by class.
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
     subset = Subset(dataset, order[:images].tolist())
@@ -260,6 +268,13 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
     if saved is not None and all(name in drops for name, _ in todo):
         log.info("Sensitivity table read from %s.", cache)
         return saved
+    shared = None if shared_dir is None else Path(shared_dir) / f"{key}.json"
+    found = SensitivityTable.load(shared, key) if shared is not None else None
+    if found is not None and all(name in found.drops for name, _ in todo):
+        log.info("Sensitivity table read from %s.", shared)
+        if cache is not None:
+            found.save(cache)
+        return found
     start = time.perf_counter()
     base_predicted, labels = predict(model, subset)
     with torch.no_grad():
@@ -291,6 +306,13 @@ def measure_sensitivity(model: nn.Module, space: SearchSpace, example_input: tor
     result = table()
     if cache is not None:
         result.save(cache)
+    if shared is not None:
+        try:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            result.save(shared)
+        except OSError as exc:  # a read-only home: this run has its table, the next measures again
+            log.warning("Could not keep the sensitivity table in %s (%s); set EDGEOPT_CACHE to a writable "
+                        "folder to reuse it across output folders.", shared.parent, exc)
     return result
 
 

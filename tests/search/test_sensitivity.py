@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +151,8 @@ def test_search_with_the_sensitivity_proxy(bundle, trained, tmp_path):
                                           sensitivity_images=96),
                       finetune_config=FinetuneConfig(top=2, epochs=0.5, batch_size=32))
     table = json.loads((tmp_path / "sensitivity.json").read_text())
+    # optimize keeps the complete table for other output folders too (EDGEOPT_CACHE: tests/conftest.py).
+    assert (Path(os.environ["EDGEOPT_CACHE"]) / "sensitivity" / f"{table['fingerprint']}.json").is_file()
     space = SearchSpace.from_model(trained, torch.zeros(1, 3, 16, 16)).restrict(PI4_KNOBS)
     stored = SensitivityTable(**table)
     assert len(result.trials) == 6 and result.pareto
@@ -188,3 +192,50 @@ def test_a_measurement_cut_short_continues_where_it_stopped(setup, bundle, train
     table = measure_sensitivity(trained, small, example, calib=calib, dataset=bundle.proxy, images=64, cache=cache,
                                 progress=False)
     assert len(calls) == total - 3 and len(table.drops) == total
+
+
+def test_another_output_folder_reads_the_shared_table(setup, bundle, trained, tmp_path, monkeypatch, caplog):
+    example, calib, space, _ = setup
+    small = space.restrict(Knobs(w_bits=(32, 8), a_bits=(32, 8), keep_ratios=(1.0,), nm=(None,)))
+    shared = tmp_path / "shared"
+    real_apply = sensitivity.apply_plan
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # A table cut short stays in its own folder: only complete tables are shared.
+    monkeypatch.setattr(sensitivity, "apply_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        measure_sensitivity(trained, small, example, calib=calib, dataset=bundle.proxy, images=64,
+                            cache=tmp_path / "cut" / "sensitivity.json", shared_dir=shared, progress=False)
+    assert not shared.exists() or not list(shared.iterdir())
+    monkeypatch.setattr(sensitivity, "apply_plan", real_apply)
+    (tmp_path / "a").mkdir()
+    first = measure_sensitivity(trained, small, example, calib=calib, dataset=bundle.proxy, images=64,
+                                cache=tmp_path / "a" / "sensitivity.json", shared_dir=shared, progress=False)
+    assert json.loads((shared / f"{first.fingerprint}.json").read_text())["drops"] == first.drops
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the shared table should have been used")
+
+    monkeypatch.setattr(sensitivity, "apply_plan", no_measuring)
+    (tmp_path / "b").mkdir()
+    again = measure_sensitivity(trained, small, example, calib=calib, dataset=bundle.proxy, images=64,
+                                cache=tmp_path / "b" / "sensitivity.json", shared_dir=shared, progress=False)
+    assert again == first
+    # The new output folder gets its copy, for its workers and a resumed run.
+    assert SensitivityTable.load(tmp_path / "b" / "sensitivity.json", first.fingerprint) == first
+    # Another space is another fingerprint: measured, not read.
+    other = space.restrict(Knobs(w_bits=(32, 8), a_bits=(32,), keep_ratios=(1.0,), nm=(None,)))
+    with pytest.raises(AssertionError, match="shared table"):
+        measure_sensitivity(trained, other, example, calib=calib, dataset=bundle.proxy, images=64,
+                            cache=tmp_path / "c.json", shared_dir=shared, progress=False)
+    # A shared folder that cannot be written costs only the reuse: the table is still returned.
+    monkeypatch.setattr(sensitivity, "apply_plan", real_apply)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder should be")
+    with caplog.at_level("WARNING", logger=sensitivity.log.name):
+        table = measure_sensitivity(trained, small, example, calib=calib, dataset=bundle.proxy, images=64,
+                                    cache=tmp_path / "d.json", shared_dir=blocked, progress=False)
+    assert table.drops == first.drops
+    assert "EDGEOPT_CACHE" in caplog.text
