@@ -400,8 +400,8 @@ class Run:
         def make():
             budget_ms = self.budgets_ms()[pct]
             out = self.work / name
-            if not shrink:  # the shrinking space's table has more changes (sizes, blocks)
-                self._share_sensitivity(out)
+            # Each search of this run with the same space and seed reads the sensitivity table the
+            # first one measured: optimize keeps complete tables under EDGEOPT_CACHE/sensitivity.
             result = optimize(self.model, self.data, target=self.target, budget=f"{budget_ms}ms",
                               search=self.searching(self.shrink_search if shrink else self.search),
                               finetune_config=self.recipe, out=out,
@@ -446,21 +446,6 @@ class Run:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(protocol + "\n")
 
-    def _share_sensitivity(self, out: Path) -> None:
-        """Every search of this run builds the same sensitivity table (same model, space and
-        calibration: its file carries that fingerprint and is measured again if it differs), so it
-        is measured once per run, as a user's one `optimize` run measures it once."""
-        from edgeopt.search.sensitivity import FILE_NAME
-
-        # The newest table of this run: an older one may be of another space (its fingerprint
-        # then makes optimize measure it again).
-        tables = sorted(self.work.glob(f"**/{FILE_NAME}"), key=lambda p: p.stat().st_mtime)
-        if not tables:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / FILE_NAME).exists():
-            shutil.copyfile(tables[-1], out / FILE_NAME)
-
     def hv_piece(self, sampler: str, seed: int) -> dict:
         name = f"hv-{sampler}-{seed}"
 
@@ -470,7 +455,6 @@ class Run:
             from edgeopt.search.study import CONSTRAINTS, METRICS, finished
 
             out = self.work / "hv" / f"{sampler}-{seed}"
-            self._share_sensitivity(out)
             budget_ms = self.budgets_ms()[HV_BUDGET]
             optimize(self.model, self.data, target=self.target, budget=f"{budget_ms}ms",
                      search=self.searching(self.search, sampler=sampler, seed=seed,
