@@ -13,6 +13,9 @@ table, per op kind and precision: a fixed overhead plus a compute term (MACs wit
 rounded up to the SIMD width) plus memory terms (weight bytes, activation bytes). The fit is
 then anchored on the nearest rows of the same layer family (same kind, kernel, stride and input
 size at other channel counts), which carry what the roofline misses (kernel choice, cache fit).
+
+`OpKey` is the other key latency models price: an op between the layers (pool, elementwise,
+copy), as `edgeopt.hw_models.graph.trace_graph` finds them.
 """
 
 from __future__ import annotations
