@@ -195,12 +195,9 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
     calib = _calibration_batches(data.train, batches=search.calib_batches, batch_size=search.calib_batch_size,
                                  seed=search.seed)
     reduce_range = target.measurable and int8_needs_reduce_range()
-    round_to = target.accelerates.channel_multiple
     if search.proxy == "sensitivity":
-        table = measure_sensitivity(model, space, example, calib=calib, dataset=data.proxy, round_to=round_to,
-                                    reduce_range=reduce_range, images=search.sensitivity_images,
-                                    cache=out_dir / SENSITIVITY_FILE,
-                                    shared_dir=default_cache_dir() / SHARED_SENSITIVITY, progress=progress)
+        table = _sensitivity_table(model, space, example, calib, target=target, reduce_range=reduce_range,
+                                   data=data, search=search, out_dir=out_dir, progress=progress)
         proxy = SensitivityProxy(table, space)
     else:
         proxy = HeldOutAccuracy(data.proxy)
@@ -221,6 +218,17 @@ def prepare(model: nn.Module, data, *, target, budgets: tuple[Budget, ...], sear
     context = Context(model=model, space=space, example_input=example, calib=calib, target=target,
                       budgets=budgets, base=base, proxy=proxy, reduce_range=reduce_range, clock=clock)
     return context, study
+
+
+def _sensitivity_table(model: nn.Module, space: SearchSpace, example: torch.Tensor, calib: list, *, target,
+                       reduce_range: bool, data, search: SearchConfig, out_dir: Path, progress: bool):
+    """The search's sensitivity table (`--proxy sensitivity` and the allocation use the same one):
+    kept in `out_dir` for workers and a resumed run, and once complete in the shared cache, where
+    a run in another output folder with the same fingerprint reads it."""
+    return measure_sensitivity(model, space, example, calib=calib, dataset=data.proxy,
+                               round_to=target.accelerates.channel_multiple, reduce_range=reduce_range,
+                               images=search.sensitivity_images, cache=out_dir / SENSITIVITY_FILE,
+                               shared_dir=default_cache_dir() / SHARED_SENSITIVITY, progress=progress)
 
 
 def _reference_clock(model: nn.Module, example: torch.Tensor, target, study: optuna.Study, *,
@@ -429,11 +437,9 @@ def _allocated_plans(context: Context, data, search: SearchConfig, budgets: tupl
     wanted = [b for b in budgets if b.metric in ("latency_ms", "macs")]
     if not wanted:
         return []
-    table = measure_sensitivity(context.model, context.space, context.example_input, calib=context.calib,
-                                dataset=data.proxy, round_to=context.target.accelerates.channel_multiple,
-                                reduce_range=context.reduce_range, images=search.sensitivity_images,
-                                cache=out_dir / SENSITIVITY_FILE,
-                                shared_dir=default_cache_dir() / SHARED_SENSITIVITY, progress=progress)
+    table = _sensitivity_table(context.model, context.space, context.example_input, context.calib,
+                               target=context.target, reduce_range=context.reduce_range, data=data, search=search,
+                               out_dir=out_dir, progress=progress)
 
     macs_of: dict[str, float] = {}  # MACs by the plan at fp32
 
