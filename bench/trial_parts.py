@@ -27,6 +27,7 @@ from edgeopt.evaluators.cost import model_cost  # noqa: E402
 from edgeopt.evaluators.cpu import int8_needs_reduce_range  # noqa: E402
 from edgeopt.evaluators.latency import ReferenceClock  # noqa: E402
 from edgeopt.evaluators.onnx_export import export_onnx  # noqa: E402
+from edgeopt.search.optimize import SearchConfig, _calibration_batches  # noqa: E402
 from edgeopt.search.study import finished, make_storage, trial_plan  # noqa: E402
 from edgeopt.search.training import evaluate  # noqa: E402
 from edgeopt.spaces.apply import apply_plan  # noqa: E402
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load_base(args.base).eval()
     example = data.example_input()
     space = SearchSpace.from_model(model, example)
-    calib = [data.train.tensors[0][i:i + 64] for i in range(0, 256, 64)]
+    search = SearchConfig()  # the search's own calibration images: its default count, drawn by seed 0
+    calib = _calibration_batches(data.train, batches=search.calib_batches, batch_size=search.calib_batch_size,
+                                 seed=0)
     reduce_range = int8_needs_reduce_range()
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, example, Path(tmp) / "base.onnx")
