@@ -385,8 +385,8 @@ class Run:
         runner = [sys.executable] if platform.machine().lower() in ("aarch64", "arm64") else [
             str(ROOT.parent / "tools" / "arm64-onnxruntime" / "run")]
         inputs, out = self.work / f"{split}_inputs.npy", self.work / "arm64_predictions.npy"
-        if not inputs.exists():
-            np.save(inputs, getattr(self.data, split).tensors[0].numpy())
+        # Written each time (25 MB): a file left by an older loader may hold the images in another order.
+        np.save(inputs, getattr(self.data, split).tensors[0].numpy())
         done = subprocess.run([*runner, str(ROOT / "arm64_predict.py"), str(path), str(inputs), str(out)],
                               capture_output=True, text=True)
         if done.returncode != 0:

@@ -205,7 +205,12 @@ def _normalization(normalize: Normalize, train_x: torch.Tensor) -> tuple[torch.T
 def _stratified_split(labels: np.ndarray, n_held: int, rng: np.random.Generator
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held): `n_held` held out in proportion to each class, every class keeping
-    at least one image. Largest-remainder rounding, so the total is exact."""
+    at least one image. Largest-remainder rounding, so the total is exact.
+
+    The held indices come with the classes interleaved (each class's images in random order,
+    spread evenly along the list), so that every prefix of the held split is itself a stratified
+    random sample: a search trial scored on the first images of the proxy split reads an unbiased
+    accuracy (`edgeopt.search.objective.HeldOutAccuracy`)."""
     classes, counts = np.unique(labels, return_counts=True)
     capacity = counts - 1
     n_held = min(n_held, int(capacity.sum()))
@@ -220,10 +225,14 @@ def _stratified_split(labels: np.ndarray, n_held: int, rng: np.random.Generator
         i = int(np.argmax(capacity - take))
         take[i] += 1
     held: list[np.ndarray] = []
-    for cls, k in zip(classes, take):
+    position: list[np.ndarray] = []  # the j-th of a class's k images at (j + its class's offset) / k
+    for i, (cls, k) in enumerate(zip(classes, take)):
         members = np.flatnonzero(labels == cls)
         held.append(rng.permutation(members)[:k])
-    held_idx = np.sort(np.concatenate(held)) if held else np.empty(0, dtype=int)
+        position.append((np.arange(k) + (i + 0.5) / len(classes)) / max(k, 1))
+    if not held:
+        return np.arange(len(labels)), np.empty(0, dtype=int)
+    held_idx = np.concatenate(held)[np.argsort(np.concatenate(position), kind="stable")]
     kept_idx = np.setdiff1d(np.arange(len(labels)), held_idx)
     return kept_idx, held_idx
 

@@ -151,7 +151,7 @@ def _candidates(study: optuna.Study) -> list[Candidate]:
         out.append(Candidate(
             trial=trial.number, plan=trial_plan(trial), proxy_accuracy=m["proxy_accuracy"],
             latency_ms=m["latency_ms"], macs=m["macs"], effective_macs=m["effective_macs"],
-            bytes=m["bytes"], violations=tuple(trial.user_attrs[CONSTRAINTS]),
+            bytes=m["bytes"], violations=tuple(trial.user_attrs[CONSTRAINTS]), proxy_images=m.get("proxy_images"),
         ))
     return out
 
@@ -415,7 +415,9 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
                 "deploy_note": target.deploy_note(),
                 "budgets": [str(b) for b in budgets],
                 "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
-                "proxy": search.proxy,
+                "proxy": search.proxy, "proxy_images": len(data.proxy),
+                "stopped_early": sum(c.proxy_images is not None and c.proxy_images < len(data.proxy)
+                                     for c in candidates),
                 "screened": len(screened), "screen_epochs": config.screen_length,
                 "finetune_epochs": config.epochs,
                 "finetuned": len(tuned), "max_drop": config.max_drop,

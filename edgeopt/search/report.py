@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from edgeopt.budget import Budget
+from edgeopt.search.objective import BEHIND_Z, FAR_OVER
 from edgeopt.search.select import Candidate, pareto_front
 
 
@@ -19,7 +20,7 @@ def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd
     for c in candidates:
         row = {
             "trial": c.trial, "plan_key": c.plan.key(), "input_scale": c.plan.input_scale,
-            "proxy_accuracy": c.proxy_accuracy,
+            "proxy_accuracy": c.proxy_accuracy, "proxy_images": c.proxy_images,
             "screened_accuracy": c.screened_accuracy, "finetuned_proxy_accuracy": c.tuned_proxy_accuracy,
             "finetuned_accuracy": c.accuracy,
             "latency_ms": c.latency_ms, "latency_measured": c.latency_measured, "macs": c.macs,
@@ -28,8 +29,8 @@ def trials_frame(candidates: list[Candidate], budgets: tuple[Budget, ...]) -> pd
         for budget, violation in zip(budgets, c.violations):
             row[f"violation[{budget.text}]"] = violation
         rows.append(row)
-    columns = ["trial", "plan_key", "input_scale", "proxy_accuracy", "screened_accuracy", "finetuned_proxy_accuracy",
-               "finetuned_accuracy", "latency_ms",
+    columns = ["trial", "plan_key", "input_scale", "proxy_accuracy", "proxy_images", "screened_accuracy",
+               "finetuned_proxy_accuracy", "finetuned_accuracy", "latency_ms",
                "latency_measured", "macs", "effective_macs", "bytes", "feasible"]
     return pd.DataFrame(rows, columns=columns + [f"violation[{b.text}]" for b in budgets])
 
@@ -144,6 +145,15 @@ PROXY_TEXT = {
 }
 
 
+def _stopped_early(s: dict) -> str:
+    if not s.get("stopped_early"):
+        return ""
+    return (f"; {s['stopped_early']} of {s['trials']} trials were scored on part of the split's "
+            f"{s['proxy_images']:,} images (column proxy_images of trials.csv): they trailed a trial within "
+            f"budget that costs no more by over {BEHIND_Z:g} standard errors, or were over a budget by more "
+            f"than {FAR_OVER:.0%}")
+
+
 def write_report(path: Path, *, summary: dict, layer_section: list[str] = ()) -> None:
     """report.md: what was run, base vs selected, how the selection was made, and (from
     `edgeopt.search.accounting`) what each layer's compression paid."""
@@ -158,7 +168,7 @@ def write_report(path: Path, *, summary: dict, layer_section: list[str] = ()) ->
         f"- budget: {', '.join(s['budgets'])} ({'binds' if s['binds'] else 'does not bind'} on the base model)",
         f"- trials: {s['trials']} ({s['sampler']}, seed {s['seed']}); screened: {s.get('screened', 0)}; "
         f"fine-tuned: {s['finetuned']}",
-        f"- accuracy proxy: {PROXY_TEXT.get(s.get('proxy', 'heldout'), s.get('proxy'))}",
+        f"- accuracy proxy: {PROXY_TEXT.get(s.get('proxy', 'heldout'), s.get('proxy'))}{_stopped_early(s)}",
         "",
         "| | accuracy (%) | MACs | size | latency on target (ms) | measured host latency (ms) |",
         "|---|---|---|---|---|---|",

@@ -40,6 +40,7 @@ class Candidate:
     accuracy: float | None = None  # validation top-1 after fine-tuning (reported only)
     tuned_proxy_accuracy: float | None = None  # proxy-split top-1 after fine-tuning (what selection compares)
     latency_measured: bool = False  # latency_ms measured whole on this machine, not estimated
+    proxy_images: int | None = None  # proxy images scored (fewer where the search stopped early; None: no images)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -324,6 +324,7 @@ class SensitivityProxy:
     space: SearchSpace
     needs_model = False  # Context.measure builds only the structure (costs, latency)
 
-    def __call__(self, compressed: nn.Module, plan: ModelPlan) -> float:
-        return self.table.score(plan, self.space)
+    def __call__(self, compressed: nn.Module, plan: ModelPlan, *, bar: float | None = None,
+                 rough: bool = False) -> tuple[float, None]:
+        return self.table.score(plan, self.space), None  # no images: nothing to stop early
 

