@@ -1,8 +1,9 @@
 """Where one search trial's time goes on host: the plans of one of prove.py's searches, each
 compressed (apply_plan with its BatchNorm re-estimation and calibration), costed, timed on the
 reference clock and scored on the 2,000 proxy images, as `edgeopt.search.objective.Context.measure`
-does, part by part. Medians over the plans, in seconds; the CPU's name and whether int8 takes
-reduce_range there (x86 without VNNI) are printed.
+does, part by part: a trial scored in full (since 224d92b a search stops the proxy early on a trial
+that cannot reach the front; `bench/search_cost.py` measures that). Medians over the plans, in
+seconds; the CPU's name and whether int8 takes reduce_range there (x86 without VNNI) are printed.
 
     python bench/trial_parts.py --study ~/.cache/edgeopt-bench/prove/edgenet-host-no-vnni/edgeopt-70 --plans 12
 
