@@ -153,10 +153,9 @@ class Context:
 
     def measure(self, plan: ModelPlan, rivals: list[tuple[float, tuple[float, ...]]] | None = None) -> dict:
         """Apply and score one plan: the metrics a trial records. Within a search, `rivals` are
-        the (accuracy, costs) of the trials measured so far that meet every budget, costs as
-        `values` orders them after the accuracy; the proxy may then stop early on a plan that
-        trails a rival no costlier, or that is far over a budget (`PROXY_STAGES`). Without
-        `rivals` every plan is scored in full."""
+        the (accuracy, `costs`) of the trials measured so far that meet every budget; the proxy
+        may then stop early on a plan that trails a rival no costlier, or that is far over a
+        budget (`PROXY_STAGES`). Without `rivals` every plan is scored in full."""
         compressed = self.compress(plan, calibrate_model=self.proxy.needs_model)
         cost = model_cost(compressed, self.example_input)
         estimate = self.latency(compressed)
@@ -164,7 +163,7 @@ class Context:
         violations = self.violations(cost, latency_ms)
         bar, rough = None, False
         if rivals is not None:
-            costs = self.values({"proxy_accuracy": 0.0, "latency_ms": latency_ms, "bytes": cost.bytes})[1:]
+            costs = self.costs(latency_ms, cost.bytes)
             bar = max((acc for acc, theirs in rivals if all(t <= c for t, c in zip(theirs, costs))), default=None)
             rough = max(violations, default=0.0) > FAR_OVER
         accuracy, images = self.proxy(compressed, plan, bar=bar, rough=rough)
@@ -175,11 +174,12 @@ class Context:
             "violations": violations,
         }
 
+    def costs(self, latency_ms: float, size_bytes: int) -> list[float]:
+        """The objectives after the accuracy, all minimized: latency, and bytes under a size budget."""
+        return [latency_ms] + ([float(size_bytes)] if self.size_objective else [])
+
     def values(self, metrics: dict) -> list[float]:
-        values = [metrics["proxy_accuracy"], metrics["latency_ms"]]
-        if self.size_objective:
-            values.append(float(metrics["bytes"]))
-        return values
+        return [metrics["proxy_accuracy"], *self.costs(metrics["latency_ms"], metrics["bytes"])]
 
 
 class Objective:
@@ -219,12 +219,13 @@ class Objective:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
         return [t for t in trial.study.get_trials(deepcopy=False, states=states) if t.number != trial.number]
 
-    def _rivals(self, trial: optuna.Trial) -> list[tuple[float, tuple[float, ...]]]:
+    @staticmethod
+    def _rivals(trial: optuna.Trial) -> list[tuple[float, tuple[float, ...]]]:
         """(accuracy, costs) of the finished trials that meet every budget, from the storage, so
         that parallel workers see each other's."""
-        return [(t.values[0], tuple(t.values[1:])) for t in self._others(trial)
-                if t.state == optuna.trial.TrialState.COMPLETE and t.values is not None
-                and CONSTRAINTS in t.user_attrs and all(v <= 0 for v in t.user_attrs[CONSTRAINTS])]
+        finished = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return [(t.values[0], tuple(t.values[1:])) for t in finished
+                if CONSTRAINTS in t.user_attrs and all(v <= 0 for v in t.user_attrs[CONSTRAINTS])]
 
     def _twin(self, trial: optuna.Trial, key: str) -> int | None:
         return next((t.number for t in self._others(trial) if t.user_attrs.get(PLAN_KEY) == key), None)

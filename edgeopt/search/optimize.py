@@ -36,7 +36,7 @@ from edgeopt.search.accounting import LAYERS_FILE, account_layers, report_lines,
 from edgeopt.search.allocate import INT8, allocate, fit
 from edgeopt.search.finetune import FinetuneConfig, Finetuned, FinetuneStore, finetune, screen, screening
 from edgeopt.search.tasks import FinetuneTasks
-from edgeopt.search.objective import Context, HeldOutAccuracy, Objective
+from edgeopt.search.objective import BEHIND_Z, FAR_OVER, Context, HeldOutAccuracy, Objective
 from edgeopt.search.report import pareto_info, plot_pareto_html, plot_pareto_png, trials_frame, write_report
 from edgeopt.search.models import default_cache_dir
 from edgeopt.search.sensitivity import FILE_NAME as SENSITIVITY_FILE
@@ -417,7 +417,7 @@ def _finish(model: nn.Module, data, *, target, budgets, search: SearchConfig, co
                 "binds": binds, "trials": len(candidates), "sampler": search.sampler, "seed": search.seed,
                 "proxy": search.proxy, "proxy_images": len(data.proxy),
                 "stopped_early": sum(c.proxy_images is not None and c.proxy_images < len(data.proxy)
-                                     for c in candidates),
+                                     for c in candidates), "behind_z": BEHIND_Z, "far_over": FAR_OVER,
                 "screened": len(screened), "screen_epochs": config.screen_length,
                 "finetune_epochs": config.epochs,
                 "finetuned": len(tuned), "max_drop": config.max_drop,

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 
 from edgeopt.budget import Budget
-from edgeopt.search.objective import BEHIND_Z, FAR_OVER
 from edgeopt.search.select import Candidate, pareto_front
 
 
@@ -150,8 +149,8 @@ def _stopped_early(s: dict) -> str:
         return ""
     return (f"; {s['stopped_early']} of {s['trials']} trials were scored on part of the split's "
             f"{s['proxy_images']:,} images (column proxy_images of trials.csv): they trailed a trial within "
-            f"budget that costs no more by over {BEHIND_Z:g} standard errors, or were over a budget by more "
-            f"than {FAR_OVER:.0%}")
+            f"budget that costs no more by over {s['behind_z']:g} standard errors, or were over a budget by "
+            f"more than {s['far_over']:.0%}")
 
 
 def write_report(path: Path, *, summary: dict, layer_section: list[str] = ()) -> None:

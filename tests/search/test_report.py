@@ -53,7 +53,7 @@ def test_report_says_why_the_selected_model_is_slower_on_this_machine_than_the_b
     assert "runs slower than the base on this machine (1.07 vs 0.72 ms)" in text
     assert "trials were scored on part" not in text  # no trial stopped early
     write_report(path, summary=_summary(target_is_here=False, base_host=0.72, selected_host=1.07)
-                 | {"stopped_early": 3, "proxy_images": 2000})
+                 | {"stopped_early": 3, "proxy_images": 2000, "behind_z": 3.0, "far_over": 0.1})
     assert "3 of 4 trials were scored on part of the split's 2,000 images" in path.read_text()
     # Faster here, or the target is this machine: nothing to explain.
     for kwargs in ({"target_is_here": False, "base_host": 1.07, "selected_host": 0.72},
