@@ -5,7 +5,8 @@ of its residual blocks, test-pruning its groups). On the meta device no weight i
 computed, but every op runs through PyTorch's Python decompositions; a real copy copies the
 weights and computes. For each model: copy plus one forward pass of batch 1, both ways, the
 median of `--repeats`, one thread; then `SearchSpace.from_model` as the library runs it (which
-picks by `META_FROM_PARAMETERS`).
+picks by `META_FROM_PARAMETERS`, and for a large model whose copy serves many passes, such as
+test-pruning its groups one by one, by which pass took less).
 
     python bench/structure_copy.py [--repeats 5]
 """
@@ -28,6 +29,7 @@ from edgeopt.spaces.space import META_FROM_PARAMETERS, meta_copy
 MODELS = {  # name: (builder, input size)
     "timm mobileone_s0 at 32x32": (lambda: timm.create_model("mobileone_s0", num_classes=10), 32),
     "timm rexnet_100 at 32x32": (lambda: timm.create_model("rexnet_100", num_classes=10), 32),
+    "timm cspresnet50 at 32x32": (lambda: timm.create_model("cspresnet50", num_classes=10), 32),
     "torchvision efficientnet_b0 at 224x224": (lambda: torchvision.models.efficientnet_b0(num_classes=10), 224),
     "torchvision resnet50 at 224x224": (lambda: torchvision.models.resnet50(num_classes=10), 224),
     "timm vit_base_patch16_224 at 224x224": (lambda: timm.create_model("vit_base_patch16_224", num_classes=10), 224),

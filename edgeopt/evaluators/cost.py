@@ -82,7 +82,12 @@ def model_cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
         counted, inputs=(one,), verbose=False,
         custom_ops={CompressedConv2d: count_convNd, CompressedLinear: count_linear},
     )
-    saved = sum(layer.macs * (1 - layer.nm.density) for layer in trace_layers(model, one) if layer.nm is not None)
+    # N:M layers' skipped MACs, from a trace of the layers: only where a layer has a pattern (on
+    # NAS-Bench-201's networks the trace was a quarter to a third of the costing: 0.27-0.34 s a
+    # network with it, 0.20 s without).
+    sparse = any(m.nm is not None for m in model.modules() if isinstance(m, CompressedMixin))
+    saved = sum(layer.macs * (1 - layer.nm.density) for layer in trace_layers(model, one)
+                if layer.nm is not None) if sparse else 0
     params = sum(p.numel() for p in model.parameters())
     return Cost(macs=int(macs), effective_macs=int(round(macs - saved)), params=params,
                 bytes=model_bytes(model))

@@ -41,7 +41,7 @@ from torch import nn
 from edgeopt.errors import EdgeoptError
 from edgeopt.plan import FLOAT_BITS
 from edgeopt.spaces.fold import set_submodule
-from edgeopt.spaces.quantize import CompressedMixin, compressed_layers
+from edgeopt.spaces.quantize import CompressedMixin, compressed_layers, layer_like
 from edgeopt.input_size import input_for, preprocessing_for
 
 OPSET = 21  # int4 QuantizeLinear/DequantizeLinear
@@ -70,19 +70,8 @@ def _plain(layer: CompressedMixin, placeholder: torch.Tensor) -> nn.Module:
     timm's zero-initialized last BatchNorms fold into, lost their names that way) nor let the
     layer go unnoticed; `_QDQWriter` finds each layer by it and writes the real weight.
     """
-    with torch.no_grad():
-        # skip_init: the weights are overwritten below, and initializing them cost as much as that.
-        if isinstance(layer, nn.Conv2d):
-            plain = nn.utils.skip_init(nn.Conv2d, layer.in_channels, layer.out_channels, layer.kernel_size,
-                                       stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                       groups=layer.groups, bias=layer.bias is not None,
-                                       padding_mode=layer.padding_mode)
-        else:
-            plain = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None)
-        plain.weight.copy_(placeholder)
-        if layer.bias is not None:
-            plain.bias.copy_(layer.effective_bias())
-    return plain
+    return layer_like(nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear, layer, placeholder,
+                      layer.effective_bias() if layer.bias is not None else None)
 
 
 def _quant_info(fqn: str, layer: CompressedMixin, placeholder: torch.Tensor) -> _LayerQuant:
@@ -149,13 +138,17 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    twin = copy.deepcopy(model).eval().cpu()
-    infos = []
+    # The copy that is exported holds a plain layer in each compressed layer's place: handed to
+    # deepcopy as the copy of that layer, so that the compressed layers themselves (their
+    # weights, masks and cached integer constants) are never copied; that copying was a sixth of
+    # the export's time on the coverage families.
+    infos, plain = [], {}
     generator = torch.Generator().manual_seed(0)
-    for fqn, layer in compressed_layers(twin).items():
+    for fqn, layer in compressed_layers(model).items():
         placeholder = torch.randn(layer.weight.shape, generator=generator)
         infos.append(_quant_info(fqn, layer, placeholder))
-        set_submodule(twin, fqn, _plain(layer, placeholder))
+        plain[id(layer)] = _plain(layer, placeholder)
+    twin = copy.deepcopy(model, plain).eval().cpu()
     _replicating_pools(twin, example_input.cpu())
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -513,7 +506,7 @@ class _QDQWriter:
         the benchmark's edgenet hand plan runs in 0.88x the time.
         """
         helper = self.onnx.helper
-        ranks = self._ranks()
+        ranks: dict[str, int] = {}  # by shape inference, made when a ReduceMean of a dequantized tensor is met
         # Constant tensors by name, read into numpy only where a check needs one (not the weights).
         consts = self._constants()
         value = lambda name: self.numpy_helper.to_array(consts[name])  # noqa: E731
@@ -536,7 +529,11 @@ class _QDQWriter:
 
         def spatial_mean(node) -> bool | None:
             """keepdims of a ReduceMean over axes 2 and 3 of a 4-D tensor, else None."""
-            if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4 or len(node.input) < 2:
+            if node.op_type != "ReduceMean" or len(node.input) < 2:
+                return None
+            if not ranks:
+                ranks.update(self._ranks())
+            if ranks.get(node.input[0]) != 4:
                 return None
             if node.input[1] not in consts or sorted(int(a) % 4 for a in np.ravel(value(node.input[1]))) != [2, 3]:
                 return None
@@ -544,8 +541,10 @@ class _QDQWriter:
 
         for index, node in reversed(list(enumerate(self.graph.node))):
             producer = made_by.get(node.input[0]) if node.input else None
+            if producer is None or producer.op_type != "DequantizeLinear":
+                continue
             keepdims = True if node.op_type == "GlobalAveragePool" else spatial_mean(node)
-            if producer is None or producer.op_type != "DequantizeLinear" or keepdims is None:
+            if keepdims is None:
                 continue
             pooled = node.output[0]
             after = users(pooled)

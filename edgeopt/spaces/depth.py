@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeopt.spaces.watch import shape_preserving_windows
+from edgeopt.spaces.watch import Window, shape_preserving_windows
 
 _ADDS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 # What may follow the add before the block returns (elementwise, shape-preserving, no weights).
@@ -27,11 +27,15 @@ _PASS_THROUGH = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "sil
                  "clone", "__get__"}
 
 
-def residual_blocks(model: nn.Module, example_input: torch.Tensor) -> tuple[str, ...]:
+def residual_blocks(model: nn.Module, example_input: torch.Tensor, *,
+                    windows: dict[str, Window] | None = None) -> tuple[str, ...]:
     """The names of the blocks of `model` a plan may drop (module order), found on one forward
-    pass of a structure copy (see the module docstring)."""
+    pass of a structure copy (see the module docstring); `windows`, where given, is that pass's
+    `shape_preserving_windows(model, example_input)`."""
     innermost: dict[int, tuple[int, str]] = {}  # add call (its position in the pass) -> (window length, module)
-    for name, window in shape_preserving_windows(model, example_input).items():
+    if windows is None:
+        windows = shape_preserving_windows(model, example_input)
+    for name, window in windows.items():
         add = _identity_add(window.calls, window.given, window.returned)
         if add is not None:
             key = window.start + add

@@ -32,7 +32,7 @@ from torch import nn
 
 from edgeopt.layers import LayerSpec, probed_activation
 from edgeopt.plan import SMALL_KERNEL, SURGERY_KINDS, ModelPlan, Surgery
-from edgeopt.spaces.watch import shape_preserving_windows
+from edgeopt.spaces.watch import Window, shape_preserving_windows
 
 __all__ = ["SURGERY_KINDS", "SurgeryBlock", "activation_kind", "apply_surgery", "removed_gates", "shrink_kernel",
            "surgery_blocks"]
@@ -65,11 +65,11 @@ def activation_kind(module: nn.Module) -> str | None:
     return _REPLACEABLE.get(probed_activation(module))
 
 
-def _gate_names(model: nn.Module, example_input: torch.Tensor) -> set[str]:
+def _gate_names(windows: dict[str, Window]) -> set[str]:
     """Squeeze-excite gates: modules returning their 4-D input times something, having pooled that
     input inside; the innermost where modules nest around one such product."""
     innermost: dict[int, tuple[int, str]] = {}
-    for name, window in shape_preserving_windows(model, example_input).items():
+    for name, window in windows.items():
         if len(window.shape) != 4:
             continue
         pooled = any(call in _POOLS and window.given in ins for call, ins, _ in window.calls)
@@ -96,9 +96,11 @@ def _shrinkable(module: nn.Module, spec: LayerSpec) -> bool:
         return False
 
 
-def surgery_blocks(model: nn.Module, example_input: torch.Tensor, layers: Sequence[LayerSpec]) -> tuple[SurgeryBlock, ...]:
+def surgery_blocks(model: nn.Module, example_input: torch.Tensor, layers: Sequence[LayerSpec], *,
+                   windows: dict[str, Window] | None = None) -> tuple[SurgeryBlock, ...]:
     """The blocks of `model` (already in canonical form) and their sites, in module order; blocks
-    with no site are not listed."""
+    with no site are not listed. `windows`, where given, is `shape_preserving_windows(model,
+    example_input)`."""
     ran: set[nn.Module] = set()
     handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(mod)) for m in model.modules()]
     was_training = model.training
@@ -110,7 +112,7 @@ def surgery_blocks(model: nn.Module, example_input: torch.Tensor, layers: Sequen
         for handle in handles:
             handle.remove()
     modules = dict(model.named_modules())
-    gates = _gate_names(model, example_input)
+    gates = _gate_names(windows if windows is not None else shape_preserving_windows(model, example_input))
     specs = {spec.fqn: spec for spec in layers}
     activations = [name for name, m in modules.items() if name and m in ran and activation_kind(m) is not None]
     kernels = [fqn for fqn, spec in specs.items() if fqn in modules and _shrinkable(modules[fqn], spec)]
