@@ -68,14 +68,13 @@ def supported_sizes(model: nn.Module, example: torch.Tensor, scales: tuple[float
     sizes: dict[float, tuple[int, int]] = {1.0: full}
     left_out: dict[float, str] = {}
     work, x = None, None
-    smaller = sorted((s for s in scales if s < 1.0), reverse=True)
-    for scale in smaller:
+    for scale in sorted((s for s in scales if s < 1.0), reverse=True):
         size = scaled_size(full, scale, multiple)
         if size in sizes.values():
             left_out[scale] = f"rounds to {size[0]}x{size[1]} (multiples of {multiple}), as a larger scale does"
             continue
         if work is None:
-            work, x = structure_copy(model, example[:1], runs=len(smaller))
+            work, x = structure_copy(model, example[:1])
         try:
             with torch.no_grad():
                 work(torch.zeros((1, x.shape[1], *size), dtype=x.dtype, device=x.device))
