@@ -466,9 +466,9 @@ def structure_copy(model: nn.Module, example_input: torch.Tensor, *,
     is copied for real too and the copy whose pass took less is kept: the meta copy saves its
     time once, and a small input makes every pass dearer there (timm's cspresnet50, 21M
     parameters, at 32x32: 0.23 s a pass against 0.04 s for real; its `from_model`, which
-    test-prunes its 42 groups one by one, took 15-16 s, and 5-6 s with the real copy). Where the meta copy
-    wins, the real one was made for nothing: ViT-B at 224x224 (25 groups tested one by one)
-    loses its real copy and pass, about 1.7 s."""
+    test-prunes its 42 groups one by one, took 15-16 s, and 5-6 s with the real copy). Where
+    the meta copy wins, the real one was made for nothing: ViT-B at 224x224 (25 groups tested
+    one by one) loses its real copy and pass, about 1.7 s."""
     if sum(p.numel() for p in model.parameters()) < META_FROM_PARAMETERS:
         return copy.deepcopy(model).eval(), example_input
     work = meta_copy(model)
