@@ -22,6 +22,7 @@ from edgeopt.spaces.residual import calibrate_with_sums, install_integer_sums
 from edgeopt.spaces.resolution import model_input_sizes
 from edgeopt.spaces.space import SearchSpace
 from edgeopt.spaces.surgery import apply_surgery, surgery_blocks
+from edgeopt.spaces.watch import shape_preserving_windows
 
 
 def _inputs(batch) -> torch.Tensor:
@@ -84,8 +85,10 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
         traced = trace_layers(compressed, example_input)
         layers = [replace(layer, group=layer_group.get(layer.fqn)) for layer in traced]
         sizes = model_input_sizes(compressed, example_input, layers, (plan.input_scale,))
-        blocks = residual_blocks(compressed, example_input) if plan.dropped else ()
-        surgery = surgery_blocks(compressed, example_input, layers) if plan.surgery else ()
+        # One shape-preserving trace serves both the blocks and the surgery sites.
+        windows = shape_preserving_windows(compressed, example_input) if plan.dropped or plan.surgery else None
+        blocks = residual_blocks(compressed, example_input, windows=windows) if plan.dropped else ()
+        surgery = surgery_blocks(compressed, example_input, layers, windows=windows) if plan.surgery else ()
         space = SearchSpace(layers, groups, input_sizes=sizes, blocks=blocks, surgery=surgery)
     space.validate(plan)
     if plan.surgery:  # channels stay as they are: the pruning graph is traced after it
