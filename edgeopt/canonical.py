@@ -13,13 +13,14 @@ The plan, the search space, the costs and the latency all name the layers of thi
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgeopt.model_copy import copy_model
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def canonical(model: nn.Module) -> nn.Module:
     split into Linear projections (`SplitAttention`); the given model is never changed."""
     if not needs_canonical(model):
         return model
-    copied = copy.deepcopy(model)
+    copied = copy_model(model)
     for name, module in list(copied.named_modules()):
         if not isinstance(module, nn.MultiheadAttention):
             continue

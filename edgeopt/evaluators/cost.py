@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from edgeopt.canonical import canonical
 from edgeopt.layers import trace_layers
+from edgeopt.model_copy import copy_model
 from edgeopt.plan import FLOAT_BITS
 from edgeopt.spaces.quantize import CompressedConv2d, CompressedLinear, CompressedMixin
 from edgeopt.spaces.sparsity import kept_count
@@ -77,7 +77,7 @@ def model_cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
     (a plan's input scale)."""
     one = input_for(model, example_input[:1])
     model = canonical(model)  # MACs of nn.MultiheadAttention's projections count too
-    counted = copy.deepcopy(model).eval()
+    counted = copy_model(model).eval()
     macs, _ = thop.profile(
         counted, inputs=(one,), verbose=False,
         custom_ops={CompressedConv2d: count_convNd, CompressedLinear: count_linear},

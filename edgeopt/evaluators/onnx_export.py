@@ -28,7 +28,6 @@ rewritten in QDQ form with the exact scales the PyTorch layer used:
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import warnings
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from edgeopt.errors import EdgeoptError
+from edgeopt.model_copy import copy_model
 from edgeopt.plan import FLOAT_BITS
 from edgeopt.spaces.fold import set_submodule
 from edgeopt.spaces.quantize import CompressedMixin, compressed_layers, layer_like
@@ -139,7 +139,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The copy that is exported holds a plain layer in each compressed layer's place: handed to
-    # deepcopy as the copy of that layer, so that the compressed layers themselves (their
+    # the copy's memo as the copy of that layer, so that the compressed layers themselves (their
     # weights, masks and cached integer constants) are never copied; that copying was a sixth of
     # the export's time on the coverage families.
     infos, plain = [], {}
@@ -148,7 +148,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         placeholder = torch.randn(layer.weight.shape, generator=generator)
         infos.append(_quant_info(fqn, layer, placeholder))
         plain[id(layer)] = _plain(layer, placeholder)
-    twin = copy.deepcopy(model, plain).eval().cpu()
+    twin = copy_model(model, plain).eval().cpu()
     _replicating_pools(twin, example_input.cpu())
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -13,6 +12,7 @@ from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.input_size import set_input_size
 from edgeopt.layers import run_model, trace_layers
+from edgeopt.model_copy import copy_model
 from edgeopt.plan import ModelPlan
 from edgeopt.spaces.depth import drop_blocks, inside, residual_blocks
 from edgeopt.spaces.fold import fold_batchnorm, following_activations, set_submodule
@@ -77,7 +77,7 @@ def apply_plan(model: nn.Module, plan: ModelPlan, example_input: torch.Tensor, *
         raise EdgeoptError("The plan has 8-bit activations, which need calib_data: pass a few "
                            "batches of real inputs (for example 4 batches of 32).")
     compressed = canonical(model)  # a copy already where it changes anything
-    compressed = (copy.deepcopy(compressed) if compressed is model else compressed).eval()
+    compressed = (copy_model(compressed) if compressed is model else compressed).eval()
     graph = None
     if space is None:
         graph = build_graph(compressed, example_input)

@@ -16,6 +16,7 @@ from edgeopt.canonical import canonical
 from edgeopt.errors import EdgeoptError
 from edgeopt.layer_kinds import LAYER_KINDS
 from edgeopt.layers import LayerSpec, inventory
+from edgeopt.model_copy import copy_model
 from edgeopt.plan import (A_BITS, CHEAP_ACTIVATIONS, INPUT_SCALES, KEEP_RATIOS, NM, NM_PATTERNS, SMALL_KERNEL,
                            SPARSITIES, W_BITS, LayerPlan, ModelPlan, Surgery)
 from edgeopt.spaces.prune import PruneGroup, build_graph, find_groups, prune_groups
@@ -449,7 +450,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(
             tensor, nn.Parameter) else meta
-    return copy.deepcopy(model, memo).eval()
+    return copy_model(model, memo).eval()
 
 
 def structure_copy(model: nn.Module, example_input: torch.Tensor, *,
@@ -470,7 +471,7 @@ def structure_copy(model: nn.Module, example_input: torch.Tensor, *,
     the meta copy wins, the real one was made for nothing: ViT-B at 224x224 (25 groups tested
     one by one) loses its real copy and pass, about 1.7 s."""
     if sum(p.numel() for p in model.parameters()) < META_FROM_PARAMETERS:
-        return copy.deepcopy(model).eval(), example_input
+        return copy_model(model).eval(), example_input
     work = meta_copy(model)
     try:
         started = time.perf_counter()
@@ -478,9 +479,9 @@ def structure_copy(model: nn.Module, example_input: torch.Tensor, *,
             work(example_input.to("meta"))
         meta_seconds = time.perf_counter() - started
     except Exception:  # an op without a meta kernel, or control flow on tensor values
-        return copy.deepcopy(model).eval(), example_input
+        return copy_model(model).eval(), example_input
     if runs > 1:
-        real = copy.deepcopy(model).eval()
+        real = copy_model(model).eval()
         started = time.perf_counter()
         try:
             with torch.no_grad():

@@ -23,7 +23,6 @@ forward) are not modules and stay as they are.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from edgeopt.layers import LayerSpec, probed_activation
+from edgeopt.model_copy import copy_model
 from edgeopt.plan import SMALL_KERNEL, SURGERY_KINDS, ModelPlan, Surgery
 from edgeopt.spaces.watch import Window, shape_preserving_windows
 
@@ -87,7 +87,7 @@ def _shrinkable(module: nn.Module, spec: LayerSpec) -> bool:
     if not (spec.kind == "depthwise" and spec.kernel[0] == spec.kernel[1] >= 5 and spec.kernel[0] % 2):
         return False
     probe = torch.zeros(1, spec.in_channels, *spec.input_hw)
-    small = copy.deepcopy(module)
+    small = copy_model(module)
     try:
         shrink_kernel(small)
         with torch.no_grad():

@@ -167,7 +167,7 @@ def test_pi4_exports_agree_with_pytorch_on_arm64_onnxruntime(arch, tmp_path, cov
         folder = tmp_path / name.split()[0]
         export_onnx(small, example, folder / "model.onnx", preprocessing=prep)
         run_py = make_bundle(folder, folder / "model.onnx", prep)
-        bundles.append([str(run_py), str(tmp_path / "photos"), "--threads", "1", "--warmup", "1", "--runs", "1",
+        bundles.append([str(run_py), str(tmp_path / "photos"), "--threads", "1", "--warmup", "0", "--runs", "1",
                         "--json", str(folder / "arm64.json")])
         # From the plan: layers it leaves untouched are not among the model's compressed layers.
         quantized = [lp.w_bits not in FLOAT_BITS and lp.a_bits == 8 for lp in plan.layers.values()]
