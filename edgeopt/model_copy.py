@@ -45,52 +45,56 @@ def _plain_class(cls: type) -> bool:
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """A copy of `model` equal to `copy.deepcopy(model, memo)`: `memo` may map the id of any
     module or tensor to the object that stands for it in the copy."""
-    memo = {} if memo is None else memo
-    shared = _shared_storages(model)
+    # Plain functions, not closures: a closure calling itself would be a reference cycle that
+    # keeps the memo, and with it every module and tensor of the copy, until the cyclic
+    # garbage collector runs.
+    return _copy_module(model, {} if memo is None else memo, _shared_storages(model))
 
-    def tensor(t: torch.Tensor) -> torch.Tensor:
-        got = memo.get(id(t), _MISSING)
-        if got is not _MISSING:
-            return got
-        if type(t) is nn.Parameter and not t.__dict__:
-            # What Parameter.__deepcopy__ does, without the dispatch around it.
-            new = nn.Parameter(t.data.clone(memory_format=torch.preserve_format), t.requires_grad)
-        elif (type(t) is torch.Tensor and t.is_leaf and not t.requires_grad and t.grad is None
-              and not t.__dict__ and t.layout == torch.strided and not t.is_quantized
-              and t.device.type in ("cpu", "cuda") and _owns_storage(t, shared)):
-            new = t.clone(memory_format=torch.preserve_format)
+
+def _copy_module(m: nn.Module, memo: dict[int, Any], shared: set[int]) -> nn.Module:
+    got = memo.get(id(m), _MISSING)
+    if got is not _MISSING:
+        return got
+    cls = type(m)
+    if not _plain_class(cls):
+        return copy.deepcopy(m, memo)
+    new = cls.__new__(cls)
+    memo[id(m)] = new
+    state = {}
+    for key, value in m.__dict__.items():
+        if key == "_modules":
+            state[key] = type(value)((n, None if c is None else _copy_module(c, memo, shared))
+                                     for n, c in value.items())
+        elif key in ("_parameters", "_buffers"):
+            state[key] = type(value)((n, None if t is None else _copy_tensor(t, memo, shared))
+                                     for n, t in value.items())
+        elif key == "_compiled_call_impl":  # as Module.__getstate__ leaves it out
+            continue
+        elif type(value) in _ATOMS:
+            state[key] = value
+        elif not value and type(value) in _EMPTY_COPIES:  # the hook dictionaries
+            state[key] = type(value)()
         else:
-            return copy.deepcopy(t, memo)
-        memo[id(t)] = new
-        return new
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)  # as deepcopy does: a class may fill in what old pickles lack
+    return new
 
-    def module(m: nn.Module) -> nn.Module:
-        got = memo.get(id(m), _MISSING)
-        if got is not _MISSING:
-            return got
-        cls = type(m)
-        if not _plain_class(cls):
-            return copy.deepcopy(m, memo)
-        new = cls.__new__(cls)
-        memo[id(m)] = new
-        state = {}
-        for key, value in m.__dict__.items():
-            if key == "_modules":
-                state[key] = type(value)((n, None if c is None else module(c)) for n, c in value.items())
-            elif key in ("_parameters", "_buffers"):
-                state[key] = type(value)((n, None if t is None else tensor(t)) for n, t in value.items())
-            elif key == "_compiled_call_impl":  # as Module.__getstate__ leaves it out
-                continue
-            elif type(value) in _ATOMS:
-                state[key] = value
-            elif not value and type(value) in _EMPTY_COPIES:  # the hook dictionaries
-                state[key] = type(value)()
-            else:
-                state[key] = copy.deepcopy(value, memo)
-        new.__setstate__(state)  # as deepcopy does: a class may fill in what old pickles lack
-        return new
 
-    return module(model)
+def _copy_tensor(t: torch.Tensor, memo: dict[int, Any], shared: set[int]) -> torch.Tensor:
+    got = memo.get(id(t), _MISSING)
+    if got is not _MISSING:
+        return got
+    if type(t) is nn.Parameter and not t.__dict__:
+        # What Parameter.__deepcopy__ does, without the dispatch around it.
+        new = nn.Parameter(t.data.clone(memory_format=torch.preserve_format), t.requires_grad)
+    elif (type(t) is torch.Tensor and t.is_leaf and not t.requires_grad and t.grad is None
+          and not t.__dict__ and t.layout == torch.strided and not t.is_quantized
+          and t.device.type in ("cpu", "cuda") and _owns_storage(t, shared)):
+        new = t.clone(memory_format=torch.preserve_format)
+    else:
+        return copy.deepcopy(t, memo)
+    memo[id(t)] = new
+    return new
 
 
 def _shared_storages(model: nn.Module) -> set[int]:

@@ -4,6 +4,8 @@ original, and the same sharing inside the copy."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import timm
@@ -108,3 +110,16 @@ def test_a_memo_says_what_stands_for_a_module_or_tensor():
     meta = meta_copy(model)
     assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
     assert [t.shape for t in meta.parameters()] == [t.shape for t in model.parameters()]
+
+
+def test_a_dropped_copy_is_freed_at_once():
+    """Nothing of the copy waits for the cyclic garbage collector: a search copies the model for
+    every trial, and copies held until a collection would pile up."""
+    gc.disable()
+    try:
+        copied = copy_model(torchvision.models.mobilenet_v3_small(num_classes=10))
+        weight = weakref.ref(copied.features[0][0].weight)
+        del copied
+        assert weight() is None
+    finally:
+        gc.enable()
