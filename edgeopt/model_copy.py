@@ -1,11 +1,12 @@
-"""`copy_model`: what `copy.deepcopy` gives for a model, in a third of the time on mobile networks.
+"""`copy_model`: what `copy.deepcopy` gives for a model, in a quarter to a half of the time.
 
 edgeopt copies the user's model for every plan it applies, costs or exports. `copy.deepcopy`
 spends most of that time in Python, not in copying weights: every module carries about fifteen
 hook dictionaries, nearly always empty, that it rebuilds through `__reduce_ex__`, and every
 tensor goes through its storage-level copy. On timm's mobileone_s0 (1,289 modules) a deepcopy
-took 330-340 ms, a fifth of `apply_plan`'s time in the coverage tests; this copy takes 80 ms.
-Where weights dominate (torchvision's resnet18) both take about 35 ms (`bench/model_copy.py`).
+took 300-340 ms, a fifth of `apply_plan`'s time in the coverage tests; this copy takes 76-81 ms.
+Where weights weigh more (torchvision's resnet18: 68 modules, 11M parameters) 30 against 15 ms
+(`bench/model_copy.py`).
 
 It is the same copy wherever the result could differ: a module class with its own copying or
 pickling, a tensor with more to it than its values (a gradient, attributes, a view of or a
