@@ -73,7 +73,7 @@ def _copy_module(m: nn.Module, memo: dict[int, Any], shared: set[int]) -> nn.Mod
             continue
         elif type(value) in _ATOMS:
             state[key] = value
-        elif not value and type(value) in _EMPTY_COPIES:  # the hook dictionaries
+        elif type(value) in _EMPTY_COPIES and not value:  # the hook dictionaries
             state[key] = type(value)()
         else:
             state[key] = copy.deepcopy(value, memo)

@@ -69,10 +69,11 @@ class _Tied(nn.Module):
         self.register_buffer("front", self.table[:4])
         self.seen = []
         self.calls = 0
+        self.scale = torch.tensor([2.0, 3.0, 4.0, 5.0])  # a plain tensor attribute, not a buffer
         self.register_forward_hook(_count)
 
     def forward(self, x):
-        return self.head(self.again(x)) + self.front
+        return self.head(self.again(x)) * self.scale + self.front
 
 
 def _count(module, args, output):
@@ -87,6 +88,7 @@ def test_sharing_hooks_and_attributes_are_kept():
     assert copied.front[0] == 5.0 and model.table[0] == 0.0
     assert copied.calls == 1 and model.calls == 1  # the hook came along, counting on the copy
     assert copied.seen is not model.seen
+    assert copied.scale is not model.scale and torch.equal(copied.scale, model.scale)
 
 
 class _OwnCopy(nn.Linear):
